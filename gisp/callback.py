@@ -1,0 +1,140 @@
+"""The Lightning callback that runs GISP's iterative schedule: rank globally, mask, snapshot, evaluate targets.
+
+After each scoring pass (one `trainer.validate`) it plans the next step from the module's scores, applies the
+masks to the live model (reversibly), snapshots the step, and, when the step lands on a sparsity target,
+evaluates the model there. Steps form nested subnetworks: a structure pruned once stays pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from gisp.errors import GispError
+from gisp.masks import MaskApplier, Masks
+from gisp.planning import plan_step
+from gisp.schedule import ratio_at, structures_to_prune
+from gisp.trajectory import Trajectory, target_key
+
+log = logging.getLogger(__name__)
+
+
+class IterativePruning(L.Callback):
+    def __init__(
+        self,
+        applier: MaskApplier,
+        trajectory: Trajectory,
+        ratios: list[float],
+        targets: list[float],
+        evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    ):
+        self.applier = applier
+        self.structure = applier.structure
+        self.trajectory = trajectory
+        self.ratios = ratios
+        self.targets = sorted(targets)
+        self.evaluate = evaluate
+        self._step_started = 0.0
+        self.restore()
+
+    def restore(self) -> None:
+        """Continue from the trajectory's last snapshot (a fresh trajectory starts dense)."""
+        last = self.trajectory.last_step
+        self.applier.set(self.trajectory.masks_at(last) if last else Masks.dense(self.structure))
+
+    @property
+    def step(self) -> int:
+        return self.trajectory.last_step
+
+    @property
+    def pending_targets(self) -> list[float]:
+        done = self.trajectory.manifest["targets"]
+        return [t for t in self.targets if target_key(t) not in done]
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending_targets
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step_started = time.perf_counter()
+        # Inside Lightning's lifecycle the model is on its device and the ranks are launched.
+        self.evaluate_missing(trainer, pl_module)
+
+    def evaluate_missing(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate the dense model and every landed target that has no metrics yet (fresh run, or a resumed run
+        interrupted during an evaluation), then put the last step's masks back."""
+        if self.evaluate is None:
+            return
+        manifest = self.trajectory.manifest
+        current = self.applier.masks
+        if manifest["dense"]["metrics"] is None:
+            self.applier.set(Masks.dense(self.structure))
+            manifest["dense"]["metrics"] = self._evaluate(pl_module, "dense")
+            self._write(trainer)
+            self._log(trainer, {f"eval/{k}": v for k, v in manifest["dense"]["metrics"].items()}, 0)
+        for key, step in manifest["targets"].items():
+            record = self.trajectory.step_record(step)
+            if record.get("metrics") is None:
+                self.applier.set(self.trajectory.masks_at(step))
+                record["metrics"] = self._evaluate(pl_module, key)
+                self._write(trainer)
+                self._log(trainer, {f"eval/{k}": v for k, v in record["metrics"].items()}, step)
+        self.applier.set(current)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.scores is None:
+            raise GispError("the scoring pass produced no scores (empty calibration loader?)")
+        k = self.step + 1
+        ratio = ratio_at(self.ratios, k)
+        if k == len(self.ratios) + 1:
+            log.warning("the schedule ended before target %s; continuing at its last step size",
+                        self.pending_targets[0])
+        heads, channels = pl_module.scores
+        plan = plan_step(heads, channels, self.applier.masks, self.structure,
+                         structures_to_prune(ratio, self.structure.n_structures), cap=self.pending_targets[0])
+        self.applier.set(plan.masks)
+        record = {
+            "structural_ratio": plan.masks.n_pruned / self.structure.n_structures,
+            "scheduled_ratio": ratio,
+            "sparsity": plan.sparsity,
+            "heads_kept": int(plan.masks.heads.sum()),
+            "channels_kept": int(plan.masks.channels.sum()),
+            "calib_loss": pl_module.calib_loss,
+            "target": plan.landed_target,
+            "seconds": round(time.perf_counter() - self._step_started, 3),
+        }
+        if plan.landed_target is not None:
+            self.trajectory.manifest["targets"][target_key(plan.landed_target)] = k  # written with the step
+        if trainer.is_global_zero:
+            self.trajectory.add_step(k, plan.masks, record)
+        else:  # other ranks keep the manifest in memory only, so their step counter advances too
+            self.trajectory.steps.append({"step": k, **record})
+        log.info("step %d: sparsity %.4f, %d heads and %d channels kept, calibration loss %.4f", k, plan.sparsity,
+                 record["heads_kept"], record["channels_kept"], pl_module.calib_loss)
+        self._log(trainer, {"prune/sparsity": plan.sparsity, "prune/structural_ratio": record["structural_ratio"],
+                            "prune/heads_kept": record["heads_kept"], "prune/channels_kept": record["channels_kept"],
+                            "prune/calib_loss": pl_module.calib_loss}, k)
+        if plan.landed_target is not None and self.evaluate is not None:
+            metrics = self._evaluate(pl_module, f"{plan.landed_target:g}")
+            self.trajectory.step_record(k)["metrics"] = metrics
+            self._write(trainer)
+            self._log(trainer, {f"eval/{m}": v for m, v in metrics.items()}, k)
+
+    def _evaluate(self, pl_module: L.LightningModule, label: str) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = self.evaluate(pl_module.model)
+        log.info("evaluation at %s: %s (%.1f s)", label, metrics, time.perf_counter() - started)
+        return metrics
+
+    def _write(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            self.trajectory.write()
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

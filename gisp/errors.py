@@ -1,0 +1,2 @@
+class GispError(Exception):
+    """A user-facing error: the message names the problem and the fix."""

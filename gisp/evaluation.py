@@ -1,0 +1,132 @@
+"""Perplexity of the live (possibly masked) model on fixed, pre-tokenized evaluation windows."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gisp.data import TextSource, load_text, tokenize_stream, windows_from_stream
+from gisp.errors import GispError
+
+logger = logging.getLogger(__name__)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "wikitext2 ppl",
+) -> float:
+    """exp(total next-token NLL / total predicted tokens) over ``windows`` (n_windows, seq_len).
+
+    Each window is scored on its own (no context carried over): seq_len - 1 predicted positions, CE in float32.
+    Since all windows have the same length this equals SparseGPT/Wanda's exp(mean of per-window mean losses);
+    summing first keeps it exact whatever ``batch_size`` is.
+    """
+    if windows.ndim != 2 or windows.shape[0] == 0:
+        raise GispError(
+            f"no evaluation windows (shape {tuple(windows.shape)}): text shorter than one window of seq_len "
+            f"tokens; use a longer text or a smaller seq_len"
+        )
+    if windows.shape[1] < 2:
+        raise GispError(f"evaluation windows of {windows.shape[1]} token(s) predict nothing; use seq_len >= 2")
+    if batch_size < 1:
+        raise GispError(f"evaluation batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    config = getattr(model, "config", None)
+    kwargs: dict[str, Any] = {"use_cache": False} if hasattr(config, "use_cache") else {}
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    total_tokens = 0
+    try:
+        starts = range(0, windows.shape[0], batch_size)
+        for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            ids = windows[i : i + batch_size].to(device)  # (b, seq_len)
+            logits = model(ids, **kwargs).logits  # (b, seq_len, vocab)
+            pred = logits[:, :-1, :].float()  # (b, seq_len-1, vocab)
+            target = ids[:, 1:]  # (b, seq_len-1)
+            nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += target.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+@dataclass(frozen=True)
+class PerplexityTask:
+    """One perplexity metric: a text, a window length and how much of it to use."""
+
+    metric: str  # e.g. "wikitext2_ppl" (ctx 128)
+    source: TextSource
+    seq_len: int = 128
+    max_windows: int | None = None  # None: all windows (the paper's protocol); an int: a faster subset
+    batch_size: int = 8
+
+
+class Evaluator:
+    """Holds tokenized evaluation windows (built once) and evaluates a live model: metrics dict.
+
+    Built once per run so that every pruning step is scored on the very same tokens.
+    """
+
+    def __init__(self, tasks: list[PerplexityTask], tokenizer, data_dir: Path | None) -> None:
+        metrics = [t.metric for t in tasks]
+        if len(set(metrics)) != len(metrics):
+            raise GispError(f"duplicate evaluation metric names {metrics}; give each task a distinct metric")
+        self.tasks = list(tasks)
+        self.windows: dict[str, torch.Tensor] = {}
+        self._info: dict[str, dict] = {}
+        streams: dict[TextSource, tuple[torch.Tensor, dict]] = {}  # tokenize each distinct text once
+        for task in self.tasks:
+            if task.source not in streams:
+                text, prov = load_text(task.source, data_dir)
+                streams[task.source] = (tokenize_stream(text, tokenizer, add_special_tokens=True), prov)
+            ids, prov = streams[task.source]  # (n_tokens,)
+            available = ids.numel() // task.seq_len
+            win = windows_from_stream(ids, task.seq_len, task.max_windows)  # (n_windows, seq_len)
+            if win.shape[0] == 0:
+                raise GispError(
+                    f"metric {task.metric!r}: no evaluation windows: text {prov['name']!r} has {ids.numel()} "
+                    f"tokens, shorter than one window of seq_len={task.seq_len}; use a smaller seq_len"
+                )
+            self.windows[task.metric] = win
+            self._info[task.metric] = {
+                "dataset": dict(prov),
+                "seq_len": task.seq_len,
+                "n_windows": int(win.shape[0]),
+                "n_tokens": int(win.numel()),
+                "stream_tokens": int(ids.numel()),
+                "subset": bool(win.shape[0] < available),
+                "batch_size": task.batch_size,
+            }
+            logger.info("evaluation %s: %d windows of %d tokens", task.metric, win.shape[0], task.seq_len)
+
+    def __call__(self, model: torch.nn.Module, progress: bool = True) -> dict[str, float]:
+        """Perplexity of ``model`` as it is now (masks included) for every task."""
+        return {
+            t.metric: perplexity(model, self.windows[t.metric], t.batch_size, progress=progress, desc=t.metric)
+            for t in self.tasks
+        }
+
+    def describe(self) -> dict:
+        """Per metric: dataset provenance, seq_len, n_windows, n_tokens, subset (max_windows cut it)."""
+        return {m: {**info, "dataset": dict(info["dataset"])} for m, info in self._info.items()}

@@ -1,0 +1,148 @@
+"""The LightningModule: one validation epoch = one GISP scoring pass over the calibration set.
+
+Lightning runs the validation loop (devices, progress bar, DDP ranks); each validation step computes the
+objective with gradients enabled and runs backward, accumulating the signed gradient of the scored weights only.
+At the end of the epoch the summed gradients are all-reduced across processes, so every process computes the same
+scores and the same masks, and turned into per-head and per-channel scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gisp.errors import GispError
+from gisp.scoring import scored_weights, structure_scores
+from gisp.structures import LayerModules, ModelStructure
+
+log = logging.getLogger(__name__)
+
+
+class GISPModule(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerModules],
+        structure: ModelStructure,
+        objective: Callable[[nn.Module, dict], torch.Tensor],
+        n_samples: int,
+        normalization: str = "reference",
+    ):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        self.structure = structure
+        self.objective = objective
+        self.n_samples = n_samples  # global calibration set size: the divisor of the mean gradient
+        self.normalization = normalization
+        self.scores: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.calib_loss: float | None = None
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._seen = 0
+        self._scored = [p for i in structure.unprotected for p in scored_weights(layers[i], structure)]
+        # Only the scored weights need gradients: embeddings, lm_head, norms, protected layers and (with GQA) K/V
+        # stay frozen, and backward stops below the first unprotected layer.
+        self.model.requires_grad_(False)
+        for p in self._scored:
+            p.requires_grad_(True)
+
+    def on_validation_epoch_start(self) -> None:
+        for p in self._scored:
+            p.grad = None
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._seen = 0
+        self.scores = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        with torch.enable_grad():
+            losses = self.objective(self.model, batch)  # (B,)
+            (losses.sum() / self.n_samples).backward()
+        self._loss_sum += losses.detach().double().sum().cpu()
+        self._seen += losses.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        seen = self._seen
+        loss_sum = self._loss_sum
+        if self.trainer.world_size > 1:  # every process scored its shard: sum gradients, losses and counts
+            for p in self._scored:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="sum")
+            seen = int(self.trainer.strategy.reduce(torch.tensor(seen, device=self.device), reduce_op="sum"))
+            loss_sum = self.trainer.strategy.reduce(loss_sum.to(self.device), reduce_op="sum").cpu()
+        if seen != self.n_samples:
+            raise GispError(f"the scoring pass saw {seen} calibration sequences, expected {self.n_samples}: "
+                            "do not limit validation batches (trainer.limit_val_batches) during pruning")
+        self._check_finite()
+        self.calib_loss = float(loss_sum / seen)
+        self.scores = structure_scores(self.layers, self.structure, self.normalization)
+        for p in self._scored:  # free the gradient memory before evaluation
+            p.grad = None
+
+    def _check_finite(self) -> None:
+        for i in self.structure.unprotected:
+            for p in scored_weights(self.layers[i], self.structure):
+                if p.grad is None or not bool(torch.isfinite(p.grad).all()):
+                    dtype = p.dtype
+                    raise GispError(
+                        f"non-finite gradient in layer {i} ({tuple(p.shape)} {dtype}) during scoring: "
+                        + ("likely a half-precision overflow; use model.dtype=float32 or bfloat16 "
+                           if dtype in (torch.float16, torch.bfloat16) else "check the model and the data; ")
+                        + "no masks were written for this step"
+                    )
+
+
+class WindowDataset(Dataset):
+    """Token windows (N, T) as dict batches {'input_ids': (B, T)} (labels = inputs: next-token objective)."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.windows[i]}
+
+
+class ShardSampler(Sampler[int]):
+    """Strided shard rank::world_size without padding: the shards partition the set exactly (DistributedSampler
+    pads with repeated samples, which would bias the mean gradient)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class CalibrationData(L.LightningDataModule):
+    """Serves the calibration windows; each process gets its own shard (ranks are known only after launch)."""
+
+    def __init__(self, windows: torch.Tensor, batch_size: int):
+        super().__init__()
+        if batch_size < 1:
+            raise GispError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.dataset = WindowDataset(windows)
+        self.batch_size = batch_size
+
+    def val_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if len(self.dataset) < world:
+            raise GispError(f"{len(self.dataset)} calibration samples cannot be split over {world} processes")
+        sampler = ShardSampler(len(self.dataset), rank, world)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)

@@ -1,0 +1,143 @@
+"""Keep-masks over heads and channels: the data, its files, and reversible application to a live model.
+
+Masks are applied as forward pre-hooks that zero the inputs of o_proj (per head) and down_proj (per channel).
+The weights are never touched, so the dense model is always recoverable and switching between sparsity levels
+is a copy of a few bytes. A zeroed o_proj input column removes the head exactly as zeroing its weights does (the
+reference zeroes q rows and o columns), and gradients of the pruned rows and columns become exactly zero, so
+pruned structures score 0 at the next step, as in the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gisp.errors import GispError
+from gisp.structures import LayerModules, ModelStructure
+
+
+@dataclass
+class Masks:
+    """Boolean keep-masks: heads (L, H) and channels (L, F); True = kept."""
+
+    heads: torch.Tensor
+    channels: torch.Tensor
+
+    @classmethod
+    def dense(cls, structure: ModelStructure) -> Masks:
+        return cls(
+            torch.ones(structure.n_layers, structure.n_heads, dtype=torch.bool),
+            torch.ones(structure.n_layers, structure.ffn, dtype=torch.bool),
+        )
+
+    def clone(self) -> Masks:
+        return Masks(self.heads.clone(), self.channels.clone())
+
+    @property
+    def n_pruned(self) -> int:
+        return int((~self.heads).sum() + (~self.channels).sum())
+
+    def flat_pruned(self) -> torch.Tensor:
+        """(L*H + L*F,) bool, heads first: the order of the global ranking."""
+        return torch.cat([~self.heads.flatten(), ~self.channels.flatten()])
+
+    def is_nested_in(self, earlier: Masks) -> bool:
+        """True when everything pruned in `earlier` is pruned here too."""
+        return bool(((~earlier.heads) <= (~self.heads)).all() and ((~earlier.channels) <= (~self.channels)).all())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i in range(self.heads.shape[0]):
+            out[f"layers.{i}.heads"] = self.heads[i].contiguous()
+            out[f"layers.{i}.channels"] = self.channels[i].contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> Masks:
+        n_layers = len({k.split(".")[1] for k in tensors})
+        try:
+            heads = torch.stack([tensors[f"layers.{i}.heads"] for i in range(n_layers)]).bool()
+            channels = torch.stack([tensors[f"layers.{i}.channels"] for i in range(n_layers)]).bool()
+        except KeyError as e:
+            raise GispError(f"masks file lacks {e}: not a gisp masks file") from None
+        return cls(heads, channels)
+
+    def save(self, path: str | Path) -> None:
+        """Atomic: written to a temporary file in the same folder, then renamed."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(self.state_dict(), tmp, metadata={"format": "gisp-masks", "version": "1"})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Masks:
+        return cls.from_state_dict(load_file(str(path)))
+
+
+def sparsity(masks: Masks, structure: ModelStructure) -> float:
+    """Parameter sparsity of the decoder layers (method.md section 4): pruned parameters / all layer parameters."""
+    pruned_heads = int((~masks.heads).sum())
+    pruned_channels = int((~masks.channels).sum())
+    pruned = pruned_heads * structure.head_params + pruned_channels * structure.channel_params
+    return pruned / structure.decoder_params
+
+
+class MaskApplier:
+    """Applies masks to a live model through forward pre-hooks; `remove()` gives back the untouched dense model."""
+
+    def __init__(self, layers: list[LayerModules], structure: ModelStructure):
+        self.structure = structure
+        self._head_scale: list[torch.Tensor] = []  # per layer (H * d_h,) multiplier on o_proj's input
+        self._channel_scale: list[torch.Tensor] = []  # per layer (F,) multiplier on down_proj's input
+        self._active: list[bool] = [False] * structure.n_layers  # skip the multiply on fully dense layers
+        self._handles = []
+        for i, layer in enumerate(layers):
+            self._head_scale.append(torch.ones(structure.n_heads * structure.head_dim))
+            self._channel_scale.append(torch.ones(structure.ffn))
+            self._handles.append(layer.o.register_forward_pre_hook(self._hook(i, self._head_scale)))
+            self._handles.append(layer.down.register_forward_pre_hook(self._hook(i, self._channel_scale)))
+        self.masks = Masks.dense(structure)
+
+    def _hook(self, layer: int, scales: list[torch.Tensor]):
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not self._active[layer]:
+                return None
+            x = args[0]  # (B, T, H*d_h) or (B, T, F)
+            scale = scales[layer]
+            if scale.device != x.device or scale.dtype != x.dtype:
+                scale = scales[layer] = scale.to(device=x.device, dtype=x.dtype)
+            return (x * scale, *args[1:])
+
+        return pre_hook
+
+    def set(self, masks: Masks) -> None:
+        """Switch the model to these masks (any order: masks need not be nested with the current ones)."""
+        s = self.structure
+        if masks.heads.shape != (s.n_layers, s.n_heads) or masks.channels.shape != (s.n_layers, s.ffn):
+            raise GispError(
+                f"masks of shape heads {tuple(masks.heads.shape)} / channels {tuple(masks.channels.shape)} do not "
+                f"fit this model ({s.n_layers} layers, {s.n_heads} heads, {s.ffn} channels)"
+            )
+        for i in range(s.n_layers):
+            head = masks.heads[i].repeat_interleave(s.head_dim)  # (H*d_h,)
+            self._head_scale[i] = head.to(self._head_scale[i].device, self._head_scale[i].dtype)
+            self._channel_scale[i] = masks.channels[i].to(self._channel_scale[i].device, self._channel_scale[i].dtype)
+            self._active[i] = not (bool(masks.heads[i].all()) and bool(masks.channels[i].all()))
+        self.masks = masks.clone()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = [False] * self.structure.n_layers

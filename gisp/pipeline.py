@@ -1,0 +1,217 @@
+"""The GISP pipeline: load, calibrate, prune iteratively to every sparsity target, evaluate, write results.
+
+`run(cfg)` is the one place where the Hydra config is read; everything below it takes typed arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gisp.callback import IterativePruning
+from gisp.data import TextSource, calibration_windows, load_text, resolve_data_dir
+from gisp.errors import GispError
+from gisp.evaluation import Evaluator, PerplexityTask
+from gisp.io import write_json_atomic
+from gisp.lightning_module import CalibrationData, GISPModule
+from gisp.masks import MaskApplier
+from gisp.models import ModelSpec, load_model_and_tokenizer
+from gisp.objectives import objective_fn
+from gisp.registry import family_spec
+from gisp.schedule import structural_ratios
+from gisp.scoring import NORMALIZATIONS
+from gisp.structures import ModelStructure, describe, layer_modules
+from gisp.trajectory import Trajectory, target_key
+
+log = logging.getLogger(__name__)
+
+# Config sections that define the trajectory: a run dir can only be resumed with the same values.
+FINGERPRINT_KEYS = ("model", "data", "objective", "schedule", "prune", "sparsity", "eval")
+
+
+def parse_targets(sparsity: Any) -> list[float]:
+    """`sparsity=0.4` or `sparsity=[0.2,0.4]` -> sorted unique floats in [0, 1)."""
+    values = list(sparsity) if isinstance(sparsity, (list, tuple)) or OmegaConf.is_list(sparsity) else [sparsity]
+    if not values:
+        raise GispError("sparsity is empty: give one target (sparsity=0.4) or a list (sparsity=[0.2,0.4])")
+    try:
+        targets = sorted({float(v) for v in values})
+    except (TypeError, ValueError):
+        raise GispError(f"sparsity must be numbers in [0, 1), got {values}") from None
+    bad = [t for t in targets if not 0.0 <= t < 1.0]
+    if bad:
+        raise GispError(f"sparsity targets {bad} are outside [0, 1): parameter sparsity is a fraction, e.g. 0.4")
+    return targets
+
+
+def check_targets(targets: list[float], structure: ModelStructure) -> None:
+    """Refuse targets the protected layers cannot allow, before any expensive work."""
+    top = targets[-1]
+    if top >= structure.max_sparsity:
+        raise GispError(
+            f"sparsity target {top} is not reachable: with layers {list(structure.protected)} protected, at most "
+            f"{structure.max_sparsity:.4f} of the decoder parameters can be pruned (every head and channel of every "
+            "other layer). Lower the target or protect fewer layers (prune.protect_first_fraction / protect_last)."
+        )
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    sections = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in FINGERPRINT_KEYS if k in cfg}
+    if isinstance(sections.get("prune"), dict):
+        sections["prune"].pop("max_steps_per_run", None)  # how far one invocation goes does not change the result
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def text_source(node: DictConfig) -> TextSource:
+    fields = OmegaConf.to_container(node, resolve=True)
+    fields["local_files"] = tuple(fields.get("local_files") or ())
+    try:
+        return TextSource(**fields)
+    except TypeError as e:
+        raise GispError(f"bad text source config {fields}: {e}") from None
+
+
+def model_spec(node: DictConfig) -> ModelSpec:
+    fields = OmegaConf.to_container(node, resolve=True)
+    try:
+        return ModelSpec(**fields)
+    except TypeError as e:
+        raise GispError(f"bad model config: {e}; see conf/model/*.yaml for the fields") from None
+
+
+def build_evaluator(eval_cfg: DictConfig, tokenizer, data_dir: Path | None) -> Evaluator | None:
+    tasks = []
+    for metric, task in (eval_cfg.get("tasks") or {}).items():
+        tasks.append(PerplexityTask(metric=metric, source=text_source(task.text), seq_len=task.seq_len,
+                                    max_windows=task.get("max_windows"), batch_size=task.batch_size))
+    return Evaluator(tasks, tokenizer, data_dir) if tasks else None
+
+
+def build_loggers(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) -> list:
+    loggers = []
+    for name, node in (logger_cfg or {}).items():
+        logger = instantiate(node, save_dir=str(run_dir))
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(logger)
+        log.info("logging to %s (%s)", name, type(logger).__name__)
+    return loggers
+
+
+def hydra_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise GispError("no run dir: call run(cfg, run_dir=...) outside a Hydra app")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def hydra_overrides() -> list[str] | None:
+    """The command-line overrides of this job (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """Prune `cfg.model` along the GISP trajectory to every target; returns the results (None if stopped early)."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    targets = parse_targets(cfg.sparsity)
+    objective = objective_fn(cfg.objective.name)
+    if cfg.prune.normalization not in NORMALIZATIONS:
+        raise GispError(f"unknown prune.normalization '{cfg.prune.normalization}'; choose one of {NORMALIZATIONS}")
+    ratios = structural_ratios(cfg.schedule.name, cfg.schedule.steps, cfg.schedule.max_ratio,
+                               cfg.schedule.get("rate", 3.0))
+    data_dir = resolve_data_dir(cfg.get("data_dir"))
+    calib_source = text_source(cfg.data.text)
+    L.seed_everything(cfg.seed, verbose=False)
+
+    spec = model_spec(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(spec, Path(cfg.cache_dir).expanduser())
+    family_spec(model.config.model_type)
+    structure = describe(model, explicit=cfg.prune.protect_layers, first_fraction=cfg.prune.protect_first_fraction,
+                         last=cfg.prune.protect_last)
+    check_targets(targets, structure)
+    text, calib_provenance = load_text(calib_source, data_dir)
+    windows = calibration_windows(text, tokenizer, cfg.data.n_samples, cfg.data.seq_len, cfg.data.seed)
+    evaluator = build_evaluator(cfg.eval, tokenizer, data_dir)
+
+    meta = {"model": spec.name, "model_type": model.config.model_type, "structure": structure.__dict__ | {
+        "protected": list(structure.protected)}, "targets": targets}
+    trajectory = Trajectory.open(run_dir / "trajectory", fingerprint(cfg), meta, resume=cfg.resume)
+    if trajectory.last_step:
+        log.info("resuming %s from step %d", trajectory.path, trajectory.last_step)
+    layers = layer_modules(model, family_spec(model.config.model_type))
+    applier = MaskApplier(layers, structure)
+    callback = IterativePruning(applier, trajectory, ratios, targets,
+                                evaluate=(lambda m: evaluator(m, progress=cfg.progress)) if evaluator else None)
+    module = GISPModule(model, layers, structure, objective, n_samples=windows.shape[0],
+                        normalization=cfg.prune.normalization)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=build_loggers(cfg.logger, run_dir, cfg),
+                        callbacks=[callback], default_root_dir=str(run_dir), enable_checkpointing=False,
+                        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        enable_model_summary=False, enable_progress_bar=cfg.progress)
+    calibration = CalibrationData(windows, cfg.data.batch_size)
+
+    passes = 0
+    while not callback.finished:
+        if cfg.prune.max_steps_per_run and passes >= cfg.prune.max_steps_per_run:
+            log.warning("stopped after %d steps as asked (prune.max_steps_per_run); run again with "
+                        "hydra.run.dir=%s to continue", passes, run_dir)
+            return None
+        trainer.validate(module, datamodule=calibration, verbose=False)
+        passes += 1
+    if trainer.is_global_zero:
+        module.to(trainer.strategy.root_device)
+        callback.evaluate_missing(trainer, module)
+        trajectory.manifest["complete"] = True
+        trajectory.write()
+    results = build_results(trajectory, targets, calib_provenance | {
+        "n_samples": windows.shape[0], "seq_len": cfg.data.seq_len, "seed": cfg.data.seed, "batch_size":
+        cfg.data.batch_size}, evaluator.describe() if evaluator else {}, cfg, time.perf_counter() - started)
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "results.json", results)
+        log.info("results: %s", run_dir / "results.json")
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return results
+
+
+def build_results(trajectory: Trajectory, targets: list[float], calibration: dict, evaluation: dict,
+                  cfg: DictConfig, seconds: float) -> dict[str, Any]:
+    manifest = trajectory.manifest
+    out_targets = {}
+    for t in targets:
+        step = manifest["targets"][target_key(t)]
+        record = trajectory.step_record(step)
+        out_targets[target_key(t)] = {"sparsity": record["sparsity"], "step": step,
+                                      "structural_ratio": record["structural_ratio"],
+                                      "metrics": record.get("metrics") or {},
+                                      "masks": f"trajectory/{record['masks']}" if "masks" in record else None}
+    return {
+        "model": manifest["meta"]["model"],
+        "method": {"objective": cfg.objective.name, "normalization": cfg.prune.normalization,
+                   "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+                   "protected_layers": manifest["meta"]["structure"]["protected"],
+                   "steps_run": trajectory.last_step},
+        "calibration": calibration,
+        "evaluation": evaluation,
+        "dense": {"sparsity": 0.0, "metrics": manifest["dense"]["metrics"] or {}},
+        "targets": out_targets,
+        "trajectory": "trajectory/manifest.json",
+        "overrides": hydra_overrides(),
+        "seconds": round(seconds, 1),
+    }

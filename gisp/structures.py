@@ -1,0 +1,130 @@
+"""Which weights form an attention head and an MLP channel, and how many parameters each one holds.
+
+Head h of a layer = rows h of q_proj (and of k_proj, v_proj without GQA) and columns h of o_proj.
+With GQA the reference scores and prunes QUERY heads: only q rows and o columns belong to a head; K/V stay.
+Channel j = row j of gate_proj and up_proj and column j of down_proj.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from gisp.errors import GispError
+from gisp.registry import FamilySpec, family_spec, get_submodule
+
+
+@dataclass(frozen=True)
+class LayerModules:
+    """The seven projections of one decoder layer."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """Shapes and parameter accounting of a decoder, shared by scoring, planning and sparsity measurement."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    ffn: int
+    head_params: int  # parameters a pruned head zeroes (q rows + o columns, + k/v rows without GQA, + biases)
+    channel_params: int  # gate row + up row + down column (+ biases)
+    decoder_params: int  # all parameters of all decoder layers, norms included (the sparsity denominator)
+    protected: tuple[int, ...]
+
+    @property
+    def gqa(self) -> bool:
+        return self.n_kv_heads < self.n_heads
+
+    @property
+    def n_structures(self) -> int:
+        """Heads and channels of ALL layers: the reference's denominator for the structural ratio."""
+        return self.n_layers * (self.n_heads + self.ffn)
+
+    @property
+    def unprotected(self) -> list[int]:
+        return [i for i in range(self.n_layers) if i not in self.protected]
+
+    @property
+    def max_sparsity(self) -> float:
+        """Sparsity with every head and channel of every unprotected layer pruned (unreachable in practice)."""
+        per_layer = self.n_heads * self.head_params + self.ffn * self.channel_params
+        return len(self.unprotected) * per_layer / self.decoder_params
+
+
+def protected_layers(
+    n_layers: int, first_fraction: float = 0.1, last: int = 1, explicit: list[int] | None = None
+) -> tuple[int, ...]:
+    """The reference's `prune_skip`: the first int(0.1 L) layers and the last layer; or an explicit list."""
+    if explicit is not None:
+        bad = [i for i in explicit if not 0 <= i < n_layers]
+        if bad:
+            raise GispError(f"prune.protect_layers has layer indices {bad} outside [0, {n_layers})")
+        return tuple(sorted(set(explicit)))
+    if not 0.0 <= first_fraction < 1.0 or last < 0:
+        raise GispError(f"prune.protect_first_fraction must be in [0, 1) and protect_last >= 0, got {first_fraction}, {last}")
+    first = list(range(int(first_fraction * n_layers)))
+    tail = list(range(max(n_layers - last, 0), n_layers))
+    return tuple(sorted(set(first + tail)))
+
+
+def layer_modules(model: nn.Module, spec: FamilySpec) -> list[LayerModules]:
+    layers = get_submodule(model, spec.layers)
+    out = []
+    for layer in layers:
+        attn, mlp = get_submodule(layer, spec.attention), get_submodule(layer, spec.mlp)
+        out.append(
+            LayerModules(
+                q=get_submodule(attn, spec.q_proj), k=get_submodule(attn, spec.k_proj),
+                v=get_submodule(attn, spec.v_proj), o=get_submodule(attn, spec.o_proj),
+                gate=get_submodule(mlp, spec.gate_proj), up=get_submodule(mlp, spec.up_proj),
+                down=get_submodule(mlp, spec.down_proj),
+            )
+        )
+    return out
+
+
+def _bias_size(linear: nn.Linear) -> int:
+    return 0 if linear.bias is None else 1
+
+
+def describe(model: nn.Module, protected: tuple[int, ...] | None = None, **protect_kwargs) -> ModelStructure:
+    """Read the structure of a HF causal LM from its config and modules (checked against each other)."""
+    config = model.config
+    spec = family_spec(config.model_type)
+    n_heads = getattr(config, spec.n_heads_attr)
+    n_kv = getattr(config, spec.n_kv_heads_attr, None) or n_heads
+    hidden = getattr(config, spec.hidden_attr)
+    head_dim = getattr(config, spec.head_dim_attr, None) or hidden // n_heads
+    ffn = getattr(config, spec.ffn_attr)
+    n_layers = getattr(config, spec.n_layers_attr)
+    mods = layer_modules(model, spec)
+    for i, m in enumerate(mods):
+        shapes = (m.q.weight.shape, m.k.weight.shape, m.o.weight.shape, m.gate.weight.shape, m.down.weight.shape)
+        expected = ((n_heads * head_dim, hidden), (n_kv * head_dim, hidden), (hidden, n_heads * head_dim),
+                    (ffn, hidden), (hidden, ffn))
+        if tuple(tuple(s) for s in shapes) != expected:
+            raise GispError(f"layer {i} has projection shapes {shapes}, expected {expected} from the config: "
+                            "is this model already physically pruned? Prune the dense model instead.")
+    m0 = mods[0]
+    head_params = head_dim * (hidden + _bias_size(m0.q)) + hidden * head_dim
+    if n_kv == n_heads:  # without GQA the head's own K and V rows go with it
+        head_params += head_dim * (2 * hidden + _bias_size(m0.k) + _bias_size(m0.v))
+    channel_params = hidden * 3 + _bias_size(m0.gate) + _bias_size(m0.up)
+    layers = get_submodule(model, spec.layers)
+    decoder_params = sum(p.numel() for p in layers.parameters())
+    if protected is None:
+        protected = protected_layers(n_layers, **protect_kwargs)
+    return ModelStructure(n_layers, n_heads, n_kv, head_dim, hidden, ffn, head_params, channel_params,
+                          decoder_params, tuple(protected))

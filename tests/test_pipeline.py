@@ -1,0 +1,178 @@
+"""End to end on tiny random models: trajectory files, nested masks, targets hit, restore, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from gisp.errors import GispError
+from gisp.io import read_json
+from gisp.masks import MaskApplier, Masks
+from gisp.models import load_model_and_tokenizer
+from gisp.pipeline import model_spec, run
+from gisp.registry import family_spec
+from gisp.structures import describe, layer_modules
+from gisp.trajectory import Trajectory
+
+DATA = ["data.n_samples=8", "data.seq_len=32", "data.batch_size=4"]
+TINY = [*DATA, "eval.tasks.wikitext2_ppl.max_windows=8", "eval.tasks.wikitext2_ppl.seq_len=64"]
+
+
+def masks_of(run_dir):
+    traj = Trajectory.load(run_dir / "trajectory")
+    return [(s["step"], traj.masks_at(s["step"])) for s in traj.steps]
+
+
+@pytest.fixture(scope="module")
+def mistral_run(tmp_path_factory):
+    """One tiny Mistral (GQA) run to 30% and 50%, shared by the checks below."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    tmp = tmp_path_factory.mktemp("mistral")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=csv", "progress=false",
+                                           f"cache_dir={tmp / 'cache'}", *TINY])
+    results = run(cfg, run_dir=tmp / "run")
+    return cfg, tmp / "run", results
+
+
+def test_outputs_and_targets(mistral_run):
+    cfg, run_dir, results = mistral_run
+    on_disk = read_json(run_dir / "results.json")
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(on_disk["targets"]) == {"0.3", "0.5"}
+    for key, entry in on_disk["targets"].items():
+        assert abs(entry["sparsity"] - float(key)) < 0.005
+        assert entry["metrics"]["wikitext2_ppl"] > 1
+    assert on_disk["dense"]["metrics"]["wikitext2_ppl"] > 1
+    assert on_disk["calibration"]["name"] == "austen" and on_disk["evaluation"]["wikitext2_ppl"]["dataset"]
+    manifest = read_json(run_dir / "trajectory" / "manifest.json")
+    assert manifest["complete"] and manifest["steps"]
+    for step in manifest["steps"]:
+        assert {"step", "structural_ratio", "sparsity", "masks"} <= set(step)
+        assert (run_dir / "trajectory" / step["masks"]).exists()
+    assert (run_dir / "csv").exists()
+
+
+def test_masks_nested_and_protected_untouched(mistral_run):
+    _, run_dir, _ = mistral_run
+    steps = masks_of(run_dir)
+    for (_, earlier), (_, later) in zip(steps, steps[1:]):
+        assert later.is_nested_in(earlier) and later.n_pruned >= earlier.n_pruned
+    last = steps[-1][1]
+    assert last.heads[3].all() and last.channels[3].all()  # 4 layers: the last one is protected
+
+
+def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
+    """A fresh dense model + the step's masks gives the perplexity measured live during the run, and the same
+    logits as the reference's weight-zeroing of that step's structures."""
+    cfg, run_dir, results = mistral_run
+    model, tok = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
+    structure = describe(model)
+    layers = layer_modules(model, family_spec("mistral"))
+    entry = results["targets"]["0.5"]
+    masks = Masks.load(run_dir / entry["masks"])
+    applier = MaskApplier(layers, structure)
+    applier.set(masks)
+    from gisp.pipeline import build_evaluator
+    from gisp.data import resolve_data_dir
+
+    evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(None))
+    assert evaluator(model, progress=False)["wikitext2_ppl"] == pytest.approx(entry["metrics"]["wikitext2_ppl"],
+                                                                              rel=1e-6)
+    ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = model(ids).logits
+        applier.remove()
+        for i, m in enumerate(layers):
+            cols = (~masks.heads[i]).repeat_interleave(structure.head_dim)
+            m.o.weight[:, cols] = 0
+            m.down.weight[:, ~masks.channels[i]] = 0
+        torch.testing.assert_close(model(ids).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_gives_the_uninterrupted_masks(mistral_run, compose_cfg, tmp_path):
+    _, full_dir, full_results = mistral_run
+    cfg = compose_cfg("model=tiny_mistral", "sparsity=[0.3,0.5]", "prune.max_steps_per_run=2", *TINY)
+    assert run(cfg, run_dir=tmp_path / "r") is None
+    assert not (tmp_path / "r" / "results.json").exists()
+    assert len(masks_of(tmp_path / "r")) == 2
+    cfg.prune.max_steps_per_run = None
+    resumed = run(cfg, run_dir=tmp_path / "r")
+    full, again = masks_of(full_dir), masks_of(tmp_path / "r")
+    assert [s for s, _ in full] == [s for s, _ in again]
+    for (_, a), (_, b) in zip(full, again):
+        assert a.heads.equal(b.heads) and a.channels.equal(b.channels)
+    assert resumed["targets"] == full_results["targets"]
+
+
+def test_resume_refuses_another_config(mistral_run, compose_cfg):
+    _, run_dir, _ = mistral_run
+    with pytest.raises(GispError, match="different configuration"):
+        run(compose_cfg("model=tiny_mistral", "sparsity=[0.3,0.5]", "prune.normalization=paper", *TINY),
+            run_dir=run_dir)
+
+
+def test_llama_without_gqa_single_target(compose_cfg, tmp_path):
+    results = run(compose_cfg("model=tiny_llama", "sparsity=0.4", "schedule=cosine", "eval=none", *DATA),
+                  run_dir=tmp_path)
+    assert abs(results["targets"]["0.4"]["sparsity"] - 0.4) < 0.005
+    assert results["dense"]["metrics"] == {}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["sparsity=0.9"], "not reachable"),
+    (["sparsity=1.5"], r"outside \[0, 1\)"),
+    (["data=local_text", "data.text.local_files=[TMP/short.txt]", "data.seq_len=64"], "seq_len"),
+    (["prune.normalization=bogus"], "normalization"),
+])
+def test_bad_input_fails_early_without_results(compose_cfg, tmp_path, overrides, match):
+    (tmp_path / "short.txt").write_text("Too short for one calibration window.")
+    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
+    with pytest.raises(GispError, match=match):
+        run(compose_cfg("model=tiny_mistral", *TINY, *overrides), run_dir=tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
+    import gisp.pipeline as pipeline
+
+    real_loader = pipeline.load_model_and_tokenizer
+
+    def poisoned(spec, cache_dir):
+        model, tok = real_loader(spec, cache_dir)
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+        return model, tok
+
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", poisoned)
+    with pytest.raises(GispError, match="non-finite gradient"):
+        run(compose_cfg("model=tiny_mistral", "eval=none", *DATA), run_dir=tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    assert not list((tmp_path / "trajectory").glob("step_*"))
+
+
+def test_cli_multirun_and_unknown_model(tmp_path):
+    """The README's multirun command: two run dirs, nested masks, each on its target; bad names exit non-zero."""
+    env_args = [f"hydra.sweep.dir={tmp_path / 'multi'}", "logger=none", "progress=false", "threads=1",
+                f"cache_dir={tmp_path / 'cache'}", *TINY]
+    proc = subprocess.run([sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=0.3,0.5", *env_args,
+                           "-m"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "multi").glob("*/results.json"))
+    assert len(results) == 2
+    for path, target in zip(results, ("0.3", "0.5")):
+        data = read_json(path)
+        assert abs(data["targets"][target]["sparsity"] - float(target)) < 0.005
+        steps = masks_of(path.parent)
+        assert all(b.is_nested_in(a) for (_, a), (_, b) in zip(steps, steps[1:]))
+    bad = subprocess.run([sys.executable, "-m", "gisp.run", "model=no_such_model", *env_args[1:]], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "no_such_model" in bad.stderr
