@@ -40,7 +40,7 @@ def structural_ratios(kind: str, steps: int, max_ratio: float, rate: float = 3.0
 
 def structures_to_prune(ratio: float, n_structures: int) -> int:
     """How many structures a structural ratio means (floor, robust to float noise like 0.7*10 = 6.999...)."""
-    return int(math.floor(ratio * n_structures + 1e-6))
+    return math.floor(ratio * n_structures + 1e-6)
 
 
 def ratio_at(ratios: list[float], k: int) -> float:

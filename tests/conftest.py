@@ -22,8 +22,8 @@ torch.set_num_threads(1)
 
 def tiny_config(family: str, layers: int = 4) -> transformers.PretrainedConfig:
     """The style guide's tiny shapes: hidden 64, 4 query heads; Llama without GQA, Mistral with 2 KV heads."""
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  vocab_size=300, max_position_embeddings=256)
+    common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "vocab_size": 300, "max_position_embeddings": 256}
     if family == "llama":
         return transformers.LlamaConfig(num_key_value_heads=4, **common)
     if family == "mistral":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -31,9 +32,8 @@ def masks_of(run_dir):
 @pytest.fixture(scope="module")
 def mistral_run(tmp_path_factory):
     """One tiny Mistral (GQA) run to 30% and 50%, shared by the checks below."""
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF
+    from hydra import compose, initialize_config_dir
 
     tmp = tmp_path_factory.mktemp("mistral")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -44,7 +44,7 @@ def mistral_run(tmp_path_factory):
 
 
 def test_outputs_and_targets(mistral_run):
-    cfg, run_dir, results = mistral_run
+    _, run_dir, results = mistral_run
     on_disk = read_json(run_dir / "results.json")
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk["targets"]) == {"0.3", "0.5"}
@@ -64,7 +64,7 @@ def test_outputs_and_targets(mistral_run):
 def test_masks_nested_and_protected_untouched(mistral_run):
     _, run_dir, _ = mistral_run
     steps = masks_of(run_dir)
-    for (_, earlier), (_, later) in zip(steps, steps[1:]):
+    for (_, earlier), (_, later) in itertools.pairwise(steps):
         assert later.is_nested_in(earlier) and later.n_pruned >= earlier.n_pruned
     last = steps[-1][1]
     assert last.heads[3].all() and last.channels[3].all()  # 4 layers: the last one is protected
@@ -81,8 +81,8 @@ def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
     masks = Masks.load(run_dir / entry["masks"])
     applier = MaskApplier(layers, structure)
     applier.set(masks)
-    from gisp.pipeline import build_evaluator
     from gisp.data import resolve_data_dir
+    from gisp.pipeline import build_evaluator
 
     evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(None))
     assert evaluator(model, progress=False)["wikitext2_ppl"] == pytest.approx(entry["metrics"]["wikitext2_ppl"],
@@ -142,7 +142,7 @@ def test_bad_input_fails_early_without_results(compose_cfg, tmp_path, overrides,
 
 
 def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
-    import gisp.pipeline as pipeline
+    from gisp import pipeline
 
     real_loader = pipeline.load_model_and_tokenizer
 
@@ -164,7 +164,7 @@ def test_cli_multirun_and_unknown_model(tmp_path):
     env_args = [f"hydra.sweep.dir={tmp_path / 'multi'}", "logger=none", "progress=false", "threads=1",
                 f"cache_dir={tmp_path / 'cache'}", *TINY]
     proc = subprocess.run([sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=0.3,0.5", *env_args,
-                           "-m"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "-m"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted((tmp_path / "multi").glob("*/results.json"))
     assert len(results) == 2
@@ -172,7 +172,15 @@ def test_cli_multirun_and_unknown_model(tmp_path):
         data = read_json(path)
         assert abs(data["targets"][target]["sparsity"] - float(target)) < 0.005
         steps = masks_of(path.parent)
-        assert all(b.is_nested_in(a) for (_, a), (_, b) in zip(steps, steps[1:]))
+        assert all(b.is_nested_in(a) for (_, a), (_, b) in itertools.pairwise(steps))
     bad = subprocess.run([sys.executable, "-m", "gisp.run", "model=no_such_model", *env_args[1:]], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode != 0 and "no_such_model" in bad.stderr
+
+
+def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
+    cfg = compose_cfg("model=tiny_mistral", "sparsity=0.2", *TINY)
+    cfg.logger = compose_cfg("logger=wandb").logger  # the default logger: wandb, offline
+    run(cfg, run_dir=tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

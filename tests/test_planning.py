@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -77,5 +79,5 @@ def test_schedules():
     assert lin == pytest.approx(reference[1:])
     for kind in ("linear", "cosine", "exponential"):
         r = structural_ratios(kind, 10, 0.7)
-        assert r[-1] == pytest.approx(0.7) and all(b > a for a, b in zip(r, r[1:]))
+        assert r[-1] == pytest.approx(0.7) and all(b > a for a, b in itertools.pairwise(r))
     assert structures_to_prune(0.7, 10) == 7
