@@ -6,6 +6,7 @@ import logging
 import sys
 
 import hydra
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from gisp.errors import GispError
@@ -21,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     except GispError as e:  # a user error: the message says what to fix; no traceback, non-zero exit
         log.error("%s", e)
         sys.exit(2)
-    if results is not None:
+    if results is not None and rank_zero_only.rank == 0:
         print(f"gisp: results in {hydra_run_dir() / 'results.json'}")
 
 

@@ -184,3 +184,18 @@ def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
     run(cfg, run_dir=tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
+    """Lightning's DDP strategy (gloo, 2 processes, each scoring a shard): all-reduced gradients give exactly the
+    single-process trajectory."""
+    args = [sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=[0.3,0.5]", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "progress=false", "threads=1",
+            f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'ddp'}", *TINY]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr
+    single, ddp = masks_of(mistral_run[1]), masks_of(tmp_path / "ddp")
+    assert [s for s, _ in single] == [s for s, _ in ddp]
+    for (_, a), (_, b) in zip(single, ddp):
+        assert a.heads.equal(b.heads) and a.channels.equal(b.channels)
