@@ -19,4 +19,4 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check gisp tests
+	$(BIN)/ruff check gisp tests experiments

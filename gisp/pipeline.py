@@ -141,7 +141,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
 
     spec = model_spec(cfg.model)
     model, tokenizer = load_model_and_tokenizer(spec, Path(cfg.cache_dir).expanduser())
-    family_spec(model.config.model_type)
     structure = describe(model, explicit=cfg.prune.protect_layers, first_fraction=cfg.prune.protect_first_fraction,
                          last=cfg.prune.protect_last)
     check_targets(targets, structure)
@@ -160,34 +159,40 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
                                 evaluate=(lambda m: evaluator(m, progress=cfg.progress)) if evaluator else None)
     module = GISPModule(model, layers, structure, objective, n_samples=windows.shape[0],
                         normalization=cfg.prune.normalization)
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=build_loggers(cfg.logger, run_dir, cfg),
-                        callbacks=[callback], default_root_dir=str(run_dir), enable_checkpointing=False,
-                        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        enable_model_summary=False, enable_progress_bar=cfg.progress)
+    # Lightning runs the scoring passes (trainer.validate): no checkpoints, no optimizer, gradients enabled.
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[callback],
+                        logger=build_loggers(cfg.logger, run_dir, cfg), default_root_dir=str(run_dir),
+                        enable_checkpointing=False, inference_mode=False, num_sanity_val_steps=0,
+                        use_distributed_sampler=False, enable_model_summary=False, enable_progress_bar=cfg.progress)
     calibration = CalibrationData(windows, cfg.data.batch_size)
-
-    passes = 0
-    while not callback.finished:
-        if cfg.prune.max_steps_per_run and passes >= cfg.prune.max_steps_per_run:
-            log.warning("stopped after %d steps as asked (prune.max_steps_per_run); run again with "
-                        "hydra.run.dir=%s to continue", passes, run_dir)
-            return None
-        trainer.validate(module, datamodule=calibration, verbose=False)
-        passes += 1
-    if trainer.is_global_zero:
-        module.to(trainer.strategy.root_device)
-        callback.evaluate_missing(trainer, module)
-        trajectory.manifest["complete"] = True
-        trajectory.write()
-    results = build_results(trajectory, targets, calib_provenance | {
-        "n_samples": windows.shape[0], "seq_len": cfg.data.seq_len, "seed": cfg.data.seed, "batch_size":
-        cfg.data.batch_size}, evaluator.describe() if evaluator else {}, cfg, time.perf_counter() - started)
-    if trainer.is_global_zero:
-        write_json_atomic(run_dir / "results.json", results)
-        log.info("results: %s", run_dir / "results.json")
-    for logger in trainer.loggers:
-        logger.finalize("success")
-    return results
+    status = "failed"
+    try:
+        passes = 0
+        while not callback.finished:
+            if cfg.prune.max_steps_per_run and passes >= cfg.prune.max_steps_per_run:
+                log.warning("stopped after %d steps as asked (prune.max_steps_per_run); run again with "
+                            "hydra.run.dir=%s to continue", passes, run_dir)
+                status = "success"
+                return None
+            trainer.validate(module, datamodule=calibration, verbose=False)
+            passes += 1
+        if trainer.is_global_zero:
+            module.to(trainer.strategy.root_device)  # a resumed, finished run never entered validate
+            callback.evaluate_missing(trainer, module)
+            trajectory.manifest["complete"] = True
+            trajectory.write()
+        calibration_record = calib_provenance | {"n_samples": windows.shape[0], "seq_len": cfg.data.seq_len,
+                                                 "seed": cfg.data.seed, "batch_size": cfg.data.batch_size}
+        results = build_results(trajectory, targets, calibration_record, evaluator.describe() if evaluator else {},
+                                cfg, time.perf_counter() - started)
+        if trainer.is_global_zero:
+            write_json_atomic(run_dir / "results.json", results)
+            log.info("results: %s", run_dir / "results.json")
+        status = "success"
+        return results
+    finally:
+        for logger in trainer.loggers:
+            logger.finalize(status)
 
 
 def build_results(trajectory: Trajectory, targets: list[float], calibration: dict, evaluation: dict,

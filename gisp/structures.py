@@ -73,7 +73,8 @@ def protected_layers(
             raise GispError(f"prune.protect_layers has layer indices {bad} outside [0, {n_layers})")
         return tuple(sorted(set(explicit)))
     if not 0.0 <= first_fraction < 1.0 or last < 0:
-        raise GispError(f"prune.protect_first_fraction must be in [0, 1) and protect_last >= 0, got {first_fraction}, {last}")
+        raise GispError(f"prune.protect_first_fraction must be in [0, 1) and protect_last >= 0, "
+                        f"got {first_fraction} and {last}")
     first = list(range(int(first_fraction * n_layers)))
     tail = list(range(max(n_layers - last, 0), n_layers))
     return tuple(sorted(set(first + tail)))
