@@ -171,7 +171,7 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
                             f"(or export any step with step=N, 1..{traj.last_step})")
         step = reached[target_key(target)]
     masks = traj.masks_at(step)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = OmegaConf.load(run_dir / "config.yaml")  # the resolved config the pipeline wrote
     model, tokenizer = load_model_and_tokenizer(model_spec(cfg.model), Path(cache_dir or cfg.cache_dir).expanduser())
     structure = describe(model, protected=tuple(traj.manifest["meta"]["structure"]["protected"]))
     record = traj.step_record(step)
@@ -210,8 +210,8 @@ def _main() -> None:
         except GispError as e:
             log.error("%s", e)
             sys.exit(2)
-        print(f"gisp: exported to {path} (load with AutoModelForCausalLM.from_pretrained(path, "
-              "trust_remote_code=True), or after `import gisp.compact; gisp.compact.register_auto_classes()`)")
+        print(f"gisp: exported to {path} (load with AutoModelForCausalLM.from_pretrained(path) after `import gisp`, "
+              "or with trust_remote_code=True without gisp)")
 
     main()
 

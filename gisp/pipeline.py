@@ -21,7 +21,7 @@ from gisp.callback import IterativePruning
 from gisp.data import TextSource, calibration_windows, load_text, resolve_data_dir
 from gisp.errors import GispError
 from gisp.evaluation import Evaluator, PerplexityTask
-from gisp.io import write_json_atomic
+from gisp.io import write_json_atomic, write_text_atomic
 from gisp.lightning_module import CalibrationData, GISPModule
 from gisp.masks import MaskApplier
 from gisp.models import ModelSpec, load_model_and_tokenizer
@@ -148,6 +148,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
     windows = calibration_windows(text, tokenizer, cfg.data.n_samples, cfg.data.seq_len, cfg.data.seed)
     evaluator = build_evaluator(cfg.eval, tokenizer, data_dir)
 
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # for export / evaluation
     meta = {"model": spec.name, "model_type": model.config.model_type, "structure": structure.__dict__ | {
         "protected": list(structure.protected)}, "targets": targets}
     trajectory = Trajectory.open(run_dir / "trajectory", fingerprint(cfg), meta, resume=cfg.resume)

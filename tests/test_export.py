@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
-from gisp.compact import GispDecoderForCausalLM, register_auto_classes
+from gisp.compact import GispDecoderForCausalLM
 from gisp.errors import GispError
 from gisp.export import export_compact, kv_plan
 from gisp.masks import MaskApplier, Masks
@@ -52,8 +52,7 @@ def test_export_logits_generation_and_reload(family, tmp_path):
     dense_gen = model.generate(prompt, **greedy)
     compact_gen = compact.generate(prompt, **greedy)
     assert dense_gen.tolist() == compact_gen.tolist()
-    register_auto_classes()
-    auto = AutoModelForCausalLM.from_pretrained(out)
+    auto = AutoModelForCausalLM.from_pretrained(out)  # `import gisp` registered the classes
     assert type(auto).__name__ == "GispDecoderForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(auto(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)

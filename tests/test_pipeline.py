@@ -199,3 +199,24 @@ def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
     assert [s for s, _ in single] == [s for s, _ in ddp]
     for (_, a), (_, b) in zip(single, ddp):
         assert a.heads.equal(b.heads) and a.channels.equal(b.channels)
+
+
+def test_export_from_run_dir(mistral_run, tmp_path):
+    from gisp.compact import GispDecoderForCausalLM
+    from gisp.export import export_from_run
+
+    cfg, run_dir, results = mistral_run
+    with pytest.raises(GispError, match="never reached target 0.45"):
+        export_from_run(run_dir, tmp_path / "x", target=0.45, cache_dir=cfg.cache_dir)
+    out = export_from_run(run_dir, tmp_path / "t50", target=0.5, cache_dir=cfg.cache_dir)
+    with pytest.raises(GispError, match="already exists"):
+        export_from_run(run_dir, out, target=0.5, cache_dir=cfg.cache_dir)
+    model, _ = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
+    structure = describe(model)
+    MaskApplier(layer_modules(model, family_spec("mistral")), structure).set(
+        Masks.load(run_dir / results["targets"]["0.5"]["masks"]))
+    compact = GispDecoderForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert read_json(out / "gisp_export.json")["step"] == results["targets"]["0.5"]["step"]

@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
+    cfg = OmegaConf.load(args.run_dir / "config.yaml")
     cfg.eval.tasks.wikitext2_ppl.max_windows = args.windows
     results = read_json(args.run_dir / "results.json")
     model, tok = load_model_and_tokenizer(model_spec(cfg.model), Path(cfg.cache_dir).expanduser())
