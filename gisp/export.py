@@ -41,7 +41,7 @@ def kv_plan(kept_q: list[int], structure: ModelStructure) -> tuple[list[int], li
 
 
 def _rows(weight: torch.Tensor, heads: list[int], d: int) -> torch.Tensor:
-    idx = torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
+    idx = torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long, device=weight.device)
     return weight.index_select(0, idx).contiguous()
 
 
@@ -73,7 +73,7 @@ def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure
                 if hasattr(attn, norm):
                     state[p + f"self_attn.{norm}.weight"] = getattr(attn, norm).weight.detach()
         if kept_c:
-            idx = torch.tensor(kept_c, dtype=torch.long)
+            idx = torch.tensor(kept_c, dtype=torch.long, device=m.gate.weight.device)
             state[p + "post_attention_layernorm.weight"] = block.post_attention_layernorm.weight.detach()
             state[p + "mlp.gate_proj.weight"] = m.gate.weight.detach().index_select(0, idx).contiguous()
             state[p + "mlp.up_proj.weight"] = m.up.weight.detach().index_select(0, idx).contiguous()
@@ -126,7 +126,7 @@ def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, p
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         config.save_pretrained(tmp)
         for name in CODE_FILES:

@@ -30,6 +30,8 @@ def tiny_config(family: str, layers: int = 4) -> transformers.PretrainedConfig:
         return transformers.MistralConfig(num_key_value_heads=2, head_dim=16, sliding_window=None, **common)
     if family == "qwen2":
         return transformers.Qwen2Config(num_key_value_heads=2, **common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
     raise ValueError(family)
 
 

@@ -30,7 +30,7 @@ def uneven_masks(structure, seed=0):
     return m
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_export_logits_generation_and_reload(family, tmp_path):
     model = tiny_model(family)
     structure = describe(model)

@@ -1,0 +1,252 @@
+"""What physical pruning buys at inference: size on disk, prefill and decode speed of exported compact models.
+
+    python experiments/benchmarks/export_speed.py RUN_DIR [--targets 0.2 0.3 0.4 0.5] [--threads 2] \
+        [--prompt-len 512] [--batches 1 8] [--decode-tokens 32] [--repeats 3] [--out-dir TMP] [--keep]
+    python experiments/benchmarks/export_speed.py --random-shapes llama2_7b --device cuda --dtype bfloat16 \
+        [--targets 0.2 0.3 0.4 0.5]
+    # CPU smoke check of the random-shapes mode:
+    python experiments/benchmarks/export_speed.py --random-shapes llama2_7b --layers 2 --device cpu \
+        --dtype float32 --prompt-len 64 --batches 1 --decode-tokens 4 --repeats 1
+
+Each target's masks (RUN_DIR/results.json, or `random_plan` structures with --random-shapes) are exported with
+`export_compact` to a temporary folder and reloaded with `GispDecoderForCausalLM.from_pretrained`; dense is the plain
+HF model as loaded, its disk size that of a `save_pretrained` (safetensors, same dtype). Per model: parameters,
+safetensors bytes, prefill tokens/s (random ids, no cache, last-position logits as in `generate` unless
+--all-logits), decode tokens/s (greedy single-token steps on a KV cache after a --decode-prompt prefill; only the
+steps are timed): median of --repeats after one warm-up. On CUDA also peak GPU memory (weights + activations; the
+dense model goes back to the CPU for the exports). Progress on stderr, table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {"llama2_7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")] \
+        if info.exists() else []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats: int, device: torch.device, setup=None) -> float:
+    """Median seconds of `fn(state)` over `repeats` runs after one warm-up; `setup()` (untimed) makes the state."""
+    times = []
+    for i in range(repeats + 1):
+        state = setup() if setup else None
+        sync(device)
+        started = time.perf_counter()
+        fn(state)
+        sync(device)
+        if i:  # run 0 is the warm-up
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def prefill_tps(model, batch: int, args, vocab: int, device: torch.device) -> float:
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, vocab, (batch, args.prompt_len), generator=g).to(device)
+    keep = 0 if args.all_logits else 1
+    seconds = median_time(lambda _: model(input_ids=ids, use_cache=False, logits_to_keep=keep), args.repeats, device)
+    return batch * args.prompt_len / seconds
+
+
+@torch.no_grad()
+def decode_tps(model, batch: int, args, vocab: int, device: torch.device) -> float:
+    g = torch.Generator().manual_seed(1000 + batch)
+    prompt = torch.randint(0, vocab, (batch, args.decode_prompt), generator=g).to(device)
+
+    def setup():  # untimed: prefill the prompt, keep its cache and the first greedy token
+        mask = torch.ones_like(prompt)
+        out = model(input_ids=prompt, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), mask
+
+    def steps(state):
+        cache, tok, mask = state
+        for _ in range(args.decode_tokens):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            out = model(input_ids=tok, past_key_values=cache, attention_mask=mask, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    return batch * args.decode_tokens / median_time(steps, args.repeats, device, setup)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def measure(name: str, model, disk: int, sparsity: float, args, device: torch.device, base_mem: int) -> dict:
+    vocab = model.config.vocab_size
+    row = {"name": name, "sparsity": sparsity, "params": sum(p.numel() for p in model.parameters()), "bytes": disk}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for b in args.batches:
+        log(f"  {name}: prefill and decode at batch {b}")
+        row[f"prefill{b}"] = prefill_tps(model, b, args, vocab, device)
+        row[f"decode{b}"] = decode_tps(model, b, args, vocab, device)
+    if device.type == "cuda":
+        row["peak_gb"] = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**30
+    return row
+
+
+def load_dense(args, device: torch.device, dtype: torch.dtype | None):
+    """(model, tokenizer, label, {target: masks}); masks are None for random shapes (made from the structure)."""
+    from omegaconf import OmegaConf
+
+    from gisp.io import read_json
+    from gisp.masks import Masks
+    from gisp.models import load_model_and_tokenizer
+    from gisp.pipeline import model_spec
+
+    run_dir = Path(args.run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")  # the resolved config every run writes
+    spec = model_spec(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(spec, Path(str(cfg.get("cache_dir", "~/.cache/gisp"))).expanduser())
+    results = read_json(run_dir / "results.json")["targets"]
+    masks = {}
+    for t in args.targets:
+        key = f"{t:g}"
+        if key not in results:
+            raise SystemExit(f"target {key} is not in {run_dir}/results.json (has {sorted(results)})")
+        masks[t] = Masks.load(run_dir / results[key]["masks"])
+    return model.to(device=device, dtype=dtype or model.dtype), tokenizer, f"{spec.name} from {run_dir}", masks
+
+
+def build_random(args, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    shape = {**SHAPES[args.random_shapes], **({"num_hidden_layers": args.layers} if args.layers else {})}
+    with torch.device(device):  # random weights made directly on the device, in the dtype
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype or torch.float32)
+    label = (f"{args.random_shapes} shapes ({shape['num_hidden_layers']} layers), random weights and random "
+             "structures (random_plan, seed 0): speed depends only on the shapes")
+    return model, None, label, None
+
+
+def print_table(rows: list[dict], args, cuda: bool) -> None:
+    speeds = [(kind, b) for kind in ("prefill", "decode") for b in args.batches]
+    cols = ["model", "sparsity", "params (M)", "x", "disk (MB)", "x"] + [
+        c for kind, b in speeds for c in (f"{kind} b{b} tok/s", "x")] + (["peak GPU GB"] if cuda else [])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    dense = rows[0]
+    x = lambda r, key: f"{r[key] / dense[key]:.2f}"  # ratio to dense
+    for r in rows:
+        cells = [r["name"], f"{r['sparsity']:.3f}", f"{r['params'] / 1e6:.2f}", x(r, "params"),
+                 f"{r['bytes'] / 1e6:.1f}", x(r, "bytes")]
+        cells += [c for kind, b in speeds for c in (f"{r[f'{kind}{b}']:.1f}", x(r, f"{kind}{b}"))]
+        print("| " + " | ".join(cells + ([f"{r['peak_gb']:.2f}"] if cuda else [])) + " |")
+    print()
+    for r in rows[1:]:
+        parts = [f"{kind} speedup at " + ", ".join(f"batch {b}: {r[f'{kind}{b}'] / dense[f'{kind}{b}']:.2f}x"
+                                                   for b in args.batches) for kind in ("prefill", "decode")]
+        print(f"target {r['name']}: " + "; ".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", nargs="?", help="a finished gisp run dir (config.yaml, results.json)")
+    parser.add_argument("--random-shapes", choices=sorted(SHAPES), help="random weights of these shapes, no run dir")
+    parser.add_argument("--layers", type=int, help="with --random-shapes: override the layer count (smoke checks)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: the run's, float32 for random)")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-prompt", type=int, default=64, help="prompt length before the timed decode steps")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--all-logits", action="store_true", help="prefill computes logits of every position")
+    parser.add_argument("--out-dir", help="where the temporary export folder goes (default: the system temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the exported folders")
+    args = parser.parse_args()
+    if (args.run_dir is None) == (args.random_shapes is None):
+        parser.error("give either RUN_DIR or --random-shapes")
+    if args.layers and not args.random_shapes:
+        parser.error("--layers only applies to --random-shapes")
+    torch.set_num_threads(args.threads)  # before any model work
+
+    from gisp.compact import GispDecoderForCausalLM
+    from gisp.export import export_compact
+    from gisp.masks import sparsity
+    from gisp.planning import random_plan
+    from gisp.structures import describe
+
+    device, cuda = torch.device(args.device), args.device.startswith("cuda")
+    log(f"loading the dense model on {device}")
+    load = build_random if args.random_shapes else load_dense
+    model, tokenizer, label, masks = load(args, device, getattr(torch, args.dtype) if args.dtype else None)
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    structure = describe(model)
+    if masks is None:
+        masks = {t: random_plan(structure, t, seed=0).masks for t in args.targets}
+    gpu = f" ({torch.cuda.get_device_name(device)})" if cuda else ""
+    header = (f"{label}. torch {torch.__version__}, device {device}{gpu}, dtype {str(dtype).removeprefix('torch.')}, "
+              f"{torch.get_num_threads()} threads, CPU {cpu_name()}; prefill {args.prompt_len} tokens "
+              f"({'all' if args.all_logits else 'last-position'} logits), decode {args.decode_tokens} tokens after a "
+              f"{args.decode_prompt}-token prompt; median of {args.repeats} after 1 warm-up")
+
+    work = Path(tempfile.mkdtemp(prefix="gisp_export_speed_", dir=args.out_dir))
+    log(f"temporary folder {work}")
+    rows = []
+    try:
+        log("saving the dense model (for its size on disk)")
+        model.save_pretrained(work / "dense", safe_serialization=True)
+        dense_bytes = folder_bytes(work / "dense")
+        if not args.keep:
+            shutil.rmtree(work / "dense")
+        log("measuring dense")
+        rows.append(measure("dense", model, dense_bytes, 0.0, args, device, 0))
+        model.cpu()  # frees the device for the compact models (the export itself works on any device)
+        for t in args.targets:
+            out = work / f"sparsity_{t:g}"
+            log(f"exporting target {t:g} to {out}")
+            export_compact(model, tokenizer, masks[t], out, provenance={"benchmark": "export_speed"},
+                           structure=structure)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            base_mem = torch.cuda.memory_allocated(device) if cuda else 0
+            compact = GispDecoderForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+            log(f"measuring target {t:g}")
+            rows.append(measure(f"{t:g}", compact, folder_bytes(out), sparsity(masks[t], structure), args, device,
+                                base_mem))
+            del compact
+            gc.collect()
+            if not args.keep:
+                shutil.rmtree(out)
+    finally:
+        if args.keep:
+            log(f"exported folders kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(header + "\n")
+    print_table(rows, args, cuda)
+
+
+if __name__ == "__main__":
+    main()
