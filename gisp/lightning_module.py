@@ -9,7 +9,6 @@ scores and the same masks, and turned into per-head and per-channel scores.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import lightning as L
@@ -142,7 +141,3 @@ class CalibrationData(L.LightningDataModule):
             raise GispError(f"{len(self.dataset)} calibration samples cannot be split over {world} processes")
         sampler = ShardSampler(len(self.dataset), rank, world)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
-
-    @property
-    def n_batches(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)

@@ -94,9 +94,5 @@ class Trajectory:
     def masks_at(self, step: int) -> Masks:
         return Masks.load(self.directory / self.step_record(step)["masks"])
 
-    def mark_target(self, target: float, step: int) -> None:
-        self.manifest["targets"][target_key(target)] = step
-        self.write()
-
     def write(self) -> None:
         write_json_atomic(self.path, self.manifest)

