@@ -88,7 +88,7 @@ def test_lightning_pass_mean_gradient_equals_full_batch(family, batch_size):
     trainer.validate(module, datamodule=CalibrationData(ids, batch_size), verbose=False)
     torch.testing.assert_close(module.scores[0], ref[0], rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(module.scores[1], ref[1], rtol=1e-4, atol=1e-10)
-    full_loss = float(sequence_nll(reference_model, ids).mean())
+    full_loss = float(sequence_nll(reference_model, ids).mean().detach())
     assert module.calib_loss == pytest.approx(full_loss, rel=1e-5)
     # Only scored weights of unprotected layers take gradients; gradients are freed after scoring.
     assert not model.model.embed_tokens.weight.requires_grad and not layers[3].q.weight.requires_grad
