@@ -32,6 +32,7 @@ class GISPModule(L.LightningModule):
         objective: Callable[[nn.Module, dict], torch.Tensor],
         n_samples: int,
         normalization: str = "reference",
+        grad_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.model = model
@@ -50,10 +51,35 @@ class GISPModule(L.LightningModule):
         self.model.requires_grad_(False)
         for p in self._scored:
             p.requires_grad_(True)
+        # Optional accumulation of the mean gradient in another dtype (float32 for a bf16 model): each batch's
+        # gradient is added into a buffer as soon as autograd produced it, and `.grad` is freed.
+        self.grad_dtype = grad_dtype
+        self._accumulated: dict[int, torch.Tensor] = {}
+        if grad_dtype is not None:
+            for p in self._scored:
+                if p.dtype != grad_dtype:
+                    p.register_post_accumulate_grad_hook(self._accumulate)
+
+    def _accumulate(self, p: torch.Tensor) -> None:
+        g = p.grad.to(self.grad_dtype)
+        buf = self._accumulated.get(id(p))
+        self._accumulated[id(p)] = g if buf is None else buf.add_(g)
+        p.grad = None
+
+    def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The accumulated mean gradient of a scored weight (its own `.grad` unless accumulated elsewhere)."""
+        return self._accumulated.get(id(p), p.grad)
+
+    def _set_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        if id(p) in self._accumulated or g.dtype != p.dtype:
+            self._accumulated[id(p)] = g
+        else:
+            p.grad = g
 
     def on_validation_epoch_start(self) -> None:
         for p in self._scored:
             p.grad = None
+        self._accumulated.clear()
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._seen = 0
         self.scores = None
@@ -70,9 +96,9 @@ class GISPModule(L.LightningModule):
         loss_sum = self._loss_sum
         if self.trainer.world_size > 1:  # every process scored its shard: sum gradients, losses and counts
             for p in self._scored:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="sum")
+                g = self.grad_of(p)
+                g = torch.zeros_like(p, dtype=self.grad_dtype or p.dtype) if g is None else g
+                self._set_grad(p, self.trainer.strategy.reduce(g, reduce_op="sum"))
             seen = int(self.trainer.strategy.reduce(torch.tensor(seen, device=self.device), reduce_op="sum"))
             loss_sum = self.trainer.strategy.reduce(loss_sum.to(self.device), reduce_op="sum").cpu()
         if seen != self.n_samples:
@@ -80,14 +106,16 @@ class GISPModule(L.LightningModule):
                             "do not limit validation batches (trainer.limit_val_batches) during pruning")
         self._check_finite()
         self.calib_loss = float(loss_sum / seen)
-        self.scores = structure_scores(self.layers, self.structure, self.normalization)
+        self.scores = structure_scores(self.layers, self.structure, self.normalization, self.grad_of)
         for p in self._scored:  # free the gradient memory before evaluation
             p.grad = None
+        self._accumulated.clear()
 
     def _check_finite(self) -> None:
         for i in self.structure.unprotected:
             for p in scored_weights(self.layers[i], self.structure):
-                if p.grad is None or not bool(torch.isfinite(p.grad).all()):
+                g = self.grad_of(p)
+                if g is None or not bool(torch.isfinite(g).all()):
                     dtype = p.dtype
                     raise GispError(
                         f"non-finite gradient in layer {i} ({tuple(p.shape)} {dtype}) during scoring: "

@@ -131,6 +131,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
         torch.set_num_threads(int(cfg.threads))
     targets = parse_targets(cfg.sparsity)
     objective = objective_fn(cfg.objective.name)
+    grad_dtype = {None: None, "float32": torch.float32, "float64": torch.float64}.get(cfg.prune.get("grad_dtype"), "?")
+    if grad_dtype == "?":
+        raise GispError(f"prune.grad_dtype must be null, float32 or float64, got {cfg.prune.grad_dtype}")
     if cfg.prune.normalization not in NORMALIZATIONS:
         raise GispError(f"unknown prune.normalization '{cfg.prune.normalization}'; choose one of {NORMALIZATIONS}")
     ratios = structural_ratios(cfg.schedule.name, cfg.schedule.steps, cfg.schedule.max_ratio,
@@ -159,7 +162,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
     callback = IterativePruning(applier, trajectory, ratios, targets,
                                 evaluate=(lambda m: evaluator(m, progress=cfg.progress)) if evaluator else None)
     module = GISPModule(model, layers, structure, objective, n_samples=windows.shape[0],
-                        normalization=cfg.prune.normalization)
+                        normalization=cfg.prune.normalization, grad_dtype=grad_dtype)
     # Lightning runs the scoring passes (trainer.validate): no checkpoints, no optimizer, gradients enabled.
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[callback],
                         logger=build_loggers(cfg.logger, run_dir, cfg), default_root_dir=str(run_dir),

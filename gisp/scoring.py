@@ -7,6 +7,8 @@ raw scores) and channels can share one global ranking.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ from gisp.errors import GispError
 from gisp.structures import LayerModules, ModelStructure
 
 NORMALIZATIONS = ("reference", "paper", "none")
+GradOf = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 def scored_weights(layer: LayerModules, structure: ModelStructure) -> list[nn.Parameter]:
@@ -30,17 +33,26 @@ def _taylor(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     return (weight.detach().float() * grad.float()).abs()
 
 
-def layer_scores(layer: LayerModules, structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw per-head (H,) and per-channel (F,) sums of |W * g| for one layer, from the weights' `.grad` (= g_bar)."""
+def _own_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    return weight.grad
+
+
+def layer_scores(layer: LayerModules, structure: ModelStructure, grad_of: GradOf = _own_grad
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw per-head (H,) and per-channel (F,) sums of |W * g| for one layer; g = grad_of(W) is g_bar."""
     H, d_h, d, F = structure.n_heads, structure.head_dim, structure.hidden, structure.ffn
-    heads = _taylor(layer.q.weight, layer.q.weight.grad).view(H, d_h, d).sum(dim=(1, 2))
-    heads += _taylor(layer.o.weight, layer.o.weight.grad).view(d, H, d_h).sum(dim=(0, 2))
+
+    def taylor(linear: nn.Linear) -> torch.Tensor:
+        return _taylor(linear.weight, grad_of(linear.weight))
+
+    heads = taylor(layer.q).view(H, d_h, d).sum(dim=(1, 2))
+    heads += taylor(layer.o).view(d, H, d_h).sum(dim=(0, 2))
     if not structure.gqa:
-        heads += _taylor(layer.k.weight, layer.k.weight.grad).view(H, d_h, d).sum(dim=(1, 2))
-        heads += _taylor(layer.v.weight, layer.v.weight.grad).view(H, d_h, d).sum(dim=(1, 2))
-    channels = _taylor(layer.gate.weight, layer.gate.weight.grad).sum(dim=1)  # (F,)
-    channels += _taylor(layer.up.weight, layer.up.weight.grad).sum(dim=1)
-    channels += _taylor(layer.down.weight, layer.down.weight.grad).view(d, F).sum(dim=0)
+        heads += taylor(layer.k).view(H, d_h, d).sum(dim=(1, 2))
+        heads += taylor(layer.v).view(H, d_h, d).sum(dim=(1, 2))
+    channels = taylor(layer.gate).sum(dim=1)  # (F,)
+    channels += taylor(layer.up).sum(dim=1)
+    channels += taylor(layer.down).view(d, F).sum(dim=0)
     return heads.cpu(), channels.cpu()
 
 
@@ -68,12 +80,14 @@ def normalize(
 
 
 def structure_scores(
-    layers: list[LayerModules], structure: ModelStructure, normalization: str = "reference"
+    layers: list[LayerModules], structure: ModelStructure, normalization: str = "reference",
+    grad_of: GradOf = _own_grad,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized scores (L, H) and (L, F) from the `.grad` of every unprotected layer; protected layers +inf."""
+    """Normalized scores (L, H) and (L, F) from the mean gradients of every unprotected layer (`grad_of(W)`,
+    by default `W.grad`); protected layers +inf."""
     L, H, F = structure.n_layers, structure.n_heads, structure.ffn
     heads = torch.full((L, H), float("inf"))
     channels = torch.full((L, F), float("inf"))
     for i in structure.unprotected:
-        heads[i], channels[i] = layer_scores(layers[i], structure)
+        heads[i], channels[i] = layer_scores(layers[i], structure, grad_of)
     return normalize(heads, channels, structure, normalization)

@@ -132,6 +132,7 @@ def test_llama_without_gqa_single_target(compose_cfg, tmp_path):
     (["sparsity=1.5"], r"outside \[0, 1\)"),
     (["data=local_text", "data.text.local_files=[TMP/short.txt]", "data.seq_len=64"], "seq_len"),
     (["prune.normalization=bogus"], "normalization"),
+    (["prune.grad_dtype=float16"], "grad_dtype"),
 ])
 def test_bad_input_fails_early_without_results(compose_cfg, tmp_path, overrides, match):
     (tmp_path / "short.txt").write_text("Too short for one calibration window.")

@@ -94,3 +94,31 @@ def test_lightning_pass_mean_gradient_equals_full_batch(family, batch_size):
     assert not model.model.embed_tokens.weight.requires_grad and not layers[3].q.weight.requires_grad
     assert layers[0].k.weight.requires_grad == (family == "llama")
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_float32_accumulation_for_a_bf16_model():
+    """prune.grad_dtype=float32: the mean gradient of a bf16 model is summed in float32, batch by batch."""
+    ids = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(3))
+    oracle = tiny_model("mistral").to(torch.bfloat16)
+    structure = describe(oracle)
+    oracle_layers = layer_modules(oracle, family_spec("mistral"))
+    sums = {}
+    for row in ids:  # batch size 1: each sample's bf16 gradient, summed in float32
+        oracle.zero_grad(set_to_none=True)
+        for p in oracle.parameters():
+            p.requires_grad_(True)
+        (sequence_nll(oracle, row[None]).sum() / 6).backward()
+        for p in oracle.parameters():
+            if p.grad is not None:
+                sums[id(p)] = sums.get(id(p), 0) + p.grad.float()
+    ref = structure_scores(oracle_layers, structure, "reference", grad_of=lambda w: sums[id(w)])
+
+    model = tiny_model("mistral").to(torch.bfloat16)
+    layers = layer_modules(model, family_spec("mistral"))
+    module = GISPModule(model, layers, structure, objective_fn("ppl"), n_samples=6, grad_dtype=torch.float32)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
+    trainer.validate(module, datamodule=CalibrationData(ids, 1), verbose=False)
+    torch.testing.assert_close(module.scores[0], ref[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(module.scores[1], ref[1], rtol=1e-6, atol=0)
+    assert all(p.grad is None for p in model.parameters()) and not module._accumulated
