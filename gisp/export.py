@@ -152,10 +152,7 @@ def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, p
 def export_from_run(run_dir: str | Path, out: str | Path, target: float | None = None, step: int | None = None,
                     cache_dir: str | Path | None = None) -> Path:
     """Export the model of a finished or partial run at one of its targets (or any step): no pruning again."""
-    from omegaconf import OmegaConf
-
-    from gisp.models import load_model_and_tokenizer
-    from gisp.pipeline import model_spec
+    from gisp.pipeline import load_run_model
     from gisp.trajectory import Trajectory, target_key
 
     run_dir, out = Path(run_dir), Path(out)
@@ -171,8 +168,7 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
                             f"(or export any step with step=N, 1..{traj.last_step})")
         step = reached[target_key(target)]
     masks = traj.masks_at(step)
-    cfg = OmegaConf.load(run_dir / "config.yaml")  # the resolved config the pipeline wrote
-    model, tokenizer = load_model_and_tokenizer(model_spec(cfg.model), Path(cache_dir or cfg.cache_dir).expanduser())
+    cfg, model, tokenizer = load_run_model(run_dir, cache_dir)
     structure = describe(model, protected=tuple(traj.manifest["meta"]["structure"]["protected"]))
     record = traj.step_record(step)
     provenance = {"run_dir": str(run_dir.resolve()), "model": cfg.model.name, "step": step, "target": target,

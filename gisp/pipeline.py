@@ -89,6 +89,17 @@ def model_spec(node: DictConfig) -> ModelSpec:
         raise GispError(f"bad model config: {e}; see conf/model/*.yaml for the fields") from None
 
 
+def load_run_model(run_dir: str | Path, cache_dir: str | Path | None = None):
+    """(resolved config, model, tokenizer) of a run dir, from the config.yaml every run writes: for export,
+    evaluation and benchmarks of a finished run without pruning again."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise GispError(f"no {path}: is {run_dir} a gisp run dir?")
+    cfg = OmegaConf.load(path)
+    model, tokenizer = load_model_and_tokenizer(model_spec(cfg.model), Path(cache_dir or cfg.cache_dir).expanduser())
+    return cfg, model, tokenizer
+
+
 def build_evaluator(eval_cfg: DictConfig, tokenizer, data_dir: Path | None) -> Evaluator | None:
     tasks = []
     for metric, task in (eval_cfg.get("tasks") or {}).items():

@@ -114,17 +114,12 @@ def measure(name: str, model, disk: int, sparsity: float, args, device: torch.de
 
 def load_dense(args, device: torch.device, dtype: torch.dtype | None):
     """(model, tokenizer, label, {target: masks}); masks are None for random shapes (made from the structure)."""
-    from omegaconf import OmegaConf
-
     from gisp.io import read_json
     from gisp.masks import Masks
-    from gisp.models import load_model_and_tokenizer
-    from gisp.pipeline import model_spec
+    from gisp.pipeline import load_run_model
 
     run_dir = Path(args.run_dir)
-    cfg = OmegaConf.load(run_dir / "config.yaml")  # the resolved config every run writes
-    spec = model_spec(cfg.model)
-    model, tokenizer = load_model_and_tokenizer(spec, Path(str(cfg.get("cache_dir", "~/.cache/gisp"))).expanduser())
+    cfg, model, tokenizer = load_run_model(run_dir)
     results = read_json(run_dir / "results.json")["targets"]
     masks = {}
     for t in args.targets:
@@ -132,7 +127,7 @@ def load_dense(args, device: torch.device, dtype: torch.dtype | None):
         if key not in results:
             raise SystemExit(f"target {key} is not in {run_dir}/results.json (has {sorted(results)})")
         masks[t] = Masks.load(run_dir / results[key]["masks"])
-    return model.to(device=device, dtype=dtype or model.dtype), tokenizer, f"{spec.name} from {run_dir}", masks
+    return model.to(device=device, dtype=dtype or model.dtype), tokenizer, f"{cfg.model.name} from {run_dir}", masks
 
 
 def build_random(args, device: torch.device, dtype: torch.dtype):

@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from gisp.data import resolve_data_dir
 from gisp.io import read_json
 from gisp.masks import MaskApplier, Masks
-from gisp.models import load_model_and_tokenizer
-from gisp.pipeline import build_evaluator, model_spec
+from gisp.pipeline import build_evaluator, load_run_model
 from gisp.planning import random_plan
 from gisp.registry import family_spec
 from gisp.structures import describe, layer_modules
@@ -36,10 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    cfg, model, tok = load_run_model(args.run_dir)
     cfg.eval.tasks.wikitext2_ppl.max_windows = args.windows
     results = read_json(args.run_dir / "results.json")
-    model, tok = load_model_and_tokenizer(model_spec(cfg.model), Path(cfg.cache_dir).expanduser())
     structure = describe(model, explicit=results["method"]["protected_layers"])
     applier = MaskApplier(layer_modules(model, family_spec(model.config.model_type)), structure)
     evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(cfg.get("data_dir")))

@@ -166,9 +166,10 @@ class GispDecoderModel(GispDecoderPreTrainedModel):
     def __init__(self, config: GispDecoderConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        cache_ids = []
-        for heads in config.layer_q_to_kv:  # cache slots only for layers that still attend
-            cache_ids.append(sum(1 for c in cache_ids if c >= 0) if heads else -1)
+        cache_ids, slots = [], 0
+        for heads in config.layer_q_to_kv:  # KV-cache slots only for the layers that still attend
+            cache_ids.append(slots if heads else -1)
+            slots += bool(heads)
         self.layers = nn.ModuleList(GispDecoderLayer(config, i, c) for i, c in enumerate(cache_ids))
         self.norm = GispRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = GispRotary(config)
