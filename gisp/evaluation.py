@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,15 @@ class PerplexityTask:
     seq_len: int = 128
     max_windows: int | None = None  # None: all windows (the paper's protocol); an int: a faster subset
     batch_size: int = 8
+    variant: str = ""  # the dataset variant in words, written next to the number (e.g. "wikitext-2-raw-v1 test")
+
+
+class EvalSuite(Protocol):
+    """An evaluation beyond perplexity (lm-eval zero-shot tasks, GSM8K): prepared once, called per sparsity level."""
+
+    def __call__(self, model: torch.nn.Module, tokenizer, progress: bool = True) -> dict[str, float]: ...
+
+    def describe(self) -> dict: ...
 
 
 class Evaluator:
@@ -88,11 +97,20 @@ class Evaluator:
     Built once per run so that every pruning step is scored on the very same tokens.
     """
 
-    def __init__(self, tasks: list[PerplexityTask], tokenizer, data_dir: Path | None) -> None:
+    def __init__(self, tasks: list[PerplexityTask], tokenizer, data_dir: Path | None,
+                 suites: dict[str, EvalSuite] | None = None, max_positions: int | None = None) -> None:
         metrics = [t.metric for t in tasks]
         if len(set(metrics)) != len(metrics):
             raise GispError(f"duplicate evaluation metric names {metrics}; give each task a distinct metric")
+        if max_positions is not None:  # "context 2048 or the model's maximum"
+            for t in tasks:
+                if t.seq_len > max_positions:
+                    logger.warning("metric %s: seq_len %d exceeds the model's maximum of %d positions; using %d",
+                                   t.metric, t.seq_len, max_positions, max_positions)
+            tasks = [replace(t, seq_len=min(t.seq_len, max_positions)) for t in tasks]
         self.tasks = list(tasks)
+        self.tokenizer = tokenizer
+        self.suites = dict(suites or {})
         self.windows: dict[str, torch.Tensor] = {}
         self._info: dict[str, dict] = {}
         streams: dict[TextSource, tuple[torch.Tensor, dict]] = {}  # tokenize each distinct text once
@@ -111,6 +129,7 @@ class Evaluator:
             self.windows[task.metric] = win
             self._info[task.metric] = {
                 "dataset": dict(prov),
+                "variant": task.variant,
                 "seq_len": task.seq_len,
                 "n_windows": int(win.shape[0]),
                 "n_tokens": int(win.numel()),
@@ -121,12 +140,21 @@ class Evaluator:
             logger.info("evaluation %s: %d windows of %d tokens", task.metric, win.shape[0], task.seq_len)
 
     def __call__(self, model: torch.nn.Module, progress: bool = True) -> dict[str, float]:
-        """Perplexity of ``model`` as it is now (masks included) for every task."""
-        return {
+        """Every metric of ``model`` as it is now (masks included): perplexities, then the suites' metrics."""
+        metrics = {
             t.metric: perplexity(model, self.windows[t.metric], t.batch_size, progress=progress, desc=t.metric)
             for t in self.tasks
         }
+        for name, suite in self.suites.items():
+            out = suite(model, self.tokenizer, progress=progress)
+            clash = sorted(set(out) & set(metrics))
+            if clash:
+                raise GispError(f"evaluation suite {name!r} reports metrics {clash} that another task reports too")
+            metrics.update(out)
+        return metrics
 
     def describe(self) -> dict:
-        """Per metric: dataset provenance, seq_len, n_windows, n_tokens, subset (max_windows cut it)."""
-        return {m: {**info, "dataset": dict(info["dataset"])} for m, info in self._info.items()}
+        """Per perplexity metric: dataset provenance, seq_len, n_windows, n_tokens, subset (max_windows cut it);
+        per suite: its own description (data files, splits, limits, items evaluated)."""
+        out = {m: {**info, "dataset": dict(info["dataset"])} for m, info in self._info.items()}
+        return out | {name: suite.describe() for name, suite in self.suites.items()}

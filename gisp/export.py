@@ -152,7 +152,7 @@ def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, p
 def export_from_run(run_dir: str | Path, out: str | Path, target: float | None = None, step: int | None = None,
                     cache_dir: str | Path | None = None) -> Path:
     """Export the model of a finished or partial run at one of its targets (or any step): no pruning again."""
-    from gisp.pipeline import load_run_model
+    from gisp.builders import load_run_model
     from gisp.trajectory import Trajectory, target_key
 
     run_dir, out = Path(run_dir), Path(out)
@@ -178,8 +178,8 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
 
 def export_from_masks(masks_file: str | Path, model_cfg, out: str | Path, cache_dir: str | Path) -> Path:
     """Export a base model (a conf/model entry) under a masks file, e.g. one copied from another machine."""
+    from gisp.builders import model_spec
     from gisp.models import load_model_and_tokenizer
-    from gisp.pipeline import model_spec
 
     if Path(out).exists():
         raise GispError(f"{out} already exists: choose a new output folder (export never overwrites)")

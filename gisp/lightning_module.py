@@ -9,14 +9,15 @@ scores and the same masks, and turned into per-head and per-channel scores.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
+from gisp.calibration import CalibrationSet, SequenceDataset, pad_collate
 from gisp.errors import GispError
+from gisp.objectives import batch_losses
 from gisp.scoring import scored_weights, structure_scores
 from gisp.structures import LayerModules, ModelStructure
 
@@ -29,7 +30,6 @@ class GISPModule(L.LightningModule):
         model: nn.Module,
         layers: list[LayerModules],
         structure: ModelStructure,
-        objective: Callable[[nn.Module, dict], torch.Tensor],
         n_samples: int,
         normalization: str = "reference",
         grad_dtype: torch.dtype | None = None,
@@ -38,8 +38,7 @@ class GISPModule(L.LightningModule):
         self.model = model
         self.layers = layers
         self.structure = structure
-        self.objective = objective
-        self.n_samples = n_samples  # global calibration set size: the divisor of the mean gradient
+        self.n_samples = n_samples  # global calibration set size: every sequence must be seen once per pass
         self.normalization = normalization
         self.scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self.calib_loss: float | None = None
@@ -86,9 +85,12 @@ class GISPModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         with torch.enable_grad():
-            losses = self.objective(self.model, batch)  # (B,)
-            (losses.sum() / self.n_samples).backward()
-        self._loss_sum += losses.detach().double().sum().cpu()
+            losses = batch_losses(self.model, batch)  # (B,) per-sequence mean loss over the scored tokens
+            # Signed per-sequence weights (1/N for a mean; +1/n+ and -1/n- for the margin objective): one backward
+            # of the weighted sum accumulates the objective's gradient over the whole calibration set.
+            weighted = losses * batch["weight"].to(losses.dtype)  # (B,)
+            weighted.sum().backward()
+        self._loss_sum += weighted.detach().double().sum().cpu()
         self._seen += losses.numel()
 
     def on_validation_epoch_end(self) -> None:
@@ -105,7 +107,7 @@ class GISPModule(L.LightningModule):
             raise GispError(f"the scoring pass saw {seen} calibration sequences, expected {self.n_samples}: "
                             "do not limit validation batches (trainer.limit_val_batches) during pruning")
         self._check_finite()
-        self.calib_loss = float(loss_sum / seen)
+        self.calib_loss = float(loss_sum)  # the objective's value: sum_i w_i L_i
         self.scores = structure_scores(self.layers, self.structure, self.normalization, self.grad_of)
         for p in self._scored:  # free the gradient memory before evaluation
             p.grad = None
@@ -125,19 +127,6 @@ class GISPModule(L.LightningModule):
                     )
 
 
-class WindowDataset(Dataset):
-    """Token windows (N, T) as dict batches {'input_ids': (B, T)} (labels = inputs: next-token objective)."""
-
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return self.windows.shape[0]
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.windows[i]}
-
-
 class ShardSampler(Sampler[int]):
     """Strided shard rank::world_size without padding: the shards partition the set exactly (DistributedSampler
     pads with repeated samples, which would bias the mean gradient)."""
@@ -153,13 +142,14 @@ class ShardSampler(Sampler[int]):
 
 
 class CalibrationData(L.LightningDataModule):
-    """Serves the calibration windows; each process gets its own shard (ranks are known only after launch)."""
+    """Serves the calibration set; each process gets its own shard (ranks are known only after launch)."""
 
-    def __init__(self, windows: torch.Tensor, batch_size: int):
+    def __init__(self, calib: CalibrationSet, batch_size: int):
         super().__init__()
         if batch_size < 1:
             raise GispError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.dataset = WindowDataset(windows)
+        self.dataset = SequenceDataset(calib)
+        self.collate = pad_collate(calib.pad_id)
         self.batch_size = batch_size
 
     def val_dataloader(self) -> DataLoader:
@@ -168,4 +158,4 @@ class CalibrationData(L.LightningDataModule):
         if len(self.dataset) < world:
             raise GispError(f"{len(self.dataset)} calibration samples cannot be split over {world} processes")
         sampler = ShardSampler(len(self.dataset), rank, world)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)

@@ -1,11 +1,22 @@
 """Model-level objectives whose mean gradient drives the scores (method.md section 5).
 
-An objective maps a batch to one loss per sequence, (B,). The scoring pass backpropagates
-sum(per-sequence losses) / N over all N calibration sequences, so the accumulated gradient is exactly the
-gradient of the mean loss over the whole calibration set, whatever the batch size or the number of processes.
+Every objective is a signed, weighted sum of per-sequence losses, sum_i w_i * L_i, where L_i is the mean
+next-token cross-entropy over the scored tokens of sequence i (label -100 marks tokens that are not scored):
+
+- ``ppl``: all tokens of the text (or of the gold question + answer), w_i = 1/N: the mean loss.
+- ``answer_ppl``: the answer tokens of gold (prompt, answer) pairs only, w_i = 1/N.
+- ``margin``: the answer tokens of EVERY candidate of a multiple-choice question, w_i = +1/n+ for gold candidates
+  and -1/n- for the others. Gradients are linear, so one backward of sum_i w_i L_i gives g_bar+ - g_bar- exactly:
+  the reference's two sweeps and its stored second gradient copy are not needed.
+
+The weights travel with the calibration set (``gisp.calibration``); the scoring pass backpropagates
+sum_i w_i L_i batch by batch, so the accumulated gradient is the objective's gradient whatever the batch size or
+the number of processes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +24,30 @@ from torch import nn
 
 from gisp.errors import GispError
 
-OBJECTIVES = ("ppl",)
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    candidates: str  # "gold": only the gold sequence of each item; "all": every candidate of a question
+    scored_tokens: str  # "all": every token after the first; "answer": answer tokens only (prompt labels -100)
+    signed: bool  # weights +1/n+ for gold and -1/n- for the other candidates (margin)
+    description: str
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("ppl", "gold", "all", False, "mean next-token loss over all tokens (text, or question + answer)"),
+        Objective("answer_ppl", "gold", "answer", False, "mean loss on the gold answer tokens only"),
+        Objective("margin", "all", "answer", True, "mean answer loss of gold candidates minus that of the others"),
+    )
+}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise GispError(f"unknown objective '{name}'; available: {sorted(OBJECTIVES)} (e.g. objective=margin)")
+    return OBJECTIVES[name]
 
 
 def sequence_nll(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -30,9 +64,6 @@ def sequence_nll(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     return nll.sum(dim=1) / counts
 
 
-def objective_fn(name: str):
-    """The per-sequence loss function of an objective."""
-    if name == "ppl":
-        return lambda model, batch: sequence_nll(model, batch["input_ids"], batch.get("labels"),
-                                                 batch.get("attention_mask"))
-    raise GispError(f"unknown objective '{name}'; available: {OBJECTIVES} (objective=ppl)")
+def batch_losses(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Per-sequence losses (B,) of a calibration batch {input_ids, labels?, attention_mask?}."""
+    return sequence_nll(model, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"))

@@ -14,19 +14,26 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gisp.builders import (
+    build_calibration,
+    build_evaluator,
+    build_loggers,
+    check_objective_data,
+    check_split_seeds,
+    model_spec,
+)
 from gisp.callback import IterativePruning
-from gisp.data import TextSource, calibration_windows, load_text, resolve_data_dir
+from gisp.data import resolve_data_dir
 from gisp.errors import GispError
-from gisp.evaluation import Evaluator, PerplexityTask
 from gisp.io import write_json_atomic, write_text_atomic
 from gisp.lightning_module import CalibrationData, GISPModule
 from gisp.masks import MaskApplier
-from gisp.models import ModelSpec, load_model_and_tokenizer
-from gisp.objectives import objective_fn
+from gisp.models import load_model_and_tokenizer
+from gisp.objectives import get_objective
 from gisp.registry import family_spec
+from gisp.report import log_results_table, plot_results
 from gisp.schedule import structural_ratios
 from gisp.scoring import NORMALIZATIONS
 from gisp.structures import ModelStructure, describe, layer_modules
@@ -72,52 +79,6 @@ def fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def text_source(node: DictConfig) -> TextSource:
-    fields = OmegaConf.to_container(node, resolve=True)
-    fields["local_files"] = tuple(fields.get("local_files") or ())
-    try:
-        return TextSource(**fields)
-    except TypeError as e:
-        raise GispError(f"bad text source config {fields}: {e}") from None
-
-
-def model_spec(node: DictConfig) -> ModelSpec:
-    fields = OmegaConf.to_container(node, resolve=True)
-    try:
-        return ModelSpec(**fields)
-    except TypeError as e:
-        raise GispError(f"bad model config: {e}; see conf/model/*.yaml for the fields") from None
-
-
-def load_run_model(run_dir: str | Path, cache_dir: str | Path | None = None):
-    """(resolved config, model, tokenizer) of a run dir, from the config.yaml every run writes: for export,
-    evaluation and benchmarks of a finished run without pruning again."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise GispError(f"no {path}: is {run_dir} a gisp run dir?")
-    cfg = OmegaConf.load(path)
-    model, tokenizer = load_model_and_tokenizer(model_spec(cfg.model), Path(cache_dir or cfg.cache_dir).expanduser())
-    return cfg, model, tokenizer
-
-
-def build_evaluator(eval_cfg: DictConfig, tokenizer, data_dir: Path | None) -> Evaluator | None:
-    tasks = []
-    for metric, task in (eval_cfg.get("tasks") or {}).items():
-        tasks.append(PerplexityTask(metric=metric, source=text_source(task.text), seq_len=task.seq_len,
-                                    max_windows=task.get("max_windows"), batch_size=task.batch_size))
-    return Evaluator(tasks, tokenizer, data_dir) if tasks else None
-
-
-def build_loggers(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) -> list:
-    loggers = []
-    for name, node in (logger_cfg or {}).items():
-        logger = instantiate(node, save_dir=str(run_dir))
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        loggers.append(logger)
-        log.info("logging to %s (%s)", name, type(logger).__name__)
-    return loggers
-
-
 def hydra_run_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -141,7 +102,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     targets = parse_targets(cfg.sparsity)
-    objective = objective_fn(cfg.objective.name)
+    objective = get_objective(cfg.objective.name)
+    check_objective_data(objective, cfg.data)
+    check_split_seeds(cfg)
     grad_dtype = {None: None, "float32": torch.float32, "float64": torch.float64}.get(cfg.prune.get("grad_dtype"), "?")
     if grad_dtype == "?":
         raise GispError(f"prune.grad_dtype must be null, float32 or float64, got {cfg.prune.grad_dtype}")
@@ -150,7 +113,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
     ratios = structural_ratios(cfg.schedule.name, cfg.schedule.steps, cfg.schedule.max_ratio,
                                cfg.schedule.get("rate", 3.0))
     data_dir = resolve_data_dir(cfg.get("data_dir"))
-    calib_source = text_source(cfg.data.text)
     L.seed_everything(cfg.seed, verbose=False)
 
     spec = model_spec(cfg.model)
@@ -158,9 +120,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
     structure = describe(model, explicit=cfg.prune.protect_layers, first_fraction=cfg.prune.protect_first_fraction,
                          last=cfg.prune.protect_last)
     check_targets(targets, structure)
-    text, calib_provenance = load_text(calib_source, data_dir)
-    windows = calibration_windows(text, tokenizer, cfg.data.n_samples, cfg.data.seq_len, cfg.data.seed)
-    evaluator = build_evaluator(cfg.eval, tokenizer, data_dir)
+    evaluator = build_evaluator(cfg.eval, tokenizer, data_dir, work_dir=run_dir / "eval_data",
+                                max_positions=getattr(model.config, "max_position_embeddings", None))
+    calib = build_calibration(cfg.data, objective, tokenizer, data_dir)
 
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # for export / evaluation
     meta = {"model": spec.name, "model_type": model.config.model_type, "structure": structure.__dict__ | {
@@ -172,14 +134,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
     applier = MaskApplier(layers, structure)
     callback = IterativePruning(applier, trajectory, ratios, targets,
                                 evaluate=(lambda m: evaluator(m, progress=cfg.progress)) if evaluator else None)
-    module = GISPModule(model, layers, structure, objective, n_samples=windows.shape[0],
+    module = GISPModule(model, layers, structure, n_samples=len(calib),
                         normalization=cfg.prune.normalization, grad_dtype=grad_dtype)
     # Lightning runs the scoring passes (trainer.validate): no checkpoints, no optimizer, gradients enabled.
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[callback],
                         logger=build_loggers(cfg.logger, run_dir, cfg), default_root_dir=str(run_dir),
                         enable_checkpointing=False, inference_mode=False, num_sanity_val_steps=0,
                         use_distributed_sampler=False, enable_model_summary=False, enable_progress_bar=cfg.progress)
-    calibration = CalibrationData(windows, cfg.data.batch_size)
+    calibration = CalibrationData(calib, cfg.data.batch_size)
     status = "failed"
     try:
         passes = 0
@@ -196,13 +158,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
             callback.evaluate_missing(trainer, module)
             trajectory.manifest["complete"] = True
             trajectory.write()
-        calibration_record = calib_provenance | {"n_samples": windows.shape[0], "seq_len": cfg.data.seq_len,
-                                                 "seed": cfg.data.seed, "batch_size": cfg.data.batch_size}
-        results = build_results(trajectory, targets, calibration_record, evaluator.describe() if evaluator else {},
+        results = build_results(trajectory, targets, calib.record, evaluator.describe() if evaluator else {},
                                 cfg, time.perf_counter() - started)
         if trainer.is_global_zero:
             write_json_atomic(run_dir / "results.json", results)
             log.info("results: %s", run_dir / "results.json")
+            if evaluator is not None:
+                plot_results(results, run_dir / "metrics.png")
+                log_results_table(trainer.loggers, results)
         status = "success"
         return results
     finally:

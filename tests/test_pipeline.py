@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import REPO
 
+from gisp.builders import model_spec
 from gisp.errors import GispError
 from gisp.io import read_json
 from gisp.masks import MaskApplier, Masks
 from gisp.models import load_model_and_tokenizer
-from gisp.pipeline import model_spec, run
+from gisp.pipeline import run
 from gisp.registry import family_spec
 from gisp.structures import describe, layer_modules
 from gisp.trajectory import Trajectory
@@ -81,8 +82,8 @@ def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
     masks = Masks.load(run_dir / entry["masks"])
     applier = MaskApplier(layers, structure)
     applier.set(masks)
+    from gisp.builders import build_evaluator
     from gisp.data import resolve_data_dir
-    from gisp.pipeline import build_evaluator
 
     evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(None))
     assert evaluator(model, progress=False)["wikitext2_ppl"] == pytest.approx(entry["metrics"]["wikitext2_ppl"],

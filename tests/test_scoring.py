@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from gisp.calibration import from_windows
 from gisp.lightning_module import CalibrationData, GISPModule
-from gisp.objectives import objective_fn, sequence_nll
+from gisp.objectives import OBJECTIVES, sequence_nll
 from gisp.registry import family_spec
 from gisp.scoring import normalize, structure_scores
 from gisp.structures import describe, layer_modules
@@ -82,10 +83,11 @@ def test_lightning_pass_mean_gradient_equals_full_batch(family, batch_size):
 
     model = tiny_model(family)
     layers = layer_modules(model, family_spec(family))
-    module = GISPModule(model, layers, structure, objective_fn("ppl"), n_samples=6)
+    module = GISPModule(model, layers, structure, n_samples=6)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
-    trainer.validate(module, datamodule=CalibrationData(ids, batch_size), verbose=False)
+    calib = from_windows(ids, OBJECTIVES["ppl"])
+    trainer.validate(module, datamodule=CalibrationData(calib, batch_size), verbose=False)
     torch.testing.assert_close(module.scores[0], ref[0], rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(module.scores[1], ref[1], rtol=1e-4, atol=1e-10)
     full_loss = float(sequence_nll(reference_model, ids).mean().detach())
@@ -115,10 +117,10 @@ def test_float32_accumulation_for_a_bf16_model():
 
     model = tiny_model("mistral").to(torch.bfloat16)
     layers = layer_modules(model, family_spec("mistral"))
-    module = GISPModule(model, layers, structure, objective_fn("ppl"), n_samples=6, grad_dtype=torch.float32)
+    module = GISPModule(model, layers, structure, n_samples=6, grad_dtype=torch.float32)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
-    trainer.validate(module, datamodule=CalibrationData(ids, 1), verbose=False)
+    trainer.validate(module, datamodule=CalibrationData(from_windows(ids, OBJECTIVES["ppl"]), 1), verbose=False)
     torch.testing.assert_close(module.scores[0], ref[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(module.scores[1], ref[1], rtol=1e-6, atol=0)
     assert all(p.grad is None for p in model.parameters()) and not module._accumulated

@@ -114,9 +114,9 @@ def measure(name: str, model, disk: int, sparsity: float, args, device: torch.de
 
 def load_dense(args, device: torch.device, dtype: torch.dtype | None):
     """(model, tokenizer, label, {target: masks}); masks are None for random shapes (made from the structure)."""
+    from gisp.builders import load_run_model
     from gisp.io import read_json
     from gisp.masks import Masks
-    from gisp.pipeline import load_run_model
 
     run_dir = Path(args.run_dir)
     cfg, model, tokenizer = load_run_model(run_dir)

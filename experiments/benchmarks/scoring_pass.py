@@ -25,7 +25,6 @@ def one_mode(mode: str, samples: int, seq_len: int, batch: int, threads: int) ->
     from gisp.data import AUSTEN, calibration_windows, load_text, resolve_data_dir
     from gisp.lightning_module import GISPModule
     from gisp.models import ModelSpec, load_model_and_tokenizer
-    from gisp.objectives import objective_fn
     from gisp.registry import family_spec
     from gisp.structures import describe, layer_modules
 
@@ -36,7 +35,7 @@ def one_mode(mode: str, samples: int, seq_len: int, batch: int, threads: int) ->
     structure = describe(model)
     layers = layer_modules(model, family_spec("llama"))
     windows = calibration_windows(load_text(AUSTEN, resolve_data_dir(None))[0], tok, samples, seq_len, 0)
-    module = GISPModule(model, layers, structure, objective_fn("ppl"), n_samples=samples)
+    module = GISPModule(model, layers, structure, n_samples=samples)
     if mode == "all_params":
         model.requires_grad_(True)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -46,7 +45,9 @@ def one_mode(mode: str, samples: int, seq_len: int, batch: int, threads: int) ->
         model.zero_grad(set_to_none=True)
         started = time.perf_counter()
         for i in range(0, samples, batch):
-            module.validation_step({"input_ids": windows[i : i + batch]}, i // batch)
+            chunk = windows[i : i + batch]  # (b, T): the mean-loss objective, weight 1/N per sequence
+            module.validation_step({"input_ids": chunk, "weight": torch.full((chunk.shape[0],), 1.0 / samples)},
+                                   i // batch)
         times.append(time.perf_counter() - started)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     return {"mode": mode, "seconds": times[-1], "tokens_per_s": samples * seq_len / times[-1],

@@ -1,0 +1,103 @@
+"""Task-aligned pruning end to end on a tiny model: CMQA margin calibration, the evaluation suite, gisp.evaluate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from gisp.errors import GispError
+from gisp.evaluate import evaluate_run
+from gisp.io import read_json
+from gisp.mc_tasks import CMQA_TASKS
+from gisp.pipeline import run
+
+CMQA_METRICS = {"boolq_acc", "piqa_acc_norm", "hellaswag_acc_norm", "winogrande_acc", "arc_easy_acc_norm",
+                "arc_challenge_acc_norm", "openbookqa_acc_norm", "cmqa_mean"}
+SUITE = ["eval=[wikitext2,cmqa]", "eval.tasks.cmqa.limit=2", "eval.tasks.cmqa.batch_size=4",
+         "eval.tasks.wikitext2_ppl.max_windows=4", "eval.tasks.wikitext2_ppl.seq_len=64",
+         "eval.tasks.wikitext2_ppl_2048.max_windows=1"]
+MARGIN = ["data=cmqa", "objective=margin", "data.budget_tokens=14000", "data.batch_size=8"]  # byte tokens
+
+
+@pytest.fixture(scope="module")
+def margin_run(tmp_path_factory):
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    tmp = tmp_path_factory.mktemp("margin")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_llama", "model.config.max_position_embeddings=512",
+                                           "sparsity=[0.2,0.4]", "logger=csv", "progress=false",
+                                           "threads=1", f"cache_dir={tmp / 'cache'}", *MARGIN, *SUITE])
+    return tmp / "run", run(cfg, run_dir=tmp / "run")
+
+
+def test_results_hold_both_perplexities_and_every_task(margin_run):
+    run_dir, results = margin_run
+    for entry in [results["dense"], *results["targets"].values()]:
+        metrics = entry["metrics"]
+        assert {"wikitext2_ppl", "wikitext2_ppl_2048"} | CMQA_METRICS <= set(metrics)
+        assert all(0.0 <= metrics[m] <= 1.0 for m in CMQA_METRICS)
+    evaluation = results["evaluation"]
+    assert evaluation["wikitext2_ppl"]["seq_len"] == 64
+    assert evaluation["wikitext2_ppl_2048"]["seq_len"] == 512  # capped at the model's 512 positions
+    assert "wikitext-2-raw-v1" in evaluation["wikitext2_ppl"]["variant"]
+    calib = results["calibration"]
+    assert calib["kind"] == "multiple_choice" and calib["objective"] == "margin"
+    assert set(calib["tasks"]) == set(CMQA_TASKS)
+    assert all(t["tokens"] <= 14000 // 7 for t in calib["tasks"].values())
+    assert calib["n_gold"] < calib["n_sequences"]  # every option of a sampled question
+    assert (run_dir / "metrics.png").stat().st_size > 1000
+
+
+def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
+    run_dir, results = margin_run
+    manifest = read_json(run_dir / "trajectory" / "manifest.json")
+    step = manifest["steps"][0]  # a level that was not a target of the run
+    level = round(step["sparsity"], 4)
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"run_dir={run_dir}", "eval=wikitext2", "logger=none",
+                                             "eval.tasks.wikitext2_ppl.max_windows=4",
+                                             "eval.tasks.wikitext2_ppl.seq_len=64",
+                                             "eval.tasks.wikitext2_ppl_2048.max_windows=1"])
+    before = (run_dir / "trajectory" / "manifest.json").read_text()
+    out = evaluate_run(run_dir, cfg.eval, [level, 0.4], dense=False, tolerance=1e-3, progress=False)
+    assert (run_dir / "trajectory" / "manifest.json").read_text() == before  # no new step: nothing pruned
+    key = f"{level:g}"
+    assert out["targets"][key]["step"] == step["step"] and out["targets"][key]["added_by"] == "gisp.evaluate"
+    # The re-evaluated target keeps its CMQA metrics and gets the same perplexity as during the run.
+    target = out["targets"]["0.4"]["metrics"]
+    assert CMQA_METRICS <= set(target)
+    assert target["wikitext2_ppl"] == pytest.approx(results["targets"]["0.4"]["metrics"]["wikitext2_ppl"], rel=1e-6)
+    assert read_json(run_dir / "results.json") == out
+    with pytest.raises(GispError, match="not a level of this trajectory"):
+        evaluate_run(run_dir, cfg.eval, [0.33], tolerance=1e-4, progress=False)
+
+
+def test_evaluate_cli_and_bad_input(margin_run):
+    run_dir, _ = margin_run
+    proc = subprocess.run([sys.executable, "-m", "gisp.evaluate", f"run_dir={run_dir}", "targets=[0.2]", "eval=none",
+                           "logger=none"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "nothing to evaluate" in proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "gisp.evaluate", f"run_dir={run_dir}", "split_seed=7",
+                           "logger=none"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "split_seed" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data=wikitext2", "objective=margin"], "multiple-choice data"),
+    (["data=cmqa", "data.tasks=[boolq,nosuchtask]"], "nosuchtask"),
+    (["data=cmqa", "eval=cmqa", "eval.tasks.cmqa.split_seed=5"], "split_seed"),
+    (["data=cmqa", "data.source=local", "data_dir=TMP", "eval=none"], "not found|missing|no local"),
+])
+def test_task_bad_input_fails_early(compose_cfg, tmp_path, overrides, match):
+    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
+    with pytest.raises(GispError, match=match):
+        run(compose_cfg("model=tiny_llama", "sparsity=0.2", *overrides), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
