@@ -186,6 +186,13 @@ def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
     run(cfg, run_dir=tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    tables = list(runs[0].glob("files/media/table/results_*.table.json"))  # metric x level table
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["level", "sparsity", "step", "metric", "value"]
+    assert {row[3] for row in table["data"]} == {"wikitext2_ppl", "wikitext2_ppl_2048"}
+    assert {row[0] for row in table["data"]} == {"dense", "0.2"}
+    assert (tmp_path / "metrics.png").exists()
 
 
 def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
