@@ -80,7 +80,6 @@ def evaluate_run(run_dir: str | Path, eval_cfg: DictConfig, targets: list[float]
     applier = MaskApplier(layer_modules(model, family_spec(model.config.model_type)), structure)
     evaluator = build_evaluator(eval_cfg, tokenizer, data_dir, work_dir=run_dir / "eval_data",
                                 max_positions=getattr(model.config, "max_position_embeddings", None))
-    results.setdefault("evaluation", {}).update(evaluator.describe())
 
     plan: list[tuple[str, int]] = ([("dense", 0)] if dense else []) + list(levels.items())
     for label, step in plan:
@@ -96,6 +95,7 @@ def evaluate_run(run_dir: str | Path, eval_cfg: DictConfig, targets: list[float]
                 "sparsity": record["sparsity"], "step": step, "structural_ratio": record["structural_ratio"],
                 "metrics": {}, "masks": f"trajectory/{record['masks']}", "added_by": "gisp.evaluate"})
             entry["metrics"].update(metrics)
+        results.setdefault("evaluation", {}).update(evaluator.describe())  # items evaluated are known now
         write_json_atomic(results_path, results)
         for logger in loggers or []:
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)

@@ -45,6 +45,7 @@ def test_results_hold_both_perplexities_and_every_task(margin_run):
     assert evaluation["wikitext2_ppl"]["seq_len"] == 64
     assert evaluation["wikitext2_ppl_2048"]["seq_len"] == 512  # capped at the model's 512 positions
     assert "wikitext-2-raw-v1" in evaluation["wikitext2_ppl"]["variant"]
+    assert all(t["n_evaluated"] == 2 and t["part"] == "evaluation" for t in evaluation["cmqa"]["tasks"].values())
     calib = results["calibration"]
     assert calib["kind"] == "multiple_choice" and calib["objective"] == "margin"
     assert set(calib["tasks"]) == set(CMQA_TASKS)
