@@ -17,7 +17,7 @@ from gisp.data import TextSource, calibration_windows, load_text
 from gisp.errors import GispError
 from gisp.evaluation import Evaluator, PerplexityTask
 from gisp.models import ModelSpec, load_model_and_tokenizer
-from gisp.objectives import Objective
+from gisp.objectives import Objective, check_supported
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,4 @@ def check_split_seeds(cfg: DictConfig) -> None:
 
 def check_objective_data(objective: Objective, data_cfg: DictConfig) -> None:
     """Refuse an objective the calibration data cannot express, before loading anything."""
-    kind = data_cfg.get("kind", "text")
-    if kind == "text" and objective.name != "ppl":
-        raise GispError(f"objective={objective.name} needs prompt/answer data (data=gsm8k) or multiple-choice data "
-                        f"(data=cmqa); plain text windows (data.kind=text) only support objective=ppl")
-    if kind == "gsm8k" and objective.signed:
-        raise GispError(f"objective={objective.name} needs multiple-choice data (data=cmqa or data=medqa); "
-                        "GSM8K pairs support objective=ppl or objective=answer_ppl")
+    check_supported(objective, data_cfg.get("kind", "text"))

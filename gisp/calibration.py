@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gisp.errors import GispError
-from gisp.objectives import Objective
+from gisp.objectives import Objective, check_supported
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,7 @@ class CalibrationSet:
 
 def from_windows(windows: torch.Tensor, objective: Objective, record: dict | None = None) -> CalibrationSet:
     """Equal-length text windows (N, T): every token scored, weight 1/N (the perplexity objective only)."""
-    if objective.name != "ppl":
-        raise GispError(
-            f"objective={objective.name} needs prompt/answer data (data=gsm8k) or multiple-choice data "
-            f"(data=cmqa); plain text windows only support objective=ppl"
-        )
+    check_supported(objective, "text")
     n = windows.shape[0]
     rows = list(windows)
     return CalibrationSet(rows, [r.clone() for r in rows], torch.full((n,), 1.0 / n, dtype=torch.float64),
@@ -98,9 +94,7 @@ def length_cap(lengths: Sequence[int], percentile: float) -> int:
 def from_pairs(pairs: Sequence[tuple[str, str]], tokenizer, objective: Objective, cap_percentile: float = 100.0,
                pad_id: int = 0, record: dict | None = None) -> CalibrationSet:
     """(prompt, answer) pairs such as GSM8K question + gold solution; longer than the length cap are skipped."""
-    if objective.signed:
-        raise GispError(f"objective={objective.name} needs multiple-choice data (data=cmqa or data=medqa); "
-                        "prompt/answer pairs support objective=ppl or objective=answer_ppl")
+    check_supported(objective, "gsm8k")
     encoded = [encode_pair(tokenizer, p, a) for p, a in pairs]
     cap = length_cap([len(ids) for ids, _ in encoded], cap_percentile)
     kept = [(ids, n_ctx) for ids, n_ctx in encoded if len(ids) <= cap]

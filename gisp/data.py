@@ -9,7 +9,6 @@ number can always be traced back to the exact text it was computed on.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from gisp.errors import GispError
+from gisp.io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -126,19 +126,8 @@ def _read_local(src: TextSource, paths: list[Path]) -> str:
     parts: list[str] = []
     for p in paths:
         if p.suffix == ".jsonl":
-            records = []
-            with p.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                    if src.text_field not in rec:
-                        raise GispError(
-                            f"data source {src.name!r}: {p}:{lineno} has no field {src.text_field!r} "
-                            f"(fields: {sorted(rec)}); set text_field to one of them"
-                        )
-                    records.append(str(rec[src.text_field]))
-            parts.extend(records)
+            records = read_jsonl(p, (src.text_field,), f"; data source {src.name!r}: set text_field to one of them")
+            parts.extend(str(rec[src.text_field]) for rec in records)
         elif p.suffix == ".txt":
             raw = p.read_text(encoding="utf-8")
             parts.append(_wikitext_rows_text(raw, src.join) if src.wikitext_rows else raw)

@@ -20,6 +20,7 @@ from typing import Any
 
 from gisp.data import ENV_DATA_DIR, SOURCES, resolve_data_dir
 from gisp.errors import GispError
+from gisp.io import file_sha256, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ FIELDS = ("question", "answer")
 TASK_YAML = Path(__file__).resolve().parent / "lm_eval_tasks" / "gisp_gsm8k.yaml"
 METRICS = {"strict-match": "gsm8k_exact_match_strict", "flexible-extract": "gsm8k_exact_match_flexible"}
 """lm-eval filter name -> the flat metric name gisp reports (fraction of questions answered exactly)."""
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _records_sha256(docs: list[dict]) -> str:
@@ -71,20 +68,8 @@ def _missing_error(split: str, path: Path | None) -> GispError:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    docs = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            missing = [f for f in FIELDS if f not in rec]
-            if missing:
-                raise GispError(
-                    f"{path}:{lineno} lacks field(s) {missing} (fields: {sorted(rec)}); GSM8K jsonl records need "
-                    f"{list(FIELDS)} as in the official release"
-                )
-            docs.append({f: rec[f] for f in FIELDS})
-    return docs
+    hint = f"; GSM8K jsonl records need {list(FIELDS)} as in the official release"
+    return [{f: rec[f] for f in FIELDS} for rec in read_jsonl(path, FIELDS, hint)]
 
 
 def _read_hub(split: str) -> list[dict]:
@@ -124,7 +109,7 @@ def load_gsm8k(part: str, data_dir: str | Path | None, source: str = "auto") -> 
         if path is None or not path.is_file():
             raise _missing_error(split, path)
         docs = _read_jsonl(path)
-        prov.update(file=LOCAL_FILES[split], data_dir=str(path.parent.parent), sha256=_file_sha256(path))
+        prov.update(file=LOCAL_FILES[split], data_dir=str(path.parent.parent), sha256=file_sha256(path))
     else:
         docs = _read_hub(split)
         prov["hub"] = f"{HUB_PATH}/{HUB_NAME}:{split}"
@@ -244,7 +229,7 @@ class GSM8KTask:
                 path = local_path(split, self.data_dir)
                 if path is None or not path.is_file():
                     raise _missing_error(split, path)
-                self._files[split] = {"file": rel, "path": str(path.resolve()), "sha256": _file_sha256(path)}
+                self._files[split] = {"file": rel, "path": str(path.resolve()), "sha256": file_sha256(path)}
 
     @property
     def task_name(self) -> str:

@@ -8,7 +8,6 @@ Reported per task is lm-eval's ``acc`` for BoolQ and WinoGrande and ``acc_norm``
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any
 
 from gisp.data import SOURCES
 from gisp.errors import GispError
+from gisp.io import write_jsonl_atomic
 from gisp.mc_tasks import CMQA_TASKS, MC_TASKS, lm_eval_yaml, load_docs, load_task_config, resolve_source, task_spec
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,6 @@ def _lm_eval_version() -> str | None:
         return version("lm_eval")
     except PackageNotFoundError:
         return None
-
-
-def _write_jsonl(path: Path, docs: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for doc in docs:
-            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 @dataclass
@@ -113,8 +105,9 @@ class MultipleChoiceSuite:
         files = {"test": work / f"{task}_evaluation.jsonl"}
         if self.num_fewshot > 0:  # lm-eval draws few-shot examples from the training split: the calibration part
             files["train"] = work / f"{task}_calibration.jsonl"
-            _write_jsonl(files["train"], load_docs(task, "calibration", self.data_dir, "local", self.split_seed)[0])
-        _write_jsonl(files["test"], docs)
+            calibration_docs = load_docs(task, "calibration", self.data_dir, "local", self.split_seed)[0]
+            write_jsonl_atomic(files["train"], calibration_docs)
+        write_jsonl_atomic(files["test"], docs)
         cfg = load_task_config(task_spec(task).gisp_yaml)
         cfg["dataset_kwargs"] = {"data_files": {k: str(p.resolve()) for k, p in files.items()},
                                  "cache_dir": str((work / "hf_datasets").resolve())}

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import numpy as np
 
 from gisp.data import SOURCES, resolve_data_dir
 from gisp.errors import GispError
+from gisp.io import file_sha256, read_jsonl
 
 CMQA_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 MC_TASKS = (*CMQA_TASKS, "medqa")
@@ -113,17 +111,7 @@ def load_task_config(path: Path) -> dict:
     return cfg
 
 
-@cache
-def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------- local readers
-
-
-def _jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _lines(path: Path) -> list[str]:
@@ -133,7 +121,7 @@ def _lines(path: Path) -> list[str]:
 def _read_boolq(paths):
     labels = {"true": 1, "false": 0}
     docs = []
-    for row in _jsonl(paths[0]):  # SuperGLUE stores the label as the string "true"/"false"; HF as 1/0
+    for row in read_jsonl(paths[0]):  # SuperGLUE stores the label as the string "true"/"false"; HF as 1/0
         label = row["label"]
         label = labels[label.lower()] if isinstance(label, str) else int(label)
         docs.append({"question": row["question"], "passage": row["passage"], "idx": row["idx"], "label": label})
@@ -141,7 +129,7 @@ def _read_boolq(paths):
 
 
 def _read_piqa(paths):
-    rows, labels = _jsonl(paths[0]), _lines(paths[1])
+    rows, labels = read_jsonl(paths[0]), _lines(paths[1])
     if len(rows) != len(labels):
         raise GispError(f"{paths[0]} has {len(rows)} items but {paths[1]} {len(labels)} labels; restore both files")
     return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(y)} for r, y in zip(rows, labels)]
@@ -189,7 +177,7 @@ def winogrande_doc(context_options: list[str], continuation: str, answer: str) -
 
 
 def _read_winogrande(paths):
-    rows, labels = _jsonl(paths[0]), _lines(paths[1])
+    rows, labels = read_jsonl(paths[0]), _lines(paths[1])
     if len(rows) != len(labels):
         raise GispError(f"{paths[0]} has {len(rows)} items but {paths[1]} {len(labels)} labels; restore both files")
     docs = []
@@ -203,7 +191,7 @@ def _read_winogrande(paths):
 
 def _read_arc(paths):
     docs = []
-    for row in _jsonl(paths[0]):
+    for row in read_jsonl(paths[0]):
         choices = row["question"]["choices"]
         labels = [c["label"] for c in choices]
         docs.append(None if row["answerKey"] not in labels else {
@@ -226,7 +214,7 @@ def _read_openbookqa(paths):
 
 
 def _read_medqa(paths):
-    return _jsonl(paths[0])
+    return read_jsonl(paths[0])
 
 
 READERS = {"boolq": _read_boolq, "piqa": _read_piqa, "hellaswag": _read_hellaswag, "winogrande": _read_winogrande,
@@ -287,7 +275,7 @@ def _load_local(task: str, part: str, data_dir, split_seed: int) -> tuple[list[d
     raw = READERS[task](paths)
     rows = [i for i, doc in enumerate(raw) if doc is not None]
     prov: dict[str, Any] = {
-        "files": [{"file": rel, "sha256": _sha256(str(p))} for rel, p in
+        "files": [{"file": rel, "sha256": file_sha256(p)} for rel, p in
                   zip(spec.calibration_files if part == "calibration" else spec.evaluation_files, paths)],
         "n_skipped": len(raw) - len(rows),
     }

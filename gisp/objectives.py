@@ -50,6 +50,17 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
+def check_supported(objective: Objective, data_kind: str) -> None:
+    """Refuse an objective the calibration data cannot express: plain text has no answers, prompt/answer pairs
+    (GSM8K) have no wrong candidates; multiple-choice data support every objective."""
+    if data_kind == "text" and objective.name != "ppl":
+        raise GispError(f"objective={objective.name} needs prompt/answer data (data=gsm8k) or multiple-choice data "
+                        f"(data=cmqa); plain text windows (data.kind=text) only support objective=ppl")
+    if data_kind == "gsm8k" and objective.signed:
+        raise GispError(f"objective={objective.name} needs multiple-choice data (data=cmqa or data=medqa); "
+                        "prompt/answer pairs (GSM8K) support objective=ppl or objective=answer_ppl")
+
+
 def sequence_nll(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of each sequence, (B,); label -100 marks tokens that are not scored."""
