@@ -15,8 +15,8 @@ import lightning as L
 import torch
 
 from gisp.errors import GispError
-from gisp.masks import MaskApplier, Masks
-from gisp.planning import plan_step
+from gisp.masks import MaskApplier, Masks, OutputBias
+from gisp.planning import Plan, plan_step
 from gisp.schedule import ratio_at, structures_to_prune
 from gisp.trajectory import Trajectory, target_key
 
@@ -44,7 +44,10 @@ class IterativePruning(L.Callback):
     def restore(self) -> None:
         """Continue from the trajectory's last snapshot (a fresh trajectory starts dense)."""
         last = self.trajectory.last_step
-        self.applier.set(self.trajectory.masks_at(last) if last else Masks.dense(self.structure))
+        if last:
+            self.applier.set(self.trajectory.masks_at(last), self.trajectory.bias_at(last))
+        else:
+            self.applier.set(Masks.dense(self.structure))
 
     @property
     def step(self) -> int:
@@ -62,28 +65,28 @@ class IterativePruning(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step_started = time.perf_counter()
         # Inside Lightning's lifecycle the model is on its device and the ranks are launched.
-        self.evaluate_missing(trainer, pl_module)
+        self.evaluate_missing(trainer, pl_module.model)
 
-    def evaluate_missing(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def evaluate_missing(self, trainer: L.Trainer, model: torch.nn.Module) -> None:
         """Evaluate the dense model and every landed target that has no metrics yet (fresh run, or a resumed run
         interrupted during an evaluation), then put the last step's masks back."""
         if self.evaluate is None:
             return
         manifest = self.trajectory.manifest
-        current = self.applier.masks
+        current, current_bias = self.applier.masks, self.applier.bias
         if manifest["dense"]["metrics"] is None:
             self.applier.set(Masks.dense(self.structure))
-            manifest["dense"]["metrics"] = self._evaluate(pl_module, "dense")
+            manifest["dense"]["metrics"] = self._evaluate(model, "dense")
             self._write(trainer)
             self._log(trainer, {f"eval/{k}": v for k, v in manifest["dense"]["metrics"].items()}, 0)
         for key, step in manifest["targets"].items():
             record = self.trajectory.step_record(step)
             if record.get("metrics") is None:
-                self.applier.set(self.trajectory.masks_at(step))
-                record["metrics"] = self._evaluate(pl_module, key)
+                self.applier.set(self.trajectory.masks_at(step), self.trajectory.bias_at(step))
+                record["metrics"] = self._evaluate(model, key)
                 self._write(trainer)
                 self._log(trainer, {f"eval/{k}": v for k, v in record["metrics"].items()}, step)
-        self.applier.set(current)
+        self.applier.set(current, current_bias)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.scores is None:
@@ -97,36 +100,42 @@ class IterativePruning(L.Callback):
         plan = plan_step(heads, channels, self.applier.masks, self.structure,
                          structures_to_prune(ratio, self.structure.n_structures), cap=self.pending_targets[0])
         self.applier.set(plan.masks)
+        record = self._record(trainer, k, plan, ratio, pl_module.calib_loss)
+        log.info("step %d: sparsity %.4f, %d heads and %d channels kept, calibration loss %.4f", k, plan.sparsity,
+                 record["heads_kept"], record["channels_kept"], pl_module.calib_loss)
+        if plan.landed_target is not None and self.evaluate is not None:
+            metrics = self._evaluate(pl_module.model, f"{plan.landed_target:g}")
+            self.trajectory.step_record(k)["metrics"] = metrics
+            self._write(trainer)
+            self._log(trainer, {f"eval/{m}": v for m, v in metrics.items()}, k)
+
+    def _record(self, trainer: L.Trainer, k: int, plan: Plan, scheduled_ratio: float | None,
+                calib_loss: float | None, bias: OutputBias | None = None) -> dict:
+        """Snapshot step k (rank 0 writes; other ranks keep the manifest in memory so their step counter advances)."""
         record = {
             "structural_ratio": plan.masks.n_pruned / self.structure.n_structures,
-            "scheduled_ratio": ratio,
+            "scheduled_ratio": scheduled_ratio,
             "sparsity": plan.sparsity,
             "heads_kept": int(plan.masks.heads.sum()),
             "channels_kept": int(plan.masks.channels.sum()),
-            "calib_loss": pl_module.calib_loss,
+            "calib_loss": calib_loss,
             "target": plan.landed_target,
             "seconds": round(time.perf_counter() - self._step_started, 3),
         }
         if plan.landed_target is not None:
             self.trajectory.manifest["targets"][target_key(plan.landed_target)] = k  # written with the step
         if trainer.is_global_zero:
-            self.trajectory.add_step(k, plan.masks, record)
-        else:  # other ranks keep the manifest in memory only, so their step counter advances too
+            self.trajectory.add_step(k, plan.masks, record, bias)
+        else:
             self.trajectory.steps.append({"step": k, **record})
-        log.info("step %d: sparsity %.4f, %d heads and %d channels kept, calibration loss %.4f", k, plan.sparsity,
-                 record["heads_kept"], record["channels_kept"], pl_module.calib_loss)
         self._log(trainer, {"prune/sparsity": plan.sparsity, "prune/structural_ratio": record["structural_ratio"],
-                            "prune/heads_kept": record["heads_kept"], "prune/channels_kept": record["channels_kept"],
-                            "prune/calib_loss": pl_module.calib_loss}, k)
-        if plan.landed_target is not None and self.evaluate is not None:
-            metrics = self._evaluate(pl_module, f"{plan.landed_target:g}")
-            self.trajectory.step_record(k)["metrics"] = metrics
-            self._write(trainer)
-            self._log(trainer, {f"eval/{m}": v for m, v in metrics.items()}, k)
+                            "prune/heads_kept": record["heads_kept"], "prune/channels_kept": record["channels_kept"]}
+                  | ({} if calib_loss is None else {"prune/calib_loss": calib_loss}), k)
+        return record
 
-    def _evaluate(self, pl_module: L.LightningModule, label: str) -> dict[str, float]:
+    def _evaluate(self, model: torch.nn.Module, label: str) -> dict[str, float]:
         started = time.perf_counter()
-        metrics = self.evaluate(pl_module.model)
+        metrics = self.evaluate(model)
         log.info("evaluation at %s: %s (%.1f s)", label, metrics, time.perf_counter() - started)
         return metrics
 
@@ -138,3 +147,43 @@ class IterativePruning(L.Callback):
     def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+class OneShotPruning(IterativePruning):
+    """Baselines (and GISP one-shot): score ONCE on the dense model, then cut every target from the same scores.
+
+    `plan(heads, channels, current, target)` is the method's ranking rule (global or local); each target becomes one
+    trajectory step, so runs of every method share the trajectory/results format. The levels are nested (already
+    pruned structures go first). `bias(masks, pl_module)` gives FLAP's output bias of a level from the scoring
+    module's statistics. Evaluation of the targets is left to `evaluate_missing`, which the pipeline calls once all
+    levels are written.
+    """
+
+    def __init__(self, applier: MaskApplier, trajectory: Trajectory, targets: list[float],
+                 plan: Callable[[torch.Tensor, torch.Tensor, Masks, float], Plan],
+                 evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 bias: Callable[[Masks, L.LightningModule], OutputBias] | None = None):
+        super().__init__(applier, trajectory, ratios=[], targets=targets, evaluate=evaluate)
+        self.plan = plan
+        self.bias = bias
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.scores is None:
+            raise GispError("the scoring pass produced no scores (empty calibration loader?)")
+        bias = None if self.bias is None else (lambda masks: self.bias(masks, pl_module))
+        self.prune_all(trainer, *pl_module.scores, bias=bias, calib_loss=pl_module.calib_loss)
+
+    def prune_all(self, trainer: L.Trainer, heads: torch.Tensor, channels: torch.Tensor,
+                  bias: Callable[[Masks], OutputBias] | None = None, calib_loss: float | None = None) -> None:
+        if not self._step_started:
+            self._step_started = time.perf_counter()
+        current = self.applier.masks
+        for target in self.pending_targets:
+            k = self.step + 1
+            plan = self.plan(heads, channels, current, target)
+            level_bias = bias(plan.masks) if bias is not None else None
+            self._record(trainer, k, plan, None, calib_loss, level_bias)
+            log.info("target %g (step %d): sparsity %.4f, %d heads and %d channels kept", target, k, plan.sparsity,
+                     int(plan.masks.heads.sum()), int(plan.masks.channels.sum()))
+            current = plan.masks
+            self.applier.set(plan.masks, level_bias)

@@ -83,7 +83,10 @@ def evaluate_run(run_dir: str | Path, eval_cfg: DictConfig, targets: list[float]
 
     plan: list[tuple[str, int]] = ([("dense", 0)] if dense else []) + list(levels.items())
     for label, step in plan:
-        applier.set(trajectory.masks_at(step) if step else Masks.dense(structure))
+        if step:
+            applier.set(trajectory.masks_at(step), trajectory.bias_at(step))
+        else:
+            applier.set(Masks.dense(structure))
         log.info("evaluating %s (step %d)", label, step)
         metrics = evaluator(model, progress=progress)
         log.info("%s: %s", label, metrics)

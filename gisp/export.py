@@ -167,6 +167,10 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
             raise GispError(f"the run in {run_dir} never reached target {target:g}; its targets: {sorted(reached)} "
                             f"(or export any step with step=N, 1..{traj.last_step})")
         step = reached[target_key(target)]
+    if traj.bias_at(step) is not None:
+        raise GispError(f"step {step} of {run_dir} carries an output bias (FLAP's compensation); the compact model has "
+                        "no o_proj/down_proj bias yet, so exporting it would silently change the model. Evaluate "
+                        "it in place with gisp.evaluate, or export a level without bias compensation")
     masks = traj.masks_at(step)
     cfg, model, tokenizer = load_run_model(run_dir, cache_dir)
     structure = describe(model, protected=tuple(traj.manifest["meta"]["structure"]["protected"]))

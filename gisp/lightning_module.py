@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from gisp.calibration import CalibrationSet, SequenceDataset, pad_collate
 from gisp.errors import GispError
 from gisp.objectives import batch_losses
+from gisp.pruners import InputMoments, InputRecorder
 from gisp.scoring import scored_weights, structure_scores
 from gisp.structures import LayerModules, ModelStructure
 
@@ -125,6 +126,55 @@ class GISPModule(L.LightningModule):
                            if dtype in (torch.float16, torch.bfloat16) else "check the model and the data; ")
                         + "no masks were written for this step"
                     )
+
+
+class ActivationModule(L.LightningModule):
+    """One validation epoch = one forward-only pass whose o_proj / down_proj input moments are recorded (wanda_sp,
+    FLAP); `score_fn(moments)` turns them into per-head and per-channel scores at the end.
+
+    The hooks belong to `self.recorder`, a context manager the caller wraps around `trainer.validate`, so they are
+    removed whatever happens inside the pass."""
+
+    def __init__(self, model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
+                 score_fn):
+        super().__init__()
+        self.model = model
+        self.structure = structure
+        self.n_samples = n_samples
+        self.score_fn = score_fn
+        self.recorder = InputRecorder(layers, structure)
+        self.model.requires_grad_(False)
+        self.scores: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.moments: dict[tuple[int, str], InputMoments] | None = None
+        self.calib_loss: float | None = None  # no objective in an activation pass
+        self._seen = 0
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.recorder.active:
+            raise GispError("the activation pass runs inside `with module.recorder:` (its hooks record the inputs)")
+        self.recorder.moments.clear()
+        self._seen = 0
+        self.scores = self.moments = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        mask = batch.get("attention_mask")
+        self.recorder.token_mask = None if mask is None else mask.bool()
+        with torch.no_grad():
+            self.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+        self._seen += batch["input_ids"].shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        seen, moments = self._seen, dict(self.recorder.moments)
+        if self.trainer.world_size > 1:  # every process saw its shard: sum the moments
+            reduce = self.trainer.strategy.reduce
+            moments = {k: InputMoments(reduce(m.count, reduce_op="sum"), reduce(m.total, reduce_op="sum"),
+                                       reduce(m.total_sq, reduce_op="sum")) for k, m in moments.items()}
+            seen = int(reduce(torch.tensor(seen, device=self.device), reduce_op="sum"))
+        if seen != self.n_samples:
+            raise GispError(f"the activation pass saw {seen} calibration sequences, expected {self.n_samples}: "
+                            "do not limit validation batches (trainer.limit_val_batches) during pruning")
+        self.moments = moments
+        self.scores = self.score_fn(moments)
 
 
 class ShardSampler(Sampler[int]):

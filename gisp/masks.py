@@ -70,19 +70,47 @@ class Masks:
 
     def save(self, path: str | Path) -> None:
         """Atomic: written to a temporary file in the same folder, then renamed."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(self.state_dict(), tmp, metadata={"format": "gisp-masks", "version": "1"})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _save_atomic(self.state_dict(), Path(path), "gisp-masks")
 
     @classmethod
     def load(cls, path: str | Path) -> Masks:
         return cls.from_state_dict(load_file(str(path)))
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": fmt, "version": "1"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class OutputBias:
+    """Per-layer constants added to the outputs of o_proj (attn, (L, d)) and down_proj (mlp, (L, d)).
+
+    FLAP's bias compensation: what the pruned inputs contributed on average, so the layer's output mean stays put.
+    Stored next to the step's masks; a level with a bias is masks + bias, both data, replayable on the dense weights.
+    """
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"attn": self.attn.float().contiguous(), "mlp": self.mlp.float().contiguous()}
+
+    def save(self, path: str | Path) -> None:
+        _save_atomic(self.state_dict(), Path(path), "gisp-output-bias")
+
+    @classmethod
+    def load(cls, path: str | Path) -> OutputBias:
+        tensors = load_file(str(path))
+        if set(tensors) != {"attn", "mlp"}:
+            raise GispError(f"{path} is not a gisp output-bias file (keys {sorted(tensors)})")
+        return cls(tensors["attn"], tensors["mlp"])
 
 
 def sparsity(masks: Masks, structure: ModelStructure) -> float:
@@ -97,17 +125,22 @@ class MaskApplier:
     """Applies masks to a live model through forward pre-hooks; `remove()` gives back the untouched dense model."""
 
     def __init__(self, layers: list[LayerModules], structure: ModelStructure):
+        self.layers = layers
         self.structure = structure
         self._head_scale: list[torch.Tensor] = []  # per layer (H * d_h,) multiplier on o_proj's input
         self._channel_scale: list[torch.Tensor] = []  # per layer (F,) multiplier on down_proj's input
         self._active: list[bool] = [False] * structure.n_layers  # skip the multiply on fully dense layers
         self._handles = []
+        self._bias: dict[str, list[torch.Tensor]] | None = None  # per layer (d,) added to o_proj / down_proj outputs
         for i, layer in enumerate(layers):
             self._head_scale.append(torch.ones(structure.n_heads * structure.head_dim))
             self._channel_scale.append(torch.ones(structure.ffn))
             self._handles.append(layer.o.register_forward_pre_hook(self._hook(i, self._head_scale)))
             self._handles.append(layer.down.register_forward_pre_hook(self._hook(i, self._channel_scale)))
+            self._handles.append(layer.o.register_forward_hook(self._bias_hook(i, "attn")))
+            self._handles.append(layer.down.register_forward_hook(self._bias_hook(i, "mlp")))
         self.masks = Masks.dense(structure)
+        self.bias: OutputBias | None = None
 
     def _hook(self, layer: int, scales: list[torch.Tensor]):
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -121,8 +154,20 @@ class MaskApplier:
 
         return pre_hook
 
-    def set(self, masks: Masks) -> None:
-        """Switch the model to these masks (any order: masks need not be nested with the current ones)."""
+    def _bias_hook(self, layer: int, block: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self._bias is None:
+                return None
+            biases = self._bias[block]
+            if biases[layer].device != output.device or biases[layer].dtype != output.dtype:
+                biases[layer] = biases[layer].to(device=output.device, dtype=output.dtype)
+            return output + biases[layer]
+
+        return hook
+
+    def set(self, masks: Masks, bias: OutputBias | None = None) -> None:
+        """Switch the model to these masks (any order: masks need not be nested with the current ones), with an
+        optional output bias (FLAP's compensation; None removes any bias set before)."""
         s = self.structure
         if masks.heads.shape != (s.n_layers, s.n_heads) or masks.channels.shape != (s.n_layers, s.ffn):
             raise GispError(
@@ -135,9 +180,15 @@ class MaskApplier:
             self._channel_scale[i] = masks.channels[i].to(self._channel_scale[i].device, self._channel_scale[i].dtype)
             self._active[i] = not (bool(masks.heads[i].all()) and bool(masks.channels[i].all()))
         self.masks = masks.clone()
+        if bias is not None and (bias.attn.shape != (s.n_layers, s.hidden) or bias.mlp.shape != (s.n_layers, s.hidden)):
+            raise GispError(f"output bias of shape {tuple(bias.attn.shape)} does not fit this model "
+                            f"({s.n_layers} layers, hidden {s.hidden})")
+        self.bias = bias
+        self._bias = None if bias is None else {"attn": list(bias.attn.unbind(0)), "mlp": list(bias.mlp.unbind(0))}
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._active = [False] * self.structure.n_layers
+        self._bias = self.bias = None

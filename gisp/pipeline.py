@@ -24,14 +24,15 @@ from gisp.builders import (
     check_split_seeds,
     model_spec,
 )
-from gisp.callback import IterativePruning
+from gisp.callback import IterativePruning, OneShotPruning
 from gisp.data import resolve_data_dir
 from gisp.errors import GispError
 from gisp.io import write_json_atomic, write_text_atomic
-from gisp.lightning_module import CalibrationData, GISPModule
+from gisp.lightning_module import ActivationModule, CalibrationData, GISPModule
 from gisp.masks import MaskApplier
 from gisp.models import load_model_and_tokenizer
 from gisp.objectives import get_objective
+from gisp.pruners import PLANNERS, PrunerSpec, activation_scores, flap_bias, pruner_spec, weight_scores
 from gisp.registry import family_spec
 from gisp.report import log_results_table, plot_results
 from gisp.schedule import structural_ratios
@@ -42,7 +43,7 @@ from gisp.trajectory import Trajectory, target_key
 log = logging.getLogger(__name__)
 
 # Config sections that define the trajectory: a run dir can only be resumed with the same values.
-FINGERPRINT_KEYS = ("model", "data", "objective", "schedule", "prune", "sparsity", "eval")
+FINGERPRINT_KEYS = ("model", "data", "objective", "pruner", "schedule", "prune", "sparsity", "eval")
 
 
 def parse_targets(sparsity: Any) -> list[float]:
@@ -102,6 +103,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     targets = parse_targets(cfg.sparsity)
+    pruner = pruner_spec(cfg.pruner)
     objective = get_objective(cfg.objective.name)
     check_objective_data(objective, cfg.data)
     check_split_seeds(cfg)
@@ -132,10 +134,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
         log.info("resuming %s from step %d", trajectory.path, trajectory.last_step)
     layers = layer_modules(model, family_spec(model.config.model_type))
     applier = MaskApplier(layers, structure)
-    callback = IterativePruning(applier, trajectory, ratios, targets,
-                                evaluate=(lambda m: evaluator(m, progress=cfg.progress)) if evaluator else None)
-    module = GISPModule(model, layers, structure, n_samples=len(calib),
-                        normalization=cfg.prune.normalization, grad_dtype=grad_dtype)
+    evaluate = (lambda m: evaluator(m, progress=cfg.progress)) if evaluator else None
+    callback, module = build_pruning(pruner, cfg, model, applier, trajectory, ratios, targets, evaluate,
+                                     n_samples=len(calib), grad_dtype=grad_dtype)
     # Lightning runs the scoring passes (trainer.validate): no checkpoints, no optimizer, gradients enabled.
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[callback],
                         logger=build_loggers(cfg.logger, run_dir, cfg), default_root_dir=str(run_dir),
@@ -151,14 +152,20 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
                             "hydra.run.dir=%s to continue", passes, run_dir)
                 status = "success"
                 return None
-            trainer.validate(module, datamodule=calibration, verbose=False)
+            if module is None:  # magnitude / random: scores from the weights, no calibration pass
+                callback.prune_all(trainer, *weight_scores(pruner, layers, structure))
+            elif isinstance(module, ActivationModule):
+                with module.recorder:  # forward hooks on o_proj / down_proj inputs, removed whatever happens
+                    trainer.validate(module, datamodule=calibration, verbose=False)
+            else:
+                trainer.validate(module, datamodule=calibration, verbose=False)
             passes += 1
         if trainer.is_global_zero:
-            module.to(trainer.strategy.root_device)  # a resumed, finished run never entered validate
-            callback.evaluate_missing(trainer, module)
+            model.to(trainer.strategy.root_device)  # a resumed, finished run never entered validate
+            callback.evaluate_missing(trainer, model)
             trajectory.manifest["complete"] = True
             trajectory.write()
-        results = build_results(trajectory, targets, calib.record, evaluator.describe() if evaluator else {},
+        results = build_results(trajectory, targets, pruner, calib.record, evaluator.describe() if evaluator else {},
                                 cfg, time.perf_counter() - started)
         if trainer.is_global_zero:
             write_json_atomic(run_dir / "results.json", results)
@@ -173,8 +180,32 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | 
             logger.finalize(status)
 
 
-def build_results(trajectory: Trajectory, targets: list[float], calibration: dict, evaluation: dict,
-                  cfg: DictConfig, seconds: float) -> dict[str, Any]:
+def build_pruning(pruner: PrunerSpec, cfg: DictConfig, model: torch.nn.Module, applier: MaskApplier,
+                  trajectory: Trajectory, ratios: list[float], targets: list[float], evaluate, n_samples: int,
+                  grad_dtype: torch.dtype | None) -> tuple[IterativePruning, L.LightningModule | None]:
+    """The callback that turns scores into levels, and the module whose validation pass computes the scores
+    (None for the methods that need no calibration pass)."""
+    layers, structure = applier.layers, applier.structure
+    if pruner.iterative:
+        return (IterativePruning(applier, trajectory, ratios, targets, evaluate=evaluate),
+                GISPModule(model, layers, structure, n_samples, cfg.prune.normalization, grad_dtype))
+    planner = PLANNERS[pruner.ranking]
+    bias = (lambda masks, module: flap_bias(layers, structure, masks, module.moments)) \
+        if pruner.bias_compensation else None
+    callback = OneShotPruning(applier, trajectory, targets, evaluate=evaluate, bias=bias,
+                              plan=lambda heads, channels, current, target: planner(heads, channels, current,
+                                                                                    structure, target))
+    if pruner.signal == "gradients":
+        return callback, GISPModule(model, layers, structure, n_samples, cfg.prune.normalization, grad_dtype)
+    if pruner.signal == "activations":
+        return callback, ActivationModule(model, layers, structure, n_samples,
+                                          score_fn=lambda moments: activation_scores(pruner, layers, structure,
+                                                                                     moments))
+    return callback, None
+
+
+def build_results(trajectory: Trajectory, targets: list[float], pruner: PrunerSpec, calibration: dict,
+                  evaluation: dict, cfg: DictConfig, seconds: float) -> dict[str, Any]:
     manifest = trajectory.manifest
     out_targets = {}
     for t in targets:
@@ -186,7 +217,9 @@ def build_results(trajectory: Trajectory, targets: list[float], calibration: dic
                                       "masks": f"trajectory/{record['masks']}" if "masks" in record else None}
     return {
         "model": manifest["meta"]["model"],
-        "method": {"objective": cfg.objective.name, "normalization": cfg.prune.normalization,
+        "method": {"pruner": pruner.name, "score": pruner.score, "ranking": pruner.ranking,
+                   "iterative": pruner.iterative, "bias_compensation": pruner.bias_compensation,
+                   "objective": cfg.objective.name, "normalization": cfg.prune.normalization,
                    "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
                    "protected_layers": manifest["meta"]["structure"]["protected"],
                    "steps_run": trajectory.last_step},

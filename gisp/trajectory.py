@@ -11,7 +11,7 @@ from typing import Any
 
 from gisp.errors import GispError
 from gisp.io import read_json, write_json_atomic
-from gisp.masks import Masks
+from gisp.masks import Masks, OutputBias
 
 FORMAT = "gisp-trajectory"
 
@@ -77,12 +77,16 @@ class Trajectory:
     def last_step(self) -> int:
         return self.steps[-1]["step"] if self.steps else 0
 
-    def add_step(self, step: int, masks: Masks, record: dict[str, Any]) -> None:
-        """Snapshot one step: masks file first, then the manifest that points to it."""
+    def add_step(self, step: int, masks: Masks, record: dict[str, Any], bias: OutputBias | None = None) -> None:
+        """Snapshot one step: masks (and output bias) files first, then the manifest that points to them."""
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"step_{step:04d}.safetensors"
         masks.save(self.directory / name)
-        self.steps.append({"step": step, **record, "masks": name})
+        files = {"masks": name}
+        if bias is not None:
+            files["bias"] = f"step_{step:04d}.bias.safetensors"
+            bias.save(self.directory / files["bias"])
+        self.steps.append({"step": step, **record, **files})
         self.write()
 
     def step_record(self, step: int) -> dict[str, Any]:
@@ -93,6 +97,11 @@ class Trajectory:
 
     def masks_at(self, step: int) -> Masks:
         return Masks.load(self.directory / self.step_record(step)["masks"])
+
+    def bias_at(self, step: int) -> OutputBias | None:
+        """The step's output bias (FLAP's compensation), or None for pure masks."""
+        name = self.step_record(step).get("bias")
+        return OutputBias.load(self.directory / name) if name else None
 
     def write(self) -> None:
         write_json_atomic(self.path, self.manifest)
