@@ -60,13 +60,3 @@ def plan_step(
     flat_pruned[order[:n]] = True
     masks = Masks(~flat_pruned[: L * H].view(L, H), ~flat_pruned[L * H :].view(L, structure.ffn))
     return Plan(masks, sparsity(masks, structure), landed)
-
-
-def random_plan(structure: ModelStructure, target: float, seed: int = 0) -> Plan:
-    """The floor baseline: random structures of the unprotected layers, pruned in one step to `target` sparsity."""
-    g = torch.Generator().manual_seed(seed)
-    heads = torch.rand(structure.n_layers, structure.n_heads, generator=g)
-    channels = torch.rand(structure.n_layers, structure.ffn, generator=g)
-    heads[list(structure.protected)] = float("inf")
-    channels[list(structure.protected)] = float("inf")
-    return plan_step(heads, channels, Masks.dense(structure), structure, structure.n_structures, cap=target)

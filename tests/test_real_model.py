@@ -9,7 +9,7 @@ from gisp.data import resolve_data_dir
 from gisp.masks import MaskApplier, Masks
 from gisp.models import load_model_and_tokenizer
 from gisp.pipeline import run
-from gisp.planning import random_plan
+from gisp.pruners import random_plan
 from gisp.registry import family_spec
 from gisp.structures import describe, layer_modules
 

@@ -187,7 +187,7 @@ def main() -> None:
     from gisp.compact import GispDecoderForCausalLM
     from gisp.export import export_compact
     from gisp.masks import sparsity
-    from gisp.planning import random_plan
+    from gisp.pruners import random_plan
     from gisp.structures import describe
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")

@@ -20,7 +20,7 @@ from gisp.builders import build_evaluator, load_run_model
 from gisp.data import resolve_data_dir
 from gisp.io import read_json
 from gisp.masks import MaskApplier, Masks
-from gisp.planning import random_plan
+from gisp.pruners import random_plan
 from gisp.registry import family_spec
 from gisp.structures import describe, layer_modules
 
