@@ -145,6 +145,19 @@ def _hub_id(src: TextSource) -> str:
     return f"{src.hub_path}/{src.hub_name}:{src.hub_split}" if src.hub_name else f"{src.hub_path}:{src.hub_split}"
 
 
+def load_hub_dataset(what: str, path: str, name: str | None, fix: str, **kwargs: Any):
+    """``datasets.load_dataset(path, name, **kwargs)``; any hub failure (offline, unknown name, auth) becomes one
+    GispError that says what could not be loaded and `fix`."""
+    import datasets  # heavy import, only when the hub is used
+
+    try:
+        return datasets.load_dataset(path, name, **kwargs)
+    except Exception as exc:
+        hub_id = f"{path}/{name}" if name else path
+        raise GispError(f"{what}: could not load {hub_id} ({kwargs.get('split')}) from the dataset hub "
+                        f"({type(exc).__name__}: {str(exc)[:300]}). {fix}") from exc
+
+
 def _read_hub(src: TextSource) -> str:
     """``datasets.load_dataset`` the records and join their ``text_field`` (wikitext: the standard join)."""
     if not src.hub_path:
@@ -152,19 +165,12 @@ def _read_hub(src: TextSource) -> str:
             f"data source {src.name!r} has no hub_path; set hub_path (e.g. 'wikitext') or use local files "
             f"(source=local with local_files=[...])"
         )
-    import datasets  # heavy import, only when the hub is used
-
     kwargs: dict[str, Any] = {"split": src.hub_split}
     if src.hub_data_files is not None:
         kwargs["data_files"] = src.hub_data_files
-    try:
-        ds = datasets.load_dataset(src.hub_path, src.hub_name, **kwargs)
-    except Exception as exc:  # offline, unknown name, auth: all mean "cannot get this from the hub"
-        raise GispError(
-            f"data source {src.name!r}: could not load {_hub_id(src)} from the dataset hub "
-            f"({type(exc).__name__}: {str(exc)[:300]}). If you are offline, use a local source instead, "
-            f"e.g. data=austen for calibration, or source=local with {ENV_DATA_DIR} pointing at the local data"
-        ) from exc
+    ds = load_hub_dataset(f"data source {src.name!r}", src.hub_path, src.hub_name,
+                          "If you are offline, use a local source instead, e.g. data=austen for calibration, or "
+                          f"source=local with {ENV_DATA_DIR} pointing at the local data", **kwargs)
     if src.max_documents is not None:
         ds = ds.select(range(min(src.max_documents, len(ds))))
     if src.text_field not in ds.column_names:

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from gisp.data import ENV_DATA_DIR, SOURCES, resolve_data_dir
+from gisp.data import ENV_DATA_DIR, SOURCES, load_hub_dataset, resolve_data_dir
 from gisp.errors import GispError
 from gisp.io import file_sha256, read_jsonl
 
@@ -73,16 +73,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_hub(split: str) -> list[dict]:
-    import datasets  # heavy import, only when the hub is used
-
-    try:
-        ds = datasets.load_dataset(HUB_PATH, HUB_NAME, split=split)
-    except Exception as exc:  # offline, unknown name, auth: all mean "cannot get this from the hub"
-        raise GispError(
-            f"GSM8K {split} split: could not load {HUB_PATH}/{HUB_NAME} from the dataset hub "
-            f"({type(exc).__name__}: {str(exc)[:300]}). Connect to the network, or use the local files "
-            f"(source=local with {ENV_DATA_DIR}=/path/to/data or data_dir=... holding {LOCAL_FILES[split]})"
-        ) from exc
+    ds = load_hub_dataset(f"GSM8K {split} split", HUB_PATH, HUB_NAME,
+                          f"Connect to the network, or use the local files (source=local with {ENV_DATA_DIR}="
+                          f"/path/to/data or data_dir=... holding {LOCAL_FILES[split]})", split=split)
     return [{f: row[f] for f in FIELDS} for row in ds]
 
 
