@@ -12,12 +12,12 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gisp.calibration import CalibrationSet, from_pairs, from_questions, from_windows
-from gisp.data import TextSource, calibration_windows, load_text
+from gisp.data.calibration import CalibrationSet, from_pairs, from_questions, from_windows
+from gisp.data.sources import TextSource, calibration_windows, load_text
 from gisp.errors import GispError
-from gisp.evaluation import Evaluator, PerplexityTask
-from gisp.models import ModelSpec, load_model_and_tokenizer
-from gisp.objectives import Objective, check_supported
+from gisp.eval.suite import Evaluator, PerplexityTask
+from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+from gisp.prune.objectives import Objective, check_supported
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,13 @@ def build_evaluator(eval_cfg: DictConfig, tokenizer, data_dir: Path | None, work
                                             max_windows=fields.get("max_windows"), batch_size=fields["batch_size"],
                                             variant=fields.get("variant", "")))
         elif kind == "multiple_choice":
-            from gisp.mc_eval import MultipleChoiceSuite
+            from gisp.eval.multiple_choice import MultipleChoiceSuite
 
             fields["tasks"] = tuple(fields.get("tasks") or ())
             suites[name] = _construct(MultipleChoiceSuite, name, fields, data_dir=data_dir,
                                       work_dir=(work_dir / name) if work_dir else None)
         elif kind == "gsm8k":
-            from gisp.gsm8k import GSM8KTask
+            from gisp.data.gsm8k import GSM8KTask
 
             suites[name] = _construct(GSM8KTask, name, fields, data_dir=data_dir,
                                       work_dir=(work_dir / name) if work_dir else None)
@@ -110,14 +110,14 @@ def build_calibration(data_cfg: DictConfig, objective: Objective, tokenizer, dat
         windows = calibration_windows(text, tokenizer, data_cfg.n_samples, data_cfg.seq_len, data_cfg.seed)
         return from_windows(windows, objective, record=prov | record | {"seq_len": data_cfg.seq_len})
     if kind == "gsm8k":
-        from gisp.gsm8k import calibration_pairs, load_gsm8k
+        from gisp.data.gsm8k import calibration_pairs, load_gsm8k
 
         docs, prov = load_gsm8k("calibration", data_dir, source=data_cfg.source)
         pairs = calibration_pairs(docs, data_cfg.n_samples, data_cfg.seed)
         return from_pairs(pairs, tokenizer, objective, data_cfg.cap_percentile, pad_id=pad_id_of(tokenizer),
                           record=prov | record)
     if kind == "multiple_choice":
-        from gisp.mc_tasks import load_questions
+        from gisp.data.multiple_choice import load_questions
 
         questions, provenance = {}, {}
         for task in data_cfg.tasks:

@@ -19,15 +19,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gisp.builders import build_evaluator, build_loggers, load_run_model
-from gisp.data import resolve_data_dir
+from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
 from gisp.io import read_json, write_json_atomic
-from gisp.masks import MaskApplier, Masks
+from gisp.prune.masks import MaskApplier, Masks
 from gisp.pipeline import parse_targets
-from gisp.registry import family_spec
-from gisp.report import log_results_table, plot_results
-from gisp.structures import describe, layer_modules
-from gisp.trajectory import Trajectory, target_key
+from gisp.models.families import family_spec
+from gisp.eval.report import log_results_table, plot_results
+from gisp.models.structure import describe, layer_modules
+from gisp.prune.trajectory import Trajectory, target_key
 
 log = logging.getLogger("gisp")
 

@@ -20,9 +20,9 @@ from torch import nn
 
 from gisp.compact import GispDecoderConfig
 from gisp.errors import GispError
-from gisp.masks import Masks, sparsity
-from gisp.registry import REGISTRY, family_spec, get_submodule
-from gisp.structures import ModelStructure, describe, layer_modules
+from gisp.prune.masks import Masks, sparsity
+from gisp.models.families import REGISTRY, family_spec, get_submodule
+from gisp.models.structure import ModelStructure, describe, layer_modules
 
 log = logging.getLogger(__name__)
 COMPACT_DIR = Path(__file__).resolve().parent / "compact"
@@ -153,7 +153,7 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
                     cache_dir: str | Path | None = None) -> Path:
     """Export the model of a finished or partial run at one of its targets (or any step): no pruning again."""
     from gisp.builders import load_run_model
-    from gisp.trajectory import Trajectory, target_key
+    from gisp.prune.trajectory import Trajectory, target_key
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
@@ -183,7 +183,7 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
 def export_from_masks(masks_file: str | Path, model_cfg, out: str | Path, cache_dir: str | Path) -> Path:
     """Export a base model (a conf/model entry) under a masks file, e.g. one copied from another machine."""
     from gisp.builders import model_spec
-    from gisp.models import load_model_and_tokenizer
+    from gisp.models.loading import load_model_and_tokenizer
 
     if Path(out).exists():
         raise GispError(f"{out} already exists: choose a new output folder (export never overwrites)")

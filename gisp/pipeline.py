@@ -24,21 +24,21 @@ from gisp.builders import (
     check_split_seeds,
     model_spec,
 )
-from gisp.callback import IterativePruning, OneShotPruning
-from gisp.data import resolve_data_dir
+from gisp.lightning.callbacks import IterativePruning, OneShotPruning
+from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
 from gisp.io import write_json_atomic, write_text_atomic
-from gisp.lightning_module import ActivationModule, CalibrationData, GISPModule
-from gisp.masks import MaskApplier
-from gisp.models import load_model_and_tokenizer
-from gisp.objectives import get_objective
-from gisp.pruners import PLANNERS, PrunerSpec, activation_scores, flap_bias, pruner_spec, weight_scores
-from gisp.registry import family_spec
-from gisp.report import log_results_table, plot_results
-from gisp.schedule import structural_ratios
-from gisp.scoring import NORMALIZATIONS
-from gisp.structures import ModelStructure, describe, layer_modules
-from gisp.trajectory import Trajectory, target_key
+from gisp.lightning.scoring import ActivationModule, CalibrationData, GISPModule
+from gisp.prune.masks import MaskApplier
+from gisp.models.loading import load_model_and_tokenizer
+from gisp.prune.objectives import get_objective
+from gisp.prune.methods import PLANNERS, PrunerSpec, activation_scores, flap_bias, pruner_spec, weight_scores
+from gisp.models.families import family_spec
+from gisp.eval.report import log_results_table, plot_results
+from gisp.prune.schedule import structural_ratios
+from gisp.prune.importance import NORMALIZATIONS
+from gisp.models.structure import ModelStructure, describe, layer_modules
+from gisp.prune.trajectory import Trajectory, target_key
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gisp.byte_tokenizer import byte_level_tokenizer
-from gisp.data import (
+from gisp.models.byte_tokenizer import byte_level_tokenizer
+from gisp.data.sources import (
     AUSTEN,
     WIKITEXT2_TEST,
     WIKITEXT2_TEST_SHA256,

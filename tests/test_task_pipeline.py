@@ -11,7 +11,7 @@ from conftest import REPO
 from gisp.errors import GispError
 from gisp.evaluate import evaluate_run
 from gisp.io import read_json
-from gisp.mc_tasks import CMQA_TASKS
+from gisp.data.multiple_choice import CMQA_TASKS
 from gisp.pipeline import run
 
 CMQA_METRICS = {"boolq_acc", "piqa_acc_norm", "hellaswag_acc_norm", "winogrande_acc", "arc_easy_acc_norm",

@@ -116,7 +116,7 @@ def load_dense(args, device: torch.device, dtype: torch.dtype | None):
     """(model, tokenizer, label, {target: masks}); masks are None for random shapes (made from the structure)."""
     from gisp.builders import load_run_model
     from gisp.io import read_json
-    from gisp.masks import Masks
+    from gisp.prune.masks import Masks
 
     run_dir = Path(args.run_dir)
     cfg, model, tokenizer = load_run_model(run_dir)
@@ -186,9 +186,9 @@ def main() -> None:
 
     from gisp.compact import GispDecoderForCausalLM
     from gisp.export import export_compact
-    from gisp.masks import sparsity
-    from gisp.pruners import random_plan
-    from gisp.structures import describe
+    from gisp.prune.masks import sparsity
+    from gisp.prune.methods import random_plan
+    from gisp.models.structure import describe
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     log(f"loading the dense model on {device}")

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from gisp.builders import build_evaluator, load_run_model
-from gisp.data import resolve_data_dir
+from gisp.data.sources import resolve_data_dir
 from gisp.io import read_json
-from gisp.masks import MaskApplier, Masks
-from gisp.pruners import random_plan
-from gisp.registry import family_spec
-from gisp.structures import describe, layer_modules
+from gisp.prune.masks import MaskApplier, Masks
+from gisp.prune.methods import random_plan
+from gisp.models.families import family_spec
+from gisp.models.structure import describe, layer_modules
 
 
 def main() -> None:

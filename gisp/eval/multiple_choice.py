@@ -1,7 +1,7 @@
 """Zero-shot multiple-choice accuracy (the seven CMQA tasks, MedQA) of the live model through lm-eval.
 
 Hub: lm-eval's own tasks (``boolq``, ..., ``medqa_4options``). Offline: gisp's task YAMLs (``gisp/lm_eval_tasks``,
-lm-eval's prompts and metrics) over the local *evaluation* parts (:mod:`gisp.mc_tasks`), written once as jsonl files.
+lm-eval's prompts and metrics) over the local *evaluation* parts (:mod:`gisp.data.multiple_choice`), written once as jsonl files.
 Reported per task is lm-eval's ``acc`` for BoolQ and WinoGrande and ``acc_norm`` for the others, as fractions.
 """
 
@@ -17,10 +17,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from gisp.data import SOURCES
+from gisp.data.sources import SOURCES
 from gisp.errors import GispError
 from gisp.io import write_jsonl_atomic
-from gisp.mc_tasks import CMQA_TASKS, MC_TASKS, lm_eval_yaml, load_docs, load_task_config, resolve_source, task_spec
+from gisp.data.multiple_choice import CMQA_TASKS, MC_TASKS, lm_eval_yaml, load_docs, load_task_config, resolve_source, task_spec
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class MultipleChoiceSuite:
 
         ``progress=False`` quiets lm-eval's info logging (its tqdm bars are its own).
         """
-        from gisp.lm_eval_runner import evaluate_tasks
+        from gisp.eval.harness import evaluate_tasks
 
         lm_logger = logging.getLogger("lm_eval")
         level = lm_logger.level

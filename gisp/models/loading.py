@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from gisp.byte_tokenizer import byte_level_tokenizer
+from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.errors import GispError
 
 log = logging.getLogger(__name__)

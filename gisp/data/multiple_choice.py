@@ -7,7 +7,7 @@ evaluated (as lm-eval does); the single labelled file of BoolQ, PIQA, HellaSwag 
 permutation, first half calibration, second half evaluation.
 
 :func:`render` turns a document into exactly the (context, continuation) pairs lm-eval scores: it runs lm-eval's
-``ConfigurableTask`` on gisp's task YAMLs (``gisp/lm_eval_tasks``), the same files :mod:`gisp.mc_eval` evaluates.
+``ConfigurableTask`` on gisp's task YAMLs (``gisp/lm_eval_tasks``), the same files :mod:`gisp.eval.multiple_choice` evaluates.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from gisp.data import SOURCES, resolve_data_dir
+from gisp.data.sources import SOURCES, resolve_data_dir
 from gisp.errors import GispError
 from gisp.io import file_sha256, read_jsonl
 
 CMQA_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 MC_TASKS = (*CMQA_TASKS, "medqa")
 PARTS = ("calibration", "evaluation")
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
 
 
 @dataclass(frozen=True)

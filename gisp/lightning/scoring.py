@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from gisp.calibration import CalibrationSet, SequenceDataset, pad_collate
+from gisp.data.calibration import CalibrationSet, SequenceDataset, pad_collate
 from gisp.errors import GispError
-from gisp.objectives import batch_losses
-from gisp.pruners import InputMoments, InputRecorder
-from gisp.scoring import scored_weights, structure_scores
-from gisp.structures import LayerModules, ModelStructure
+from gisp.prune.objectives import batch_losses
+from gisp.prune.activations import InputMoments, InputRecorder
+from gisp.prune.importance import scored_weights, structure_scores
+from gisp.models.structure import LayerModules, ModelStructure
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ next-token cross-entropy over the scored tokens of sequence i (label -100 marks 
   and -1/n- for the others. Gradients are linear, so one backward of sum_i w_i L_i gives g_bar+ - g_bar- exactly:
   the reference's two sweeps and its stored second gradient copy are not needed.
 
-The weights travel with the calibration set (``gisp.calibration``); the scoring pass backpropagates
+The weights travel with the calibration set (``gisp.data.calibration``); the scoring pass backpropagates
 sum_i w_i L_i batch by batch, so the accumulated gradient is the objective's gradient whatever the batch size or
 the number of processes.
 """

@@ -11,7 +11,7 @@ from typing import Any
 
 from gisp.errors import GispError
 from gisp.io import read_json, write_json_atomic
-from gisp.masks import Masks, OutputBias
+from gisp.prune.masks import Masks, OutputBias
 
 FORMAT = "gisp-trajectory"
 

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from gisp.data import ENV_DATA_DIR, SOURCES, load_hub_dataset, resolve_data_dir
+from gisp.data.sources import ENV_DATA_DIR, SOURCES, load_hub_dataset, resolve_data_dir
 from gisp.errors import GispError
 from gisp.io import file_sha256, read_jsonl
 
@@ -31,7 +31,7 @@ PARTS = {"calibration": "train", "evaluation": "test"}
 HUB_PATH, HUB_NAME = "openai/gsm8k", "main"
 LOCAL_FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
 FIELDS = ("question", "answer")
-TASK_YAML = Path(__file__).resolve().parent / "lm_eval_tasks" / "gisp_gsm8k.yaml"
+TASK_YAML = Path(__file__).resolve().parent.parent / "eval" / "tasks" / "gisp_gsm8k.yaml"
 METRICS = {"strict-match": "gsm8k_exact_match_strict", "flexible-extract": "gsm8k_exact_match_flexible"}
 """lm-eval filter name -> the flat metric name gisp reports (fraction of questions answered exactly)."""
 
@@ -230,7 +230,7 @@ class GSM8KTask:
 
     def __call__(self, model, tokenizer, progress: bool = True) -> dict[str, float]:
         """Run the evaluation on ``model`` as it is now. ``progress`` is not forwarded: lm-eval draws its own bars."""
-        from gisp.lm_eval_runner import evaluate_tasks
+        from gisp.eval.harness import evaluate_tasks
 
         if tokenizer is None or tokenizer.eos_token_id is None:
             raise GispError(

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gisp.errors import GispError
-from gisp.structures import LayerModules, ModelStructure
+from gisp.models.structure import LayerModules, ModelStructure
 
 
 @dataclass

@@ -37,7 +37,7 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     env = os.environ.get(ENV_DATA_DIR)
     if env:
         return Path(env).expanduser()
-    default = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    default = Path(__file__).resolve().parents[3] / "shared" / "data"
     return default if default.is_dir() else None
 
 

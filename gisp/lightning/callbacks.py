@@ -15,10 +15,10 @@ import lightning as L
 import torch
 
 from gisp.errors import GispError
-from gisp.masks import MaskApplier, Masks, OutputBias
-from gisp.planning import Plan, plan_step
-from gisp.schedule import ratio_at, structures_to_prune
-from gisp.trajectory import Trajectory, target_key
+from gisp.prune.masks import MaskApplier, Masks, OutputBias
+from gisp.prune.ranking import Plan, plan_step
+from gisp.prune.schedule import ratio_at, structures_to_prune
+from gisp.prune.trajectory import Trajectory, target_key
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from gisp.errors import GispError
-from gisp.registry import FamilySpec, family_spec, get_submodule
+from gisp.models.families import FamilySpec, family_spec, get_submodule
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,16 @@
-"""Perplexity of the live (possibly masked) model on fixed, pre-tokenized evaluation windows."""
+"""The evaluation suite: every metric of the live (possibly masked) model at one sparsity level.
+
+Evaluation kinds are a registry (`EVAL_KINDS`: kind -> its settings fields and a builder), so a new kind of
+evaluation is one class with `__call__(model, tokenizer, progress)` and `describe()`, one entry, and a conf/eval
+YAML. Perplexity windows are tokenized once per run so that every level is scored on the very same tokens.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gisp.data import TextSource, load_text, tokenize_stream, windows_from_stream
+from gisp.data.sources import TextSource, load_text, tokenize_stream, windows_from_stream
 from gisp.errors import GispError
 
 logger = logging.getLogger(__name__)
@@ -158,3 +164,97 @@ class Evaluator:
         per suite: its own description (data files, splits, limits, items evaluated)."""
         out = {m: {**info, "dataset": dict(info["dataset"])} for m, info in self._info.items()}
         return out | {name: suite.describe() for name, suite in self.suites.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry of evaluation kinds
+
+
+@dataclass(frozen=True)
+class EvalTaskSpec:
+    """One entry of `eval.tasks`: its name (the metric for perplexity), kind and settings (plain values)."""
+
+    name: str
+    kind: str
+    settings: tuple[tuple[str, object], ...]  # sorted (field, value) pairs: hashable and printable
+
+    @property
+    def fields(self) -> dict:
+        return dict(self.settings)
+
+
+@dataclass(frozen=True)
+class EvalKind:
+    """`settings_class()` gives the dataclass whose fields the YAML sets (imported lazily: lm-eval is heavy);
+    `build(spec, data_dir, work_dir)` makes the runnable task (a PerplexityTask or an EvalSuite)."""
+
+    settings_class: Callable[[], type]
+    build: Callable[[EvalTaskSpec, Path | None, Path | None], object]
+    extra_fields: tuple[str, ...] = ()  # YAML fields that are not dataclass fields (e.g. perplexity's `text`)
+
+
+def _perplexity(spec: EvalTaskSpec, data_dir: Path | None, work_dir: Path | None) -> PerplexityTask:
+    from gisp.data.recipes import text_source
+
+    f = spec.fields
+    return PerplexityTask(metric=spec.name, source=text_source(f.get("text")), seq_len=f.get("seq_len", 128),
+                          max_windows=f.get("max_windows"), batch_size=f.get("batch_size", 8),
+                          variant=f.get("variant", ""))
+
+
+def _suite(module: str, cls: str) -> EvalKind:
+    def settings_class() -> type:
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)
+
+    def build(spec: EvalTaskSpec, data_dir: Path | None, work_dir: Path | None):
+        f = spec.fields
+        if "tasks" in f:
+            f["tasks"] = (f["tasks"],) if isinstance(f["tasks"], str) else tuple(f["tasks"] or ())
+        try:
+            return settings_class()(**f, data_dir=data_dir, work_dir=(work_dir / spec.name) if work_dir else None)
+        except TypeError as e:
+            raise GispError(f"eval task {spec.name!r}: {e}; see conf/eval/*.yaml for the fields") from None
+
+    return EvalKind(settings_class, build)
+
+
+EVAL_KINDS: dict[str, EvalKind] = {
+    "perplexity": EvalKind(lambda: PerplexityTask, _perplexity, extra_fields=("text",)),
+    "multiple_choice": _suite("gisp.eval.multiple_choice", "MultipleChoiceSuite"),
+    "gsm8k": _suite("gisp.data.gsm8k", "GSM8KTask"),
+}
+
+
+def eval_task_spec(name: str, node: dict) -> EvalTaskSpec:
+    """Check one `eval.tasks` entry without loading anything: a known kind and only fields that kind has."""
+    node = dict(node)
+    kind = node.pop("kind", "perplexity")
+    if kind not in EVAL_KINDS:
+        raise GispError(f"eval task {name!r}: unknown kind {kind!r}; use one of {sorted(EVAL_KINDS)}")
+    entry = EVAL_KINDS[kind]
+    allowed = {f.name for f in fields(entry.settings_class()) if f.init} | set(entry.extra_fields)
+    unknown = sorted(set(node) - allowed - {"data_dir", "work_dir"})
+    if unknown or {"data_dir", "work_dir"} & set(node):
+        raise GispError(f"eval task {name!r} (kind {kind}): unknown field(s) {unknown or ['data_dir/work_dir']}; "
+                        f"its fields are {sorted(allowed - {'data_dir', 'work_dir', 'metric', 'source'})}")
+    if kind == "perplexity" and not node.get("text"):
+        raise GispError(f"eval task {name!r}: a perplexity task needs `text` (a text source, see conf/eval/wikitext2.yaml)")
+    return EvalTaskSpec(name, kind, tuple(sorted(node.items())))
+
+
+def build_evaluator(tasks: list[EvalTaskSpec] | tuple[EvalTaskSpec, ...], tokenizer, data_dir: Path | None,
+                    work_dir: Path | None = None, max_positions: int | None = None) -> Evaluator | None:
+    """The suite of `tasks` (None when there is nothing to evaluate). Local data are checked and prepared here,
+    once, so every sparsity level is scored on the same items."""
+    ppl_tasks, suites = [], {}
+    for spec in tasks:
+        built = EVAL_KINDS[spec.kind].build(spec, data_dir, work_dir)
+        if isinstance(built, PerplexityTask):
+            ppl_tasks.append(built)
+        else:
+            suites[spec.name] = built
+    if not ppl_tasks and not suites:
+        return None
+    return Evaluator(ppl_tasks, tokenizer, data_dir, suites=suites, max_positions=max_positions)

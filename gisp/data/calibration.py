@@ -4,7 +4,7 @@ Three kinds of data feed the same scoring pass:
 - text windows (C4, WikiText-2, any text): every token scored, weight 1/N;
 - (prompt, answer) pairs (GSM8K): the prompt's labels are -100 for ``answer_ppl``;
 - multiple-choice questions (CMQA, MedQA): every candidate of a sampled question, answer tokens scored, weights
-  +1/n+ (gold) and -1/n- (the others) for ``margin`` (see gisp.objectives).
+  +1/n+ (gold) and -1/n- (the others) for ``margin`` (see gisp.prune.objectives).
 
 Sequences have different lengths; batches are right-padded (labels -100, attention mask 0 on padding). The set is
 sorted by length so that batches hold similar lengths: the objective is a sum, so the order does not matter.
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gisp.errors import GispError
-from gisp.objectives import Objective, check_supported
+from gisp.prune.objectives import Objective, check_supported
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""gisp's lm-eval task YAMLs over local documents (package data; loaded by :mod:`gisp.mc_eval`)."""

@@ -1,0 +1,236 @@
+"""Importance scores of heads and channels: one registry entry per score (name -> signal + function).
+
+GISP's score (method.md section 2, `taylor`): per weight s = |W * g_bar| with g_bar the MEAN gradient of the
+objective over the calibration set (not a sum of per-sample |w*g|); summed over each structure's weights; then
+block-wise normalized so that heads (~10x larger raw scores) and channels can share one global ranking.
+The baselines' scores (wanda, fluctuation, magnitude, random) are written the same way: pure functions of weights
+and statistics, so tests can hold them against slow per-structure loops.
+
+A score's `signal` says which pass feeds it: `gradients` (a backward pass; stats = grad_of(W), the mean gradient),
+`activations` (a forward pass; stats = input moments of o_proj / down_proj), `weights` (no pass; stats = None).
+Adding a score that uses an existing signal = one function + `@register_score(...)` + a conf/pruner YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from gisp.errors import GispError
+from gisp.models.structure import LayerModules, ModelStructure
+
+if TYPE_CHECKING:
+    from gisp.prune.activations import InputMoments
+
+NORMALIZATIONS = ("reference", "paper", "none")
+GradOf = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def scored_weights(layer: LayerModules, structure: ModelStructure) -> list[nn.Parameter]:
+    """Weights whose gradient the score needs: q, o, gate, up, down, and k, v without GQA (GQA heads are q + o)."""
+    weights = [layer.q.weight, layer.o.weight, layer.gate.weight, layer.up.weight, layer.down.weight]
+    if not structure.gqa:
+        weights += [layer.k.weight, layer.v.weight]
+    return weights
+
+
+def _taylor(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    if grad is None:
+        raise GispError("a scored weight has no gradient: the scoring pass did not run backward through it")
+    return (weight.detach().float() * grad.float()).abs()
+
+
+def _own_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    return weight.grad
+
+
+def layer_scores(layer: LayerModules, structure: ModelStructure, grad_of: GradOf = _own_grad
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw per-head (H,) and per-channel (F,) sums of |W * g| for one layer; g = grad_of(W) is g_bar."""
+    H, d_h, d, F = structure.n_heads, structure.head_dim, structure.hidden, structure.ffn
+
+    def taylor(linear: nn.Linear) -> torch.Tensor:
+        return _taylor(linear.weight, grad_of(linear.weight))
+
+    heads = taylor(layer.q).view(H, d_h, d).sum(dim=(1, 2))
+    heads += taylor(layer.o).view(d, H, d_h).sum(dim=(0, 2))
+    if not structure.gqa:
+        heads += taylor(layer.k).view(H, d_h, d).sum(dim=(1, 2))
+        heads += taylor(layer.v).view(H, d_h, d).sum(dim=(1, 2))
+    channels = taylor(layer.gate).sum(dim=1)  # (F,)
+    channels += taylor(layer.up).sum(dim=1)
+    channels += taylor(layer.down).view(d, F).sum(dim=0)
+    return heads.cpu(), channels.cpu()
+
+
+def normalize(
+    heads: torch.Tensor, channels: torch.Tensor, structure: ModelStructure, normalization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise normalization of raw scores (L, H) and (L, F); protected layers must already be +inf.
+
+    reference (GISP code, produced the published numbers): head / (4 d_h d), channel / (3 d_ff), then all scores
+    shifted by |min| (order-preserving; kept so logged values match the reference).
+    paper (GISP text): each structure divided by its parameter count, head 4 d_h d, channel 3 d.
+    none: raw sums (an ablation).
+    """
+    d_h, d, F = structure.head_dim, structure.hidden, structure.ffn
+    if normalization == "reference":
+        heads, channels = heads / (4 * d_h * d), channels / (3 * F)
+        finite = torch.cat([heads[heads.isfinite()], channels[channels.isfinite()]])
+        shift = finite.min().abs() if finite.numel() else 0.0
+        return heads + shift, channels + shift
+    if normalization == "paper":
+        return heads / (4 * d_h * d), channels / (3 * d)
+    if normalization == "none":
+        return heads, channels
+    raise GispError(f"unknown normalization '{normalization}'; choose one of {NORMALIZATIONS}")
+
+
+def structure_scores(
+    layers: list[LayerModules], structure: ModelStructure, normalization: str = "reference",
+    grad_of: GradOf = _own_grad,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized scores (L, H) and (L, F) from the mean gradients of every unprotected layer (`grad_of(W)`,
+    by default `W.grad`); protected layers +inf."""
+    L, H, F = structure.n_layers, structure.n_heads, structure.ffn
+    heads = torch.full((L, H), float("inf"))
+    channels = torch.full((L, F), float("inf"))
+    for i in structure.unprotected:
+        heads[i], channels[i] = layer_scores(layers[i], structure, grad_of)
+    return normalize(heads, channels, structure, normalization)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The baselines' raw scores. Inputs of o_proj are H*d_h features (head h = features h*d_h..), of down_proj F.
+
+
+def wanda_sp_scores(o_weight: torch.Tensor, down_weight: torch.Tensor, attn_mean_sq: torch.Tensor,
+                    mlp_mean_sq: torch.Tensor, structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wanda-sp (FLAP's structured Wanda): per input feature j the mean over output rows of |W_ij| * ||x_j||, with
+    ||x_j|| the root mean square of feature j over the calibration tokens; a head sums its d_h features."""
+    attn = (o_weight.detach().float().abs() * attn_mean_sq.float().sqrt()[None, :]).mean(dim=0)  # (H*d_h,)
+    mlp = (down_weight.detach().float().abs() * mlp_mean_sq.float().sqrt()[None, :]).mean(dim=0)  # (F,)
+    return attn.view(structure.n_heads, structure.head_dim).sum(dim=1), mlp
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std()
+
+
+def flap_scores(o_weight: torch.Tensor, down_weight: torch.Tensor, attn_var: torch.Tensor, mlp_var: torch.Tensor,
+                structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP's WIFV fluctuation metric, standardized within each layer's module so heads and channels of all layers
+    share one ranking (FLAP's "AL-AM"): feature j scores Var(x_j) * ||W[:, j]||^2; a head is the MEAN of its
+    features' standardized scores, a channel its own."""
+    attn = attn_var.float() * o_weight.detach().float().pow(2).sum(dim=0)  # (H*d_h,)
+    mlp = mlp_var.float() * down_weight.detach().float().pow(2).sum(dim=0)  # (F,)
+    heads = _standardize(attn).view(structure.n_heads, structure.head_dim).mean(dim=1)
+    return heads, _standardize(mlp)
+
+
+def magnitude_scores(layer: LayerModules, structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared L2 norm of each structure's weights (LLM-Pruner's magnitude floor)."""
+    H, d_h, d = structure.n_heads, structure.head_dim, structure.hidden
+
+    def sq(linear: torch.nn.Linear) -> torch.Tensor:
+        return linear.weight.detach().float().pow(2)
+
+    heads = sq(layer.q).view(H, d_h, d).sum(dim=(1, 2)) + sq(layer.o).view(d, H, d_h).sum(dim=(0, 2))
+    if not structure.gqa:
+        heads += sq(layer.k).view(H, d_h, d).sum(dim=(1, 2)) + sq(layer.v).view(H, d_h, d).sum(dim=(1, 2))
+    channels = sq(layer.gate).sum(dim=1) + sq(layer.up).sum(dim=1) + sq(layer.down).sum(dim=0)
+    return heads.cpu(), channels.cpu()
+
+
+def random_scores(structure: ModelStructure, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(structure.n_layers, structure.n_heads, generator=g),
+            torch.rand(structure.n_layers, structure.ffn, generator=g))
+
+
+def protect(heads: torch.Tensor, channels: torch.Tensor, structure: ModelStructure
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Protected layers get +inf: never pruned by any ranking."""
+    heads, channels = heads.clone().float(), channels.clone().float()
+    heads[list(structure.protected)] = float("inf")
+    channels[list(structure.protected)] = float("inf")
+    return heads, channels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: score name -> the pass it needs and the model-level function (layers, structure, stats, pruner)
+# -> (L, H), (L, F) scores with protected layers at +inf. `pruner` is the method's settings (normalization, seed).
+
+SIGNALS = ("gradients", "activations", "weights")
+ScoreFn = Callable[[list[LayerModules], ModelStructure, Any, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Importance:
+    name: str
+    signal: str  # which pass feeds it: one of SIGNALS
+    scores: ScoreFn
+
+
+SCORES: dict[str, Importance] = {}
+
+
+def register_score(name: str, signal: str):
+    """Decorator: make `fn(layers, structure, stats, pruner)` selectable as `pruner.score=name`."""
+    if signal not in SIGNALS:
+        raise ValueError(f"signal {signal!r} is not one of {SIGNALS}")
+
+    def decorate(fn: ScoreFn) -> ScoreFn:
+        SCORES[name] = Importance(name, signal, fn)
+        return fn
+
+    return decorate
+
+
+def get_score(name: str) -> Importance:
+    if name not in SCORES:
+        raise GispError(f"unknown pruner.score '{name}'; choose one of {sorted(SCORES)}")
+    return SCORES[name]
+
+
+def _per_layer(layer_fn, structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
+    heads = torch.zeros(structure.n_layers, structure.n_heads)
+    channels = torch.zeros(structure.n_layers, structure.ffn)
+    for i in structure.unprotected:
+        h, c = layer_fn(i)
+        heads[i], channels[i] = h.cpu(), c.cpu()
+    return protect(heads, channels, structure)
+
+
+@register_score("taylor", "gradients")
+def taylor_scores(layers: list[LayerModules], structure: ModelStructure, grad_of: GradOf, pruner) -> tuple:
+    """GISP / LLM-Pruner: sum |W * g_bar| per structure, block-normalized by `pruner.normalization`."""
+    return structure_scores(layers, structure, pruner.normalization, grad_of)
+
+
+@register_score("wanda", "activations")
+def wanda_scores(layers: list[LayerModules], structure: ModelStructure, moments: dict[tuple[int, str], InputMoments],
+                 pruner) -> tuple:
+    return _per_layer(lambda i: wanda_sp_scores(layers[i].o.weight, layers[i].down.weight, moments[(i, "attn")].mean_sq,
+                                                moments[(i, "mlp")].mean_sq, structure), structure)
+
+
+@register_score("fluctuation", "activations")
+def fluctuation_scores(layers: list[LayerModules], structure: ModelStructure,
+                       moments: dict[tuple[int, str], InputMoments], pruner) -> tuple:
+    return _per_layer(lambda i: flap_scores(layers[i].o.weight, layers[i].down.weight, moments[(i, "attn")].variance,
+                                            moments[(i, "mlp")].variance, structure), structure)
+
+
+@register_score("magnitude", "weights")
+def weight_magnitude_scores(layers: list[LayerModules], structure: ModelStructure, stats: None, pruner) -> tuple:
+    return _per_layer(lambda i: magnitude_scores(layers[i], structure), structure)
+
+
+@register_score("random", "weights")
+def seeded_random_scores(layers: list[LayerModules], structure: ModelStructure, stats: None, pruner) -> tuple:
+    return protect(*random_scores(structure, pruner.seed), structure)
