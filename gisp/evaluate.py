@@ -10,126 +10,92 @@ finished), logged as a wandb table, and drawn in RUN_DIR/metrics.png.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gisp.builders import build_evaluator, build_loggers, load_run_model
+from gisp.cli import hydra_output_dir, user_errors
+from gisp.config import build_loggers, eval_tasks, parse_targets, plain
 from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
-from gisp.io import read_json, write_json_atomic
-from gisp.prune.masks import MaskApplier, Masks
-from gisp.pipeline import parse_targets
-from gisp.models.families import family_spec
 from gisp.eval.report import log_results_table, plot_results
-from gisp.models.structure import describe, layer_modules
-from gisp.prune.trajectory import Trajectory, target_key
+from gisp.eval.suite import EvalTaskSpec, build_evaluator
+from gisp.io import write_json_atomic
+from gisp.prune.trajectory import target_key
+from gisp.runs import RunDir
 
 log = logging.getLogger("gisp")
 
 
-def resolve_levels(trajectory: Trajectory, targets: list[float], tolerance: float) -> dict[str, int]:
-    """Target -> trajectory step: the step the run landed on that target, else the step whose sparsity is within
-    ``tolerance`` of it (closest). Fails before any model work, naming the levels the trajectory has."""
-    landed = trajectory.manifest.get("targets", {})
-    levels = {}
-    for t in targets:
-        key = target_key(t)
-        if key in landed:
-            levels[key] = landed[key]
-            continue
-        best = min(trajectory.steps, key=lambda s: abs(s["sparsity"] - t), default=None)
-        if best is None or abs(best["sparsity"] - t) > tolerance:
-            have = ", ".join(f"step {s['step']}: {s['sparsity']:.4f}" for s in trajectory.steps)
-            raise GispError(
-                f"sparsity {t} is not a level of this trajectory (within tolerance={tolerance}); it has {have}. "
-                f"Pick one of those, raise tolerance=..., or prune to it with gisp.run (sparsity=[...,{t}])"
-            )
-        levels[key] = best["step"]
-    return levels
-
-
-def evaluate_run(run_dir: str | Path, eval_cfg: DictConfig, targets: list[float] | None = None, dense: bool = True,
+def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[EvalTaskSpec],
+                 targets: list[float] | tuple[float, ...] | None = None, dense: bool = True,
                  tolerance: float = 0.005, data_dir: Path | None = None, cache_dir: str | Path | None = None,
-                 progress: bool = True, split_seed: int | None = None, loggers: list | None = None) -> dict[str, Any]:
+                 progress: bool = True, split_seed: int | None = None, loggers: list | None = None,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate the dense model and ``targets`` (default: the run's targets) of a run dir; returns results.json."""
-    run_dir = Path(run_dir)
-    results_path = run_dir / "results.json"
-    if not results_path.exists():
-        raise GispError(f"no {results_path}: the run did not finish; finish it first with gisp.run "
-                        f"(the same command with hydra.run.dir={run_dir} resumes it)")
-    if not eval_cfg.get("tasks"):
+    run = RunDir(run_dir)
+    results = run.results()
+    if results is None:
+        raise GispError(f"no {run.results_path}: the run did not finish; finish it first with gisp.run "
+                        f"(the same command with hydra.run.dir={run.path} resumes it)")
+    if not tasks:
         raise GispError("nothing to evaluate: the eval config has no tasks (choose eval=wikitext2, eval=cmqa, ...)")
-    results = read_json(results_path)
-    trajectory = Trajectory.load(run_dir / "trajectory")
     targets = sorted(float(k) for k in results.get("targets", {})) if targets is None else targets
-    levels = resolve_levels(trajectory, targets, tolerance)
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    run_split_seed = run_cfg.get("split_seed")
+    levels = {target_key(t): run.step_of(target=t, tolerance=tolerance) for t in targets}
+    run_split_seed = run.config.get("split_seed")
     if split_seed is not None and run_split_seed is not None and split_seed != run_split_seed:
         raise GispError(f"split_seed={split_seed} differs from the run's split_seed={run_split_seed}: the local "
                         f"evaluation half could overlap the calibration half; use split_seed={run_split_seed}")
 
-    data_dir = resolve_data_dir(data_dir if data_dir is not None else run_cfg.get("data_dir"))
-    _, model, tokenizer = load_run_model(run_dir, cache_dir)
-    structure = describe(model, protected=tuple(trajectory.manifest["meta"]["structure"]["protected"]))
-    applier = MaskApplier(layer_modules(model, family_spec(model.config.model_type)), structure)
-    evaluator = build_evaluator(eval_cfg, tokenizer, data_dir, work_dir=run_dir / "eval_data",
-                                max_positions=getattr(model.config, "max_position_embeddings", None))
+    data_dir = resolve_data_dir(data_dir if data_dir is not None else run.config.get("data_dir"))
+    live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
+    evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
+                                max_positions=getattr(live.model.config, "max_position_embeddings", None))
 
     plan: list[tuple[str, int]] = ([("dense", 0)] if dense else []) + list(levels.items())
     for label, step in plan:
-        if step:
-            applier.set(trajectory.masks_at(step), trajectory.bias_at(step))
-        else:
-            applier.set(Masks.dense(structure))
+        live.set_level(run.level(step=step) if step else None)
         log.info("evaluating %s (step %d)", label, step)
-        metrics = evaluator(model, progress=progress)
+        metrics = evaluator(live.model, progress=progress)
         log.info("%s: %s", label, metrics)
         if label == "dense":
             results["dense"].setdefault("metrics", {}).update(metrics)
         else:
-            record = trajectory.step_record(step)
+            record = run.trajectory.step_record(step)
             entry = results["targets"].setdefault(label, {
                 "sparsity": record["sparsity"], "step": step, "structural_ratio": record["structural_ratio"],
                 "metrics": {}, "masks": f"trajectory/{record['masks']}", "added_by": "gisp.evaluate"})
             entry["metrics"].update(metrics)
         results.setdefault("evaluation", {}).update(evaluator.describe())  # items evaluated are known now
-        write_json_atomic(results_path, results)
+        write_json_atomic(run.results_path, results)
         for logger in loggers or []:
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-    applier.remove()
-    plot_results(results, run_dir / "metrics.png")
+    live.applier.remove()
+    plot_results(results, run.path / "metrics.png")
     log_results_table(loggers or [], results)
     return results
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@user_errors
 def main(cfg: DictConfig) -> None:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    targets = parse_targets(cfg.targets) if cfg.targets is not None else None
+    tasks = eval_tasks(cfg.eval)
+    loggers = build_loggers(plain(cfg.logger), hydra_output_dir(), plain(cfg))
+    status = "failed"
     try:
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
-        targets = parse_targets(cfg.targets) if cfg.targets is not None else None
-        from hydra.core.hydra_config import HydraConfig
-
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        loggers = build_loggers(cfg.logger, out_dir, cfg)
-        status = "failed"
-        try:
-            evaluate_run(cfg.run_dir, cfg.eval, targets, dense=cfg.dense, tolerance=cfg.tolerance,
-                         data_dir=cfg.get("data_dir"), cache_dir=cfg.get("cache_dir"),
-                         progress=cfg.progress, split_seed=cfg.split_seed, loggers=loggers)
-            status = "success"
-        finally:
-            for logger in loggers:
-                logger.finalize(status)
-    except GispError as e:
-        log.error("%s", e)
-        sys.exit(2)
+        evaluate_run(cfg.run_dir, tasks, targets, dense=cfg.dense, tolerance=cfg.tolerance,
+                     data_dir=cfg.get("data_dir"), cache_dir=cfg.get("cache_dir"), progress=cfg.progress,
+                     split_seed=cfg.split_seed, loggers=loggers, trust_remote_code=bool(cfg.get("trust_remote_code")))
+        status = "success"
+    finally:
+        for logger in loggers:
+            logger.finalize(status)
     print(f"gisp: results in {Path(cfg.run_dir) / 'results.json'}")
 
 

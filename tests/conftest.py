@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
+# The smallest complete run (conf/experiment/smoke.yaml): tiny Mistral, 8 x 32-token calibration windows, 8 short
+# evaluation windows. Tests add what they vary (model=..., sparsity=..., eval=none, ...).
+SMOKE = ["experiment=smoke"]
 
 # No hub here: make every accidental hub call fail fast instead of hanging; wandb writes nothing unless a test asks.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,18 +25,11 @@ torch.set_num_threads(1)
 
 
 def tiny_config(family: str, layers: int = 4) -> transformers.PretrainedConfig:
-    """The style guide's tiny shapes: hidden 64, 4 query heads; Llama without GQA, Mistral with 2 KV heads."""
-    common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
-              "vocab_size": 300, "max_position_embeddings": 256}
-    if family == "llama":
-        return transformers.LlamaConfig(num_key_value_heads=4, **common)
-    if family == "mistral":
-        return transformers.MistralConfig(num_key_value_heads=2, head_dim=16, sliding_window=None, **common)
-    if family == "qwen2":
-        return transformers.Qwen2Config(num_key_value_heads=2, **common)
-    if family == "qwen3":
-        return transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
-    raise ValueError(family)
+    """The tiny shapes of conf/model/tiny_{family}.yaml (the one definition of the tiny models): hidden 64, 4 query
+    heads; Llama without GQA, Mistral / Qwen2 / Qwen3 with 2 KV heads. A 300-token vocabulary for random ids."""
+    node = yaml.safe_load((CONF / "model" / f"tiny_{family}.yaml").read_text())
+    fields = {**node["config"], "num_hidden_layers": layers, "vocab_size": 300}
+    return transformers.AutoConfig.for_model(node["model_type"], **fields)
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 4) -> torch.nn.Module:
@@ -61,3 +58,14 @@ def compose_cfg(tmp_path):
                                                 f"cache_dir={tmp_path / 'cache'}", *overrides])
 
     return _compose
+
+
+def conf_text_source(config: str, *path: str):
+    """The TextSource of a conf YAML, e.g. conf_text_source("eval/wikitext2", "tasks", "wikitext2_ppl", "text"): tests
+    use the same sources as the runs (no copies of the YAML in the library)."""
+    from gisp.data.recipes import text_source
+
+    node = yaml.safe_load((CONF / f"{config}.yaml").read_text())
+    for key in path:
+        node = node[key]
+    return text_source(node)

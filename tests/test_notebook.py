@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import CONF, REPO
 
+from gisp.config import load_settings
 from gisp.pipeline import run
 
 nbformat = pytest.importorskip("nbformat")
@@ -42,7 +43,7 @@ def runs(tmp_path_factory):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     runs = tmp / "runs"
-    run(cfg, run_dir=runs / "run_gisp")
+    run(load_settings(cfg), run_dir=runs / "run_gisp")
     for name, pruner in (("run_gisp_again", None), ("run_oneshot", "oneshot")):
         shutil.copytree(runs / "run_gisp", runs / name)
         results = json.loads((runs / name / "results.json").read_text())

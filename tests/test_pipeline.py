@@ -9,20 +9,17 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, SMOKE
 
-from gisp.builders import model_spec
+from gisp.config import eval_tasks, load_settings, model_spec
 from gisp.errors import GispError
 from gisp.io import read_json
-from gisp.prune.masks import MaskApplier, Masks
-from gisp.models.loading import load_model_and_tokenizer
-from gisp.pipeline import run
 from gisp.models.families import family_spec
+from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import describe, layer_modules
+from gisp.pipeline import run
+from gisp.prune.masks import MaskApplier, Masks
 from gisp.prune.trajectory import Trajectory
-
-DATA = ["data.n_samples=8", "data.seq_len=32", "data.batch_size=4"]
-TINY = [*DATA, "eval.tasks.wikitext2_ppl.max_windows=8", "eval.tasks.wikitext2_ppl.seq_len=64"]
 
 
 def masks_of(run_dir):
@@ -39,8 +36,8 @@ def mistral_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mistral")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=csv", "progress=false",
-                                           f"cache_dir={tmp / 'cache'}", *TINY])
-    results = run(cfg, run_dir=tmp / "run")
+                                           f"cache_dir={tmp / 'cache'}", *SMOKE])
+    results = run(load_settings(cfg), run_dir=tmp / "run")
     return cfg, tmp / "run", results
 
 
@@ -82,10 +79,10 @@ def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
     masks = Masks.load(run_dir / entry["masks"])
     applier = MaskApplier(layers, structure)
     applier.set(masks)
-    from gisp.builders import build_evaluator
     from gisp.data.sources import resolve_data_dir
+    from gisp.eval.suite import build_evaluator
 
-    evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(None))
+    evaluator = build_evaluator(eval_tasks(cfg.eval), tok, resolve_data_dir(None))
     assert evaluator(model, progress=False)["wikitext2_ppl"] == pytest.approx(entry["metrics"]["wikitext2_ppl"],
                                                                               rel=1e-6)
     ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
@@ -101,12 +98,12 @@ def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
 
 def test_resume_gives_the_uninterrupted_masks(mistral_run, compose_cfg, tmp_path):
     _, full_dir, full_results = mistral_run
-    cfg = compose_cfg("model=tiny_mistral", "sparsity=[0.3,0.5]", "prune.max_steps_per_run=2", *TINY)
-    assert run(cfg, run_dir=tmp_path / "r") is None
+    cfg = compose_cfg("model=tiny_mistral", "sparsity=[0.3,0.5]", "prune.max_steps_per_run=2", *SMOKE)
+    assert run(load_settings(cfg), run_dir=tmp_path / "r") is None
     assert not (tmp_path / "r" / "results.json").exists()
     assert len(masks_of(tmp_path / "r")) == 2
     cfg.prune.max_steps_per_run = None
-    resumed = run(cfg, run_dir=tmp_path / "r")
+    resumed = run(load_settings(cfg), run_dir=tmp_path / "r")
     full, again = masks_of(full_dir), masks_of(tmp_path / "r")
     assert [s for s, _ in full] == [s for s, _ in again]
     for (_, a), (_, b) in zip(full, again):
@@ -117,12 +114,12 @@ def test_resume_gives_the_uninterrupted_masks(mistral_run, compose_cfg, tmp_path
 def test_resume_refuses_another_config(mistral_run, compose_cfg):
     _, run_dir, _ = mistral_run
     with pytest.raises(GispError, match="different configuration"):
-        run(compose_cfg("model=tiny_mistral", "sparsity=[0.3,0.5]", "prune.normalization=paper", *TINY),
+        run(load_settings(compose_cfg("model=tiny_mistral", "sparsity=[0.3,0.5]", "prune.normalization=paper", *SMOKE)),
             run_dir=run_dir)
 
 
 def test_llama_without_gqa_single_target(compose_cfg, tmp_path):
-    results = run(compose_cfg("model=tiny_llama", "sparsity=0.4", "schedule=cosine", "eval=none", *DATA),
+    results = run(load_settings(compose_cfg("model=tiny_llama", "sparsity=0.4", "schedule=cosine", "eval=none", *SMOKE)),
                   run_dir=tmp_path)
     assert abs(results["targets"]["0.4"]["sparsity"] - 0.4) < 0.005
     assert results["dense"]["metrics"] == {}
@@ -139,7 +136,7 @@ def test_bad_input_fails_early_without_results(compose_cfg, tmp_path, overrides,
     (tmp_path / "short.txt").write_text("Too short for one calibration window.")
     overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
     with pytest.raises(GispError, match=match):
-        run(compose_cfg("model=tiny_mistral", *TINY, *overrides), run_dir=tmp_path)
+        run(load_settings(compose_cfg("model=tiny_mistral", *SMOKE, *overrides)), run_dir=tmp_path)
     assert not (tmp_path / "results.json").exists()
 
 
@@ -156,7 +153,7 @@ def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "load_model_and_tokenizer", poisoned)
     with pytest.raises(GispError, match="non-finite gradient"):
-        run(compose_cfg("model=tiny_mistral", "eval=none", *DATA), run_dir=tmp_path)
+        run(load_settings(compose_cfg("model=tiny_mistral", "eval=none", *SMOKE)), run_dir=tmp_path)
     assert not (tmp_path / "results.json").exists()
     assert not list((tmp_path / "trajectory").glob("step_*"))
 
@@ -164,7 +161,7 @@ def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
 def test_cli_multirun_and_unknown_model(tmp_path):
     """The README's multirun command: two run dirs, nested masks, each on its target; bad names exit non-zero."""
     env_args = [f"hydra.sweep.dir={tmp_path / 'multi'}", "logger=none", "progress=false", "threads=1",
-                f"cache_dir={tmp_path / 'cache'}", *TINY]
+                f"cache_dir={tmp_path / 'cache'}", *SMOKE]
     proc = subprocess.run([sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=0.3,0.5", *env_args,
                            "-m"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -181,9 +178,9 @@ def test_cli_multirun_and_unknown_model(tmp_path):
 
 
 def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
-    cfg = compose_cfg("model=tiny_mistral", "sparsity=0.2", *TINY)
+    cfg = compose_cfg("model=tiny_mistral", "sparsity=0.2", *SMOKE)
     cfg.logger = compose_cfg("logger=wandb").logger  # the default logger: wandb, offline
-    run(cfg, run_dir=tmp_path)
+    run(load_settings(cfg), run_dir=tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     tables = list(runs[0].glob("files/media/table/results_*.table.json"))  # metric x level table
@@ -200,7 +197,7 @@ def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
     single-process trajectory."""
     args = [sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=[0.3,0.5]", "trainer=ddp",
             "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "progress=false", "threads=1",
-            f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'ddp'}", *TINY]
+            f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'ddp'}", *SMOKE]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr

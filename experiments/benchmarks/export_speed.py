@@ -114,20 +114,13 @@ def measure(name: str, model, disk: int, sparsity: float, args, device: torch.de
 
 def load_dense(args, device: torch.device, dtype: torch.dtype | None):
     """(model, tokenizer, label, {target: masks}); masks are None for random shapes (made from the structure)."""
-    from gisp.builders import load_run_model
-    from gisp.io import read_json
-    from gisp.prune.masks import Masks
+    from gisp.runs import RunDir
 
-    run_dir = Path(args.run_dir)
-    cfg, model, tokenizer = load_run_model(run_dir)
-    results = read_json(run_dir / "results.json")["targets"]
-    masks = {}
-    for t in args.targets:
-        key = f"{t:g}"
-        if key not in results:
-            raise SystemExit(f"target {key} is not in {run_dir}/results.json (has {sorted(results)})")
-        masks[t] = Masks.load(run_dir / results[key]["masks"])
-    return model.to(device=device, dtype=dtype or model.dtype), tokenizer, f"{cfg.model.name} from {run_dir}", masks
+    run = RunDir(args.run_dir)
+    live = run.load_model()
+    masks = {t: run.level(target=t).masks for t in args.targets}
+    model = live.model.to(device=device, dtype=dtype or live.model.dtype)
+    return model, live.tokenizer, f"{run.model_spec().name} from {run.path}", masks
 
 
 def build_random(args, device: torch.device, dtype: torch.dtype):
@@ -186,9 +179,9 @@ def main() -> None:
 
     from gisp.compact import GispDecoderForCausalLM
     from gisp.export import export_compact
+    from gisp.models.structure import describe
     from gisp.prune.masks import sparsity
     from gisp.prune.methods import random_plan
-    from gisp.models.structure import describe
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     log(f"loading the dense model on {device}")

@@ -24,8 +24,8 @@ import torch
 def one_mode(mode: str, samples: int, seq_len: int, batch: int, threads: int) -> dict:
     from gisp.data.sources import AUSTEN, calibration_windows, load_text, resolve_data_dir
     from gisp.lightning.scoring import GISPModule
-    from gisp.models.loading import ModelSpec, load_model_and_tokenizer
     from gisp.models.families import family_spec
+    from gisp.models.loading import ModelSpec, load_model_and_tokenizer
     from gisp.models.structure import describe, layer_modules
 
     torch.set_num_threads(threads)

@@ -16,13 +16,10 @@ from pathlib import Path
 
 import torch
 
-from gisp.builders import build_evaluator, load_run_model
 from gisp.data.sources import resolve_data_dir
-from gisp.io import read_json
-from gisp.prune.masks import MaskApplier, Masks
+from gisp.eval.suite import build_evaluator, eval_task_spec
 from gisp.prune.methods import random_plan
-from gisp.models.families import family_spec
-from gisp.models.structure import describe, layer_modules
+from gisp.runs import RunDir
 
 
 def main() -> None:
@@ -34,20 +31,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg, model, tok = load_run_model(args.run_dir)
-    cfg.eval.tasks.wikitext2_ppl.max_windows = args.windows
-    results = read_json(args.run_dir / "results.json")
-    structure = describe(model, explicit=results["method"]["protected_layers"])
-    applier = MaskApplier(layer_modules(model, family_spec(model.config.model_type)), structure)
-    evaluator = build_evaluator(cfg.eval, tok, resolve_data_dir(cfg.get("data_dir")))
+    run = RunDir(args.run_dir)
+    live = run.load_model()
+    model, structure, applier = live.model, live.structure, live.applier
+    results = run.results()
+    ppl = dict(run.config["eval"]["tasks"]["wikitext2_ppl"], max_windows=args.windows)
+    evaluator = build_evaluator([eval_task_spec("wikitext2_ppl", ppl)], live.tokenizer,
+                                resolve_data_dir(run.config.get("data_dir")))
     info = evaluator.describe()["wikitext2_ppl"]
     started = time.perf_counter()
 
-    applier.set(Masks.dense(structure))
+    live.set_level(None)
     dense = evaluator(model)["wikitext2_ppl"]
     rows = [f"| dense | 0 | {dense:.2f} | - |"]
     for key, entry in results["targets"].items():
-        applier.set(Masks.load(args.run_dir / entry["masks"]))
+        live.set_level(run.level(target=float(key)))
         gisp = evaluator(model)["wikitext2_ppl"]
         randoms = []
         for seed in range(args.seeds):

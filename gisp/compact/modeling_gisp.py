@@ -215,9 +215,11 @@ class GispDecoderForCausalLM(GispDecoderPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                   use_cache)
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, cache=None, **kwargs):
+        # transformers >= 5.2x passes the KV cache as `cache` (older releases: `past_key_values`); accept both, or
+        # generation would silently run every step without its past.
+        past = cache if cache is not None else past_key_values
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, past, inputs_embeds, use_cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:

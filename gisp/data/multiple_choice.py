@@ -7,14 +7,14 @@ evaluated (as lm-eval does); the single labelled file of BoolQ, PIQA, HellaSwag 
 permutation, first half calibration, second half evaluation.
 
 :func:`render` turns a document into exactly the (context, continuation) pairs lm-eval scores: it runs lm-eval's
-``ConfigurableTask`` on gisp's task YAMLs (``gisp/lm_eval_tasks``), the same files :mod:`gisp.eval.multiple_choice` evaluates.
+``ConfigurableTask`` (through :mod:`gisp.eval.harness`) on gisp's task YAMLs (``gisp/eval/tasks``), the same files
+:mod:`gisp.eval.multiple_choice` evaluates.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from gisp.data.sources import SOURCES, resolve_data_dir
+from gisp.data.sources import SOURCES, choose_source, resolve_data_dir
 from gisp.errors import GispError
+from gisp.hub import OFFLINE_VARS
 from gisp.io import file_sha256, read_jsonl
 
 CMQA_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -96,16 +97,16 @@ def task_spec(task: str) -> TaskSpec:
 
 def lm_eval_yaml(task: str) -> Path:
     """lm-eval's installed config of ``task`` (what the hub mode runs and gisp's YAML mirrors)."""
-    import lm_eval.tasks
+    from gisp.eval.harness import installed_task_yaml
 
-    return Path(lm_eval.tasks.__file__).resolve().parent / task_spec(task).lm_eval_yaml
+    return installed_task_yaml(task_spec(task).lm_eval_yaml)
 
 
 def load_task_config(path: Path) -> dict:
     """A task YAML as lm-eval reads it (``include`` merged, ``!function`` resolved), without structural keys."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from gisp.eval.harness import load_task_yaml
 
-    cfg = load_yaml(path, resolve_func=True)
+    cfg = load_task_yaml(path, resolve_func=True)
     for key in ("tag", "group", "task_list"):
         cfg.pop(key, None)
     return cfg
@@ -142,15 +143,15 @@ def hellaswag_query(local_query: str) -> str:
     ``ctx_b`` as is and a few ``[...]`` spans. ``ctx_b`` (ActivityNet items only; empty for WikiHow) is the
     lower-case fragment after the last sentence, so it is capitalized here and lm-eval's preprocess is applied again.
     """
-    from lm_eval.tasks.hellaswag.utils import preprocess
+    from gisp.eval.harness import hellaswag_preprocess
 
-    query = preprocess(local_query)
+    query = hellaswag_preprocess(local_query)
     match = re.fullmatch(r"(.*\.) ([a-z][^.]*)", query)
     return f"{match.group(1)} {match.group(2).capitalize()}" if match else query
 
 
 def _read_hellaswag(paths):
-    from lm_eval.tasks.hellaswag.utils import preprocess
+    from gisp.eval.harness import hellaswag_preprocess as preprocess
 
     with bz2.open(paths[0], "rt", encoding="utf-8") as fh:
         lines = fh.read().split("\n")
@@ -233,20 +234,21 @@ def local_files(task: str, part: str, data_dir: str | Path | None) -> list[Path]
     return None if root is None else [root / rel for rel in files]
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def _what(task: str, part: str) -> str:
+    extra = " (there is no offline MedQA copy in ../shared/data)" if task == "medqa" else ""
+    return f"{task} {part} data{extra}"
+
+
+def _fix(task: str, paths: list[Path] | None) -> str:
+    spec = task_spec(task)
+    where = ", ".join(map(str, paths)) if paths else "<data_dir>/" + ", <data_dir>/".join(spec.evaluation_files)
+    return (f"Fix: place the files at {where} (data_dir= or $GISP_DATA_DIR; MANIFEST.md lists the formats), or run "
+            f"with network access and source='hub' (lm-eval task {spec.lm_eval_task!r}; "
+            f"unset {'/'.join(OFFLINE_VARS)})")
 
 
 def _no_data_error(task: str, part: str, paths: list[Path] | None, why: str) -> GispError:
-    spec = task_spec(task)
-    where = ", ".join(map(str, paths)) if paths else "<data_dir>/" + ", <data_dir>/".join(spec.evaluation_files)
-    extra = " (there is no offline MedQA copy in ../shared/data)" if task == "medqa" else ""
-    return GispError(
-        f"{task} {part} data: {why}{extra}. Fix: place the files at {where} (data_dir= or $GISP_DATA_DIR; "
-        f"MANIFEST.md lists the formats), or run with network access and source='hub' (lm-eval task "
-        f"{spec.lm_eval_task!r}; unset HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
-    )
+    return GispError(f"{_what(task, part)}: {why}. {_fix(task, paths)}")
 
 
 def resolve_source(task: str, part: str, data_dir: str | Path | None, source: str) -> str:
@@ -261,12 +263,7 @@ def resolve_source(task: str, part: str, data_dir: str | Path | None, source: st
         missing = [p for p in paths or [] if not p.is_file()]
         what = ", ".join(map(str, missing)) or "no data directory found"
         raise _no_data_error(task, part, paths, f"local file(s) missing: {what}")
-    if source == "auto":
-        source = "local" if present else "hub"
-    if source == "hub" and _hub_offline():
-        why = "no local copy found" if not present else "source='hub' requested"
-        raise _no_data_error(task, part, paths, f"{why} and the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)")
-    return source
+    return choose_source(source, present, _what(task, part), _fix(task, paths))
 
 
 def _load_local(task: str, part: str, data_dir, split_seed: int) -> tuple[list[dict], dict]:
@@ -324,20 +321,9 @@ def load_docs(task: str, part: str, data_dir: str | Path | None = None, source: 
 
 def build_renderer(config: dict, docs: list[dict]):
     """lm-eval's ``ConfigurableTask`` for ``config`` over in-memory ``docs`` (no download): the prompt machinery."""
-    import datasets
-    from lm_eval.api.task import ConfigurableTask
+    from gisp.eval.harness import task_renderer
 
-    ds = datasets.Dataset.from_list(docs)
-    cfg = {k: v for k, v in config.items() if k not in ("tag", "group", "task_list", "include")}
-    splits = {cfg.get(k) for k in ("training_split", "validation_split", "test_split")} - {None}
-    cfg.update(dataset_kwargs=None, custom_dataset=lambda **_: datasets.DatasetDict({s: ds for s in splits}))
-    task_logger = logging.getLogger("lm_eval.api.task")  # silence its "custom kwargs ... --metadata" CLI hint
-    level = task_logger.level
-    task_logger.setLevel(logging.ERROR)
-    try:
-        return ConfigurableTask(config=cfg)
-    finally:
-        task_logger.setLevel(level)
+    return task_renderer(config, docs)
 
 
 def render_with(lm_task, task: str, doc: dict, doc_id: str = "") -> MCQuestion:

@@ -18,12 +18,28 @@ from typing import Any
 import torch
 
 from gisp.errors import GispError
+from gisp.hub import OFFLINE_VARS, hub_offline, load_hub_dataset  # load_hub_dataset: also re-exported from here
 from gisp.io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
 ENV_DATA_DIR = "GISP_DATA_DIR"
 SOURCES = ("hub", "local", "auto")
+
+
+def choose_source(source: str, local_present: bool, what: str, fix: str) -> str:
+    """"local" or "hub" for ``source`` ("hub" | "local" | "auto"): auto means local when the local copy is present.
+
+    Hub while the hub is offline (:func:`gisp.hub.hub_offline`) raises a GispError that names ``what`` and ``fix``.
+    ``source="local"`` is returned as is even when the files are missing: the caller names the missing files.
+    """
+    if source not in SOURCES:
+        raise GispError(f"{what}: unknown source {source!r}; use one of {list(SOURCES)}")
+    chosen = source if source != "auto" else ("local" if local_present else "hub")
+    if chosen == "hub" and hub_offline():
+        why = "no local copy found" if not local_present else f"source={source!r} requested"
+        raise GispError(f"{what}: {why} and the hub is offline ({'/'.join(OFFLINE_VARS)}). {fix}")
+    return chosen
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
@@ -58,41 +74,6 @@ class TextSource:
     # Local .txt files in the original ``wiki.*.raw`` layout (blank rows are " "): rebuild the HF rows
     # (line + "\n" if non-blank else "") so the text equals "\n\n".join(load_dataset(...)["text"]).
     wikitext_rows: bool = False
-
-
-WIKITEXT2_TEST = TextSource(
-    name="wikitext2_test",
-    source="auto",
-    local_files=("wikitext-2-raw/test.txt",),
-    hub_path="wikitext",
-    hub_name="wikitext-2-raw-v1",
-    hub_split="test",
-    wikitext_rows=True,
-)
-"""The standard LLM perplexity text (SparseGPT/Wanda): ``"\\n\\n".join(wikitext-2-raw-v1 test rows)``."""
-
-WIKITEXT2_TEST_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
-
-AUSTEN = TextSource(
-    name="austen",
-    source="local",
-    local_files=tuple(
-        f"austen/{n}.txt"
-        for n in ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
-    ),
-    join="\n\n",
-)
-"""Offline calibration text (public domain, ~4 M chars): no C4 / WikiText-2 train is available offline."""
-
-C4_TRAIN = TextSource(
-    name="c4",
-    source="hub",
-    hub_path="allenai/c4",
-    hub_split="train",
-    hub_data_files="en/c4-train.00000-of-01024.json.gz",
-    max_documents=20000,
-)
-"""The papers' calibration text (first shard of C4 en); hub only."""
 
 
 def _sha256(text: str) -> str:
@@ -145,17 +126,8 @@ def _hub_id(src: TextSource) -> str:
     return f"{src.hub_path}/{src.hub_name}:{src.hub_split}" if src.hub_name else f"{src.hub_path}:{src.hub_split}"
 
 
-def load_hub_dataset(what: str, path: str, name: str | None, fix: str, **kwargs: Any):
-    """``datasets.load_dataset(path, name, **kwargs)``; any hub failure (offline, unknown name, auth) becomes one
-    GispError that says what could not be loaded and `fix`."""
-    import datasets  # heavy import, only when the hub is used
-
-    try:
-        return datasets.load_dataset(path, name, **kwargs)
-    except Exception as exc:
-        hub_id = f"{path}/{name}" if name else path
-        raise GispError(f"{what}: could not load {hub_id} ({kwargs.get('split')}) from the dataset hub "
-                        f"({type(exc).__name__}: {str(exc)[:300]}). {fix}") from exc
+_HUB_FIX = ("If you are offline, use a local source instead, e.g. data=austen for calibration, or source=local with "
+            f"{ENV_DATA_DIR} pointing at the local data")
 
 
 def _read_hub(src: TextSource) -> str:
@@ -168,9 +140,7 @@ def _read_hub(src: TextSource) -> str:
     kwargs: dict[str, Any] = {"split": src.hub_split}
     if src.hub_data_files is not None:
         kwargs["data_files"] = src.hub_data_files
-    ds = load_hub_dataset(f"data source {src.name!r}", src.hub_path, src.hub_name,
-                          "If you are offline, use a local source instead, e.g. data=austen for calibration, or "
-                          f"source=local with {ENV_DATA_DIR} pointing at the local data", **kwargs)
+    ds = load_hub_dataset(f"data source {src.name!r}", src.hub_path, src.hub_name, _HUB_FIX, **kwargs)
     if src.max_documents is not None:
         ds = ds.select(range(min(src.max_documents, len(ds))))
     if src.text_field not in ds.column_names:
@@ -186,17 +156,16 @@ def load_text(src: TextSource, data_dir: Path | None) -> tuple[str, dict]:
     if src.source not in SOURCES:
         raise GispError(f"data source {src.name!r}: unknown source {src.source!r}; use one of {list(SOURCES)}")
     data_dir = Path(data_dir) if data_dir is not None else None
-    use_local = src.source == "local"
-    if src.source == "auto":
-        if not src.local_files:
-            use_local = False
-        else:
-            try:
-                use_local = all(p.is_file() for p in _local_paths(src, data_dir))
-            except GispError:
-                use_local = False
-        if not use_local and not src.hub_path:
-            use_local = True  # nothing else to try: report the missing local files
+    try:
+        present = bool(src.local_files) and all(p.is_file() for p in _local_paths(src, data_dir))
+    except GispError:  # relative files and no data directory
+        present = False
+    if not src.hub_path and src.source != "local":
+        # No hub to choose: auto reports the missing local files, hub reports the missing hub_path.
+        use_local = src.source == "auto"
+    else:
+        use_local = choose_source(src.source, present, f"data source {src.name!r} (hub {_hub_id(src)})",
+                                  _HUB_FIX) == "local"
     prov: dict[str, Any] = {"name": src.name}
     if use_local:
         if not src.local_files:

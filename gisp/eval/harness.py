@@ -2,6 +2,10 @@
 
 lm-eval's ``HFLM`` accepts a model instance, so the forward pre-hooks that apply the pruning masks stay in place
 and every sparsity level of a trajectory is evaluated on the same weights in memory.
+
+This is the one module of gisp that imports ``lm_eval`` (always inside functions: importing it is slow). Everything
+else reaches lm-eval through the small functions here: its version, its installed task YAMLs and YAML loader, its
+prompt machinery (:func:`task_renderer`), its task index (:func:`task_index`) and :func:`evaluate_tasks`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ import functools
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +43,53 @@ def make_lm(model: torch.nn.Module, tokenizer, batch_size: int = 8, max_length: 
     return HFLM(**kwargs)
 
 
+def lm_eval_version() -> str | None:
+    """The installed lm-eval version (for results' provenance), None when it is not installed."""
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return None
+
+
+def installed_task_yaml(relative: str | Path) -> Path:
+    """lm-eval's installed task YAML at ``relative`` to ``lm_eval/tasks`` (e.g. ``"gsm8k/gsm8k.yaml"``)."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).resolve().parent / relative
+
+
+def load_task_yaml(path: str | Path, resolve_func: bool = True) -> dict:
+    """A task YAML as lm-eval reads it: ``include`` merged and, with ``resolve_func``, ``!function`` resolved."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path, resolve_func=resolve_func)
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval's HellaSwag text clean-up (``lm_eval.tasks.hellaswag.utils.preprocess``)."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    return preprocess(text)
+
+
+def task_renderer(config: dict, docs: list[dict]):
+    """lm-eval's ``ConfigurableTask`` for ``config`` over in-memory ``docs`` (no download): the prompt machinery."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    ds = datasets.Dataset.from_list(docs)
+    cfg = {k: v for k, v in config.items() if k not in ("tag", "group", "task_list", "include")}
+    splits = {cfg.get(k) for k in ("training_split", "validation_split", "test_split")} - {None}
+    cfg.update(dataset_kwargs=None, custom_dataset=lambda **_: datasets.DatasetDict({s: ds for s in splits}))
+    task_logger = logging.getLogger("lm_eval.api.task")  # silence its "custom kwargs ... --metadata" CLI hint
+    level = task_logger.level
+    task_logger.setLevel(logging.ERROR)
+    try:
+        return ConfigurableTask(config=cfg)
+    finally:
+        task_logger.setLevel(level)
+
+
 @functools.cache
 def _bare_task_manager():
     """A TaskManager that does not index lm-eval's ~10k built-in tasks (about 9 s per call): enough for tasks
@@ -43,6 +97,51 @@ def _bare_task_manager():
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_defaults=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager(include_path: str | Path | None = None, include_defaults: bool = True):
+    """lm-eval's ``TaskManager`` over the task YAMLs under ``include_path`` and, with ``include_defaults``, its
+    built-in tasks (indexing those takes ~9 s, so managers are cached per process)."""
+    return _task_manager(None if include_path is None else str(Path(include_path).expanduser().resolve()),
+                         bool(include_defaults))
+
+
+@dataclass(frozen=True)
+class IndexedTask:
+    """One name of lm-eval's task index: a task, a group (its ``task:`` list) or a tag (the tasks that carry it)."""
+
+    name: str
+    kind: str  # "task" | "python_task" | "group" | "tag"
+    config: dict | None  # the YAML as indexed: includes merged, !function not resolved
+    yaml_path: Path | None
+    members: tuple = ()  # group: its task list entries (names or dicts); tag: its task names
+
+
+def task_index(include_path: str | Path | None = None, include_defaults: bool = False) -> dict[str, IndexedTask]:
+    """The names lm-eval knows under ``include_path`` (and its built-ins with ``include_defaults``)."""
+    from lm_eval.tasks._index import Kind
+
+    kinds = {Kind.TASK: "task", Kind.PY_TASK: "python_task", Kind.GROUP: "group", Kind.TAG: "tag"}
+    out = {}
+    for name, entry in task_manager(include_path, include_defaults).task_index.items():
+        kind = kinds.get(entry.kind, "unknown")
+        cfg = dict(entry.cfg) if entry.cfg is not None else None
+        if kind == "group":
+            members = (cfg or {}).get("task") or ()
+            members = tuple(members) if isinstance(members, list) else (members,)
+        elif kind == "tag":
+            members = tuple(sorted(entry.tags))
+        else:
+            members = ()
+        out[name] = IndexedTask(name, kind, cfg, entry.yaml_path, members)
+    return out
 
 
 @contextmanager
@@ -72,8 +171,13 @@ def evaluate_tasks(
     max_length: int | None = None,
     seed: int = 1234,
     progress: bool = True,
+    include_path: str | Path | None = None,
+    include_defaults: bool | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """lm-eval ``simple_evaluate`` on ``tasks`` (names, config dicts or Task objects).
+
+    Task names are looked up in the YAMLs under ``include_path`` (then lm-eval's built-ins only if
+    ``include_defaults``, default False) or, without ``include_path``, in lm-eval's built-in tasks.
 
     Returns ``(results, n_samples)``: {task: {"acc,none": value, ...}} and {task: {"original": n, "effective": n}}.
 
@@ -81,14 +185,19 @@ def evaluate_tasks(
     """
     from lm_eval import simple_evaluate
 
-    by_name = any(isinstance(t, str) for t in tasks)  # lm-eval's own task names need its full index
+    if include_path is not None:
+        manager = task_manager(include_path, bool(include_defaults))
+    elif any(isinstance(t, str) for t in tasks):  # lm-eval's own task names need its full index
+        manager = task_manager(None, True)
+    else:
+        manager = _bare_task_manager()
     was_training = model.training
     try:
         with _tqdm_disabled(not progress):
             out = simple_evaluate(
                 model=make_lm(model, tokenizer, batch_size, max_length),
                 tasks=tasks,
-                task_manager=None if by_name else _bare_task_manager(),
+                task_manager=manager,
                 num_fewshot=num_fewshot,
                 limit=limit,
                 log_samples=False,

@@ -1,7 +1,8 @@
 """Zero-shot multiple-choice accuracy (the seven CMQA tasks, MedQA) of the live model through lm-eval.
 
-Hub: lm-eval's own tasks (``boolq``, ..., ``medqa_4options``). Offline: gisp's task YAMLs (``gisp/lm_eval_tasks``,
-lm-eval's prompts and metrics) over the local *evaluation* parts (:mod:`gisp.data.multiple_choice`), written once as jsonl files.
+Hub: lm-eval's own tasks (``boolq``, ..., ``medqa_4options``). Offline: gisp's task YAMLs (``gisp/eval/tasks``,
+lm-eval's prompts and metrics) over the local *evaluation* parts (:mod:`gisp.data.multiple_choice`), written once as
+jsonl files.
 Reported per task is lm-eval's ``acc`` for BoolQ and WinoGrande and ``acc_norm`` for the others, as fractions.
 """
 
@@ -13,14 +14,22 @@ import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from gisp.data.multiple_choice import (
+    CMQA_TASKS,
+    MC_TASKS,
+    lm_eval_yaml,
+    load_docs,
+    load_task_config,
+    resolve_source,
+    task_spec,
+)
 from gisp.data.sources import SOURCES
 from gisp.errors import GispError
+from gisp.eval import harness
 from gisp.io import write_jsonl_atomic
-from gisp.data.multiple_choice import CMQA_TASKS, MC_TASKS, lm_eval_yaml, load_docs, load_task_config, resolve_source, task_spec
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +40,6 @@ MEAN_RULE = ("cmqa_mean: mean of the seven CMQA metrics, reported only when all 
 def metric_key(task: str) -> str:
     """The flat result name of ``task``: ``boolq_acc``, ``piqa_acc_norm``, ..., ``medqa_acc_norm``."""
     return f"{task}_{task_spec(task).metric}"
-
-
-def _lm_eval_version() -> str | None:
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return None
 
 
 @dataclass
@@ -125,15 +127,13 @@ class MultipleChoiceSuite:
 
         ``progress=False`` quiets lm-eval's info logging (its tqdm bars are its own).
         """
-        from gisp.eval.harness import evaluate_tasks
-
         lm_logger = logging.getLogger("lm_eval")
         level = lm_logger.level
         if not progress:
             lm_logger.setLevel(logging.WARNING)
         try:
             specs = [copy.deepcopy(self._specs[t]) for t in self.tasks]  # lm-eval builds fresh Task objects
-            results, n_samples = evaluate_tasks(model, tokenizer, specs, num_fewshot=self.num_fewshot,
+            results, n_samples = harness.evaluate_tasks(model, tokenizer, specs, num_fewshot=self.num_fewshot,
                                                 limit=self.limit, batch_size=self.batch_size, progress=progress)
         finally:
             lm_logger.setLevel(level)
@@ -169,4 +169,4 @@ class MultipleChoiceSuite:
                 "split_seed": self.split_seed,
             }
         return {"kind": "multiple_choice", "tasks": tasks, "num_fewshot": self.num_fewshot,
-                "batch_size": self.batch_size, "mean": MEAN_RULE, "lm_eval_version": _lm_eval_version()}
+                "batch_size": self.batch_size, "mean": MEAN_RULE, "lm_eval_version": harness.lm_eval_version()}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from gisp.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,9 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path | None:
     fig.suptitle(f"{results.get('model', '')} ({results.get('method', {}).get('objective', '')})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     log.info("figure: %s", path)
     return path
 

@@ -8,85 +8,18 @@ YAML. Perplexity windows are tokenized once per run so that every level is score
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from gisp.data.sources import TextSource, load_text, tokenize_stream, windows_from_stream
 from gisp.errors import GispError
+from gisp.eval.perplexity import PerplexityTask, perplexity
 
 logger = logging.getLogger(__name__)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-@torch.no_grad()
-def perplexity(
-    model: torch.nn.Module,
-    windows: torch.Tensor,
-    batch_size: int,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    desc: str = "wikitext2 ppl",
-) -> float:
-    """exp(total next-token NLL / total predicted tokens) over ``windows`` (n_windows, seq_len).
-
-    Each window is scored on its own (no context carried over): seq_len - 1 predicted positions, CE in float32.
-    Since all windows have the same length this equals SparseGPT/Wanda's exp(mean of per-window mean losses);
-    summing first keeps it exact whatever ``batch_size`` is.
-    """
-    if windows.ndim != 2 or windows.shape[0] == 0:
-        raise GispError(
-            f"no evaluation windows (shape {tuple(windows.shape)}): text shorter than one window of seq_len "
-            f"tokens; use a longer text or a smaller seq_len"
-        )
-    if windows.shape[1] < 2:
-        raise GispError(f"evaluation windows of {windows.shape[1]} token(s) predict nothing; use seq_len >= 2")
-    if batch_size < 1:
-        raise GispError(f"evaluation batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    config = getattr(model, "config", None)
-    kwargs: dict[str, Any] = {"use_cache": False} if hasattr(config, "use_cache") else {}
-    was_training = model.training
-    model.eval()
-    total_nll = 0.0
-    total_tokens = 0
-    try:
-        starts = range(0, windows.shape[0], batch_size)
-        for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            ids = windows[i : i + batch_size].to(device)  # (b, seq_len)
-            logits = model(ids, **kwargs).logits  # (b, seq_len, vocab)
-            pred = logits[:, :-1, :].float()  # (b, seq_len-1, vocab)
-            target = ids[:, 1:]  # (b, seq_len-1)
-            nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-            total_nll += float(nll)
-            total_tokens += target.numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total_nll / total_tokens)
-
-
-@dataclass(frozen=True)
-class PerplexityTask:
-    """One perplexity metric: a text, a window length and how much of it to use."""
-
-    metric: str  # e.g. "wikitext2_ppl" (ctx 128)
-    source: TextSource
-    seq_len: int = 128
-    max_windows: int | None = None  # None: all windows (the paper's protocol); an int: a faster subset
-    batch_size: int = 8
-    variant: str = ""  # the dataset variant in words, written next to the number (e.g. "wikitext-2-raw-v1 test")
 
 
 class EvalSuite(Protocol):
@@ -223,7 +156,8 @@ def _suite(module: str, cls: str) -> EvalKind:
 EVAL_KINDS: dict[str, EvalKind] = {
     "perplexity": EvalKind(lambda: PerplexityTask, _perplexity, extra_fields=("text",)),
     "multiple_choice": _suite("gisp.eval.multiple_choice", "MultipleChoiceSuite"),
-    "gsm8k": _suite("gisp.data.gsm8k", "GSM8KTask"),
+    "gsm8k": _suite("gisp.eval.gsm8k", "GSM8KTask"),
+    "lm_eval": _suite("gisp.eval.named_tasks", "LmEvalTasks"),
 }
 
 
@@ -240,7 +174,8 @@ def eval_task_spec(name: str, node: dict) -> EvalTaskSpec:
         raise GispError(f"eval task {name!r} (kind {kind}): unknown field(s) {unknown or ['data_dir/work_dir']}; "
                         f"its fields are {sorted(allowed - {'data_dir', 'work_dir', 'metric', 'source'})}")
     if kind == "perplexity" and not node.get("text"):
-        raise GispError(f"eval task {name!r}: a perplexity task needs `text` (a text source, see conf/eval/wikitext2.yaml)")
+        raise GispError(f"eval task {name!r}: a perplexity task needs `text` (a text source, see "
+                        "conf/eval/wikitext2.yaml)")
     return EvalTaskSpec(name, kind, tuple(sorted(node.items())))
 
 

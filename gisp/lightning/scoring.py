@@ -1,4 +1,7 @@
-"""The LightningModule: one validation epoch = one GISP scoring pass over the calibration set.
+"""The scoring passes as LightningModules: one validation epoch = one pass over the calibration set.
+
+`PASSES` maps a score's signal to the module that computes it: `gradients` (GISPModule, a backward pass),
+`activations` (ActivationModule, a forward pass with input hooks); `weights` scores need no pass.
 
 Lightning runs the validation loop (devices, progress bar, DDP ranks); each validation step computes the
 objective with gradients enabled and runs backward, accumulating the signed gradient of the scored weights only.
@@ -9,18 +12,17 @@ scores and the same masks, and turned into per-head and per-channel scores.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
-from gisp.data.calibration import CalibrationSet, SequenceDataset, pad_collate
 from gisp.errors import GispError
-from gisp.prune.objectives import batch_losses
-from gisp.prune.activations import InputMoments, InputRecorder
-from gisp.prune.importance import scored_weights, structure_scores
 from gisp.models.structure import LayerModules, ModelStructure
+from gisp.prune.activations import InputMoments, InputRecorder
+from gisp.prune.importance import get_score, scored_weights, structure_scores
+from gisp.prune.objectives import batch_losses
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class GISPModule(L.LightningModule):
         n_samples: int,
         normalization: str = "reference",
         grad_dtype: torch.dtype | None = None,
+        score_fn: Callable | None = None,
     ):
         super().__init__()
         self.model = model
@@ -41,6 +44,8 @@ class GISPModule(L.LightningModule):
         self.structure = structure
         self.n_samples = n_samples  # global calibration set size: every sequence must be seen once per pass
         self.normalization = normalization
+        # grad_of -> (heads (L, H), channels (L, F)); GISP's normalized taylor score unless a registry score is given
+        self.score_fn = score_fn or (lambda grad_of: structure_scores(layers, structure, normalization, grad_of))
         self.scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self.calib_loss: float | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64)
@@ -109,7 +114,7 @@ class GISPModule(L.LightningModule):
                             "do not limit validation batches (trainer.limit_val_batches) during pruning")
         self._check_finite()
         self.calib_loss = float(loss_sum)  # the objective's value: sum_i w_i L_i
-        self.scores = structure_scores(self.layers, self.structure, self.normalization, self.grad_of)
+        self.scores = self.score_fn(self.grad_of)
         for p in self._scored:  # free the gradient memory before evaluation
             p.grad = None
         self._accumulated.clear()
@@ -177,35 +182,23 @@ class ActivationModule(L.LightningModule):
         self.scores = self.score_fn(moments)
 
 
-class ShardSampler(Sampler[int]):
-    """Strided shard rank::world_size without padding: the shards partition the set exactly (DistributedSampler
-    pads with repeated samples, which would bias the mean gradient)."""
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+def gradient_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
+                  pruner) -> GISPModule:
+    score = get_score(pruner.score)
+    return GISPModule(model, layers, structure, n_samples, pruner.normalization, pruner.grad_torch_dtype,
+                      score_fn=lambda grad_of: score.scores(layers, structure, grad_of, pruner))
 
 
-class CalibrationData(L.LightningDataModule):
-    """Serves the calibration set; each process gets its own shard (ranks are known only after launch)."""
+def activation_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
+                    pruner) -> ActivationModule:
+    score = get_score(pruner.score)
+    return ActivationModule(model, layers, structure, n_samples,
+                            score_fn=lambda moments: score.scores(layers, structure, moments, pruner))
 
-    def __init__(self, calib: CalibrationSet, batch_size: int):
-        super().__init__()
-        if batch_size < 1:
-            raise GispError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.dataset = SequenceDataset(calib)
-        self.collate = pad_collate(calib.pad_id)
-        self.batch_size = batch_size
 
-    def val_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        if len(self.dataset) < world:
-            raise GispError(f"{len(self.dataset)} calibration samples cannot be split over {world} processes")
-        sampler = ShardSampler(len(self.dataset), rank, world)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
+PASSES: dict[str, Callable[..., L.LightningModule] | None] = {
+    "gradients": gradient_pass,
+    "activations": activation_pass,
+    "weights": None,  # scores from the weights alone: no calibration pass
+}
+"""signal -> the scoring pass that feeds scores of that signal (model, layers, structure, n_samples, pruner)."""

@@ -1,7 +1,8 @@
 """Model families as data: where the prunable structures live in each decoder architecture.
 
-Every family-specific fact the pruning code needs is in one `FamilySpec`; there are no per-model code paths.
-Adding a family that follows the Llama layout (Llama, Mistral, Qwen2, Qwen3, ...) is one registry entry.
+Every family-specific fact the pruning and export code needs is in one `FamilySpec`; there are no per-model code
+paths. Adding a family that follows the Llama layout (Llama, Mistral, Qwen2, Qwen3, ...) is one registry entry
+(plus a conf/model YAML); the random tiny models for tests can be built for every registered family.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ class FamilySpec:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
+    # Names the physical export needs (relative to a decoder layer, or to the CausalLM for embed / final norm).
+    input_norm: str = "input_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"
+    q_norm: str = "q_norm"  # per-head query / key norms (Qwen3); absent in other families
+    k_norm: str = "k_norm"
+    embed_tokens: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
     # Config attribute names.
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str = "num_key_value_heads"

@@ -9,8 +9,6 @@ pruned structures score 0 at the next step, as in the reference.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gisp.errors import GispError
+from gisp.io import atomic_file
 from gisp.models.structure import LayerModules, ModelStructure
 
 
@@ -78,14 +77,10 @@ class Masks:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": fmt, "version": "1"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        # One metadata key: safetensors writes metadata in hash-map order, so two keys made the bytes of identical
+        # masks differ from run to run.
+        save_file(tensors, str(tmp), metadata={"format": f"{fmt}/1"})
 
 
 @dataclass

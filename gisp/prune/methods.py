@@ -69,8 +69,8 @@ def pruner_spec(cfg: Mapping[str, Any]) -> PrunerSpec:
         raise GispError(f"unknown pruner.ranking '{spec.ranking}'; choose one of {tuple(RANKINGS)}")
     if spec.iterative and (signal != "gradients" or spec.ranking != "global"):
         raise GispError("pruner.iterative=true is GISP: it needs a gradient score (pruner.score=taylor) and "
-                        f"pruner.ranking=global (got {spec.score}, {spec.ranking}); use pruner=gisp, or iterative=false "
-                        "for a baseline")
+                        f"pruner.ranking=global (got {spec.score}, {spec.ranking}); use pruner=gisp, or "
+                        "iterative=false for a baseline")
     if spec.bias_compensation and signal != "activations":
         raise GispError("pruner.bias_compensation needs the mean inputs of an activation pass: use it with "
                         f"pruner.score=fluctuation or wanda (got {spec.score})")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from gisp.errors import GispError
-from gisp.prune.masks import Masks, sparsity
 from gisp.models.structure import ModelStructure
+from gisp.prune.masks import Masks, sparsity
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from conftest import tiny_model
 
-from gisp.prune.masks import MaskApplier, Masks, sparsity
 from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
+from gisp.prune.masks import MaskApplier, Masks, sparsity
 
 
 def random_masks(structure, seed=0, keep=0.6):

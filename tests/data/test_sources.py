@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import conf_text_source
 
-from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.data.sources import (
-    AUSTEN,
-    WIKITEXT2_TEST,
-    WIKITEXT2_TEST_SHA256,
     TextSource,
     calibration_windows,
     eval_windows,
@@ -22,12 +19,18 @@ from gisp.data.sources import (
     resolve_data_dir,
 )
 from gisp.errors import GispError
+from gisp.models.byte_tokenizer import byte_level_tokenizer
 
 DATA_DIR = resolve_data_dir(None)
 needs_data = pytest.mark.skipif(
     DATA_DIR is None or not (DATA_DIR / "wikitext-2-raw" / "test.txt").is_file(),
     reason="offline data directory (../shared/data or GISP_DATA_DIR) not found",
 )
+
+WIKITEXT2_TEST = conf_text_source("eval/wikitext2", "tasks", "wikitext2_ppl", "text")
+AUSTEN = conf_text_source("data/austen", "text")
+# sha256 of "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]): the canonical text.
+WIKITEXT2_TEST_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
 
 
 def load_test_tokenizer():

@@ -6,23 +6,24 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model
-from test_pipeline import DATA
-from test_scoring import full_batch_grads, slow_scores
+from conftest import SMOKE, tiny_model
+from test_importance import full_batch_grads, slow_scores
 
+from gisp.config import load_settings
 from gisp.data.calibration import from_windows
 from gisp.errors import GispError
 from gisp.io import read_json
-from gisp.lightning.scoring import ActivationModule, CalibrationData
-from gisp.prune.masks import MaskApplier, Masks, sparsity
-from gisp.prune.objectives import OBJECTIVES
+from gisp.lightning.datamodule import CalibrationData
+from gisp.lightning.scoring import ActivationModule
+from gisp.models.families import family_spec
+from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
 from gisp.prune.activations import InputRecorder
 from gisp.prune.importance import get_score
+from gisp.prune.masks import MaskApplier, Masks, sparsity
 from gisp.prune.methods import flap_bias, pruner_spec
+from gisp.prune.objectives import OBJECTIVES
 from gisp.prune.ranking import local_counts, plan_global, plan_local
-from gisp.models.families import family_spec
-from gisp.models.structure import describe, layer_modules
 from gisp.prune.trajectory import Trajectory
 
 PRUNERS = ["gisp", "oneshot", "llm_pruner", "wanda_sp", "flap", "magnitude", "random"]
@@ -157,7 +158,8 @@ def test_magnitude_and_random_scores(family):
             assert channels[i, j].item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.isinf(heads[list(structure.protected)]).all()
     spec = pruner_spec({"name": "r", "score": "random", "ranking": "local", "seed": 3})
-    a, b = get_score(spec.score).scores(layers, structure, None, spec), get_score(spec.score).scores(layers, structure, None, spec)
+    score = get_score(spec.score)
+    a, b = score.scores(layers, structure, None, spec), score.scores(layers, structure, None, spec)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # seeded
 
 
@@ -250,8 +252,8 @@ def method_runs(tmp_path_factory):
             cfg = compose("config", overrides=["model=tiny_mistral", "model.config.num_hidden_layers=6",
                                                "sparsity=[0.2,0.35,0.5]", "logger=none", "progress=false",
                                                "eval=none", f"pruner={pruner}",
-                                               f"cache_dir={tmp / 'cache'}", *DATA])
-        runs[pruner] = (run(cfg, run_dir=tmp / pruner), tmp / pruner)
+                                               f"cache_dir={tmp / 'cache'}", *SMOKE])
+        runs[pruner] = (run(load_settings(cfg), run_dir=tmp / pruner), tmp / pruner)
     return runs
 
 
@@ -283,15 +285,13 @@ def test_every_method_lands_on_its_targets(method_runs, pruner):
 
 def test_flap_level_is_replayed_with_its_bias(method_runs, tmp_path):
     """gisp.evaluate restores a FLAP level as masks + bias: the same perplexity as the live model had."""
-    from gisp.builders import load_run_model
-    from gisp.eval.suite import perplexity
+    from gisp.eval.perplexity import perplexity
+    from gisp.runs import RunDir
 
     _, run_dir = method_runs["flap"]
     traj = Trajectory.load(run_dir / "trajectory")
-    _, model, _ = load_run_model(run_dir, tmp_path / "cache")
-    structure = describe(model, protected=tuple(traj.manifest["meta"]["structure"]["protected"]))
-    layers = layer_modules(model, family_spec("mistral"))
-    applier = MaskApplier(layers, structure)
+    live = RunDir(run_dir).load_model(tmp_path / "cache")
+    model, applier, structure = live.model, live.applier, live.structure
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     step = traj.manifest["targets"]["0.5"]
     applier.set(traj.masks_at(step))
@@ -311,7 +311,7 @@ def test_flap_level_is_replayed_with_its_bias(method_runs, tmp_path):
 ])
 def test_bad_pruner_config_fails_early(compose_cfg, tmp_path, overrides, match):
     with pytest.raises(GispError, match=match):
-        run(compose_cfg("model=tiny_mistral", "eval=none", *DATA, *overrides), run_dir=tmp_path)
+        run(load_settings(compose_cfg("model=tiny_mistral", "eval=none", *SMOKE, *overrides)), run_dir=tmp_path)
     assert not (tmp_path / "trajectory").exists()
 
 

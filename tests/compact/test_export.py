@@ -11,11 +11,11 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from gisp.compact import GispDecoderForCausalLM
+from gisp.compact.slicing import export_compact, kv_plan
 from gisp.errors import GispError
-from gisp.export import export_compact, kv_plan
-from gisp.prune.masks import MaskApplier, Masks
 from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
+from gisp.prune.masks import MaskApplier, Masks
 
 
 def uneven_masks(structure, seed=0):

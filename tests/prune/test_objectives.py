@@ -7,15 +7,16 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.data.calibration import encode_pair, from_pairs, from_questions, from_windows
-from gisp.errors import GispError
-from gisp.lightning.scoring import CalibrationData, GISPModule
 from gisp.data.multiple_choice import Candidate, MCQuestion
-from gisp.prune.objectives import OBJECTIVES, get_objective, sequence_nll
+from gisp.errors import GispError
+from gisp.lightning.datamodule import CalibrationData
+from gisp.lightning.scoring import GISPModule
+from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.models.families import family_spec
-from gisp.prune.importance import structure_scores
 from gisp.models.structure import describe, layer_modules
+from gisp.prune.importance import structure_scores
+from gisp.prune.objectives import OBJECTIVES, get_objective, sequence_nll
 
 TOK = byte_level_tokenizer()
 

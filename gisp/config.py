@@ -1,0 +1,207 @@
+"""Hydra stops here: the composed config becomes typed settings, checked once, before anything is loaded.
+
+`load_settings(cfg)` is the one place that reads a `gisp.run` config; everything below it (pipeline, Lightning
+pieces, pruning, data, evaluation) takes these dataclasses. Every check that needs no model runs here, so a typo
+or an impossible combination fails in a second with a message naming the setting and the fix, not after the model
+and the data were loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from gisp.data.recipes import recipe_from_fields
+from gisp.data.sources import resolve_data_dir
+from gisp.errors import GispError
+from gisp.eval.suite import EvalTaskSpec, eval_task_spec
+from gisp.models.loading import ModelSpec
+from gisp.prune.methods import PrunerSpec, pruner_spec
+from gisp.prune.objectives import Objective, get_objective
+from gisp.prune.schedule import structural_ratios
+
+log = logging.getLogger(__name__)
+
+# Config sections that define the trajectory: a run dir can only be resumed with the same values.
+FINGERPRINT_KEYS = ("model", "data", "objective", "pruner", "schedule", "prune", "sparsity", "eval")
+# Gradient-score settings that moved from `prune` to the pruner configs that use them.
+MOVED_TO_PRUNER = ("normalization", "grad_dtype")
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    name: str = "linear"
+    steps: int = 10
+    max_ratio: float = 0.7
+    rate: float = 3.0
+
+    def ratios(self) -> list[float]:
+        return structural_ratios(self.name, self.steps, self.max_ratio, self.rate)
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    protect_first_fraction: float = 0.1
+    protect_last: int = 1
+    protect_layers: tuple[int, ...] | None = None
+    max_steps_per_run: int | None = None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything `gisp.run` needs, typed and checked."""
+
+    model: ModelSpec
+    calibration: Any  # a recipe of gisp.data.recipes (TextRecipe, GSM8KRecipe, MultipleChoiceRecipe, ...)
+    objective: Objective
+    pruner: PrunerSpec
+    schedule: ScheduleSettings
+    prune: PruneSettings
+    evaluation: tuple[EvalTaskSpec, ...]
+    targets: tuple[float, ...]
+    seed: int = 0
+    split_seed: int = 1234
+    threads: int | None = None
+    data_dir: Path | None = None
+    cache_dir: Path = Path.home() / ".cache" / "gisp"
+    resume: bool = True
+    progress: bool = True
+    trainer: dict = field(default_factory=dict)  # Lightning Trainer arguments
+    loggers: dict = field(default_factory=dict)  # name -> instantiable logger node (plain values)
+    resolved: dict = field(default_factory=dict)  # the resolved config: config.yaml, hyperparameters, fingerprint
+    overrides: tuple[str, ...] | None = None  # the command-line overrides of this job
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the sections that define the trajectory (how far one invocation goes is not one of them)."""
+        sections = {k: self.resolved[k] for k in FINGERPRINT_KEYS if k in self.resolved}
+        if isinstance(sections.get("prune"), dict):
+            sections["prune"] = {k: v for k, v in sections["prune"].items() if k != "max_steps_per_run"}
+        return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def config_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.resolved))
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python values (resolved interpolations); a mandatory value left unset (`???`) is a
+    GispError naming the key."""
+    if not OmegaConf.is_config(node):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise GispError(f"{key} must be set (the config leaves it `???`): pass {key}=... on the command line") from None
+
+
+def parse_targets(sparsity: Any) -> tuple[float, ...]:
+    """`sparsity=0.4` or `sparsity=[0.2,0.4]` -> sorted unique floats in [0, 1)."""
+    values = list(sparsity) if isinstance(sparsity, (list, tuple)) or OmegaConf.is_list(sparsity) else [sparsity]
+    if not values:
+        raise GispError("sparsity is empty: give one target (sparsity=0.4) or a list (sparsity=[0.2,0.4])")
+    try:
+        targets = sorted({float(v) for v in values})
+    except (TypeError, ValueError):
+        raise GispError(f"sparsity must be numbers in [0, 1), got {values}") from None
+    bad = [t for t in targets if not 0.0 <= t < 1.0]
+    if bad:
+        raise GispError(f"sparsity targets {bad} are outside [0, 1): parameter sparsity is a fraction, e.g. 0.4")
+    return tuple(targets)
+
+
+def model_spec(node: Any) -> ModelSpec:
+    try:
+        return ModelSpec(**plain(node))
+    except TypeError as e:
+        raise GispError(f"bad model config: {e}; see conf/model/*.yaml for the fields") from None
+
+
+def eval_tasks(node: Any) -> tuple[EvalTaskSpec, ...]:
+    """The `eval` group (`tasks: {name: {kind: ..., ...}}`) as checked task specs."""
+    tasks = (plain(node) or {}).get("tasks") or {}
+    return tuple(eval_task_spec(name, fields) for name, fields in tasks.items())
+
+
+def _pruner(cfg: DictConfig) -> PrunerSpec:
+    """The pruner node, with the gradient settings that used to live under `prune` carried over (deprecated)."""
+    fields = dict(plain(cfg.pruner))
+    for key in MOVED_TO_PRUNER:
+        old = cfg.get("prune", {}).get(key)
+        if old is not None:
+            log.warning("prune.%s is deprecated: it moved to the pruner config; use pruner.%s=%s", key, key, old)
+            fields[key] = old
+    return pruner_spec(fields)
+
+
+def _check_split_seeds(calibration: Any, evaluation: tuple[EvalTaskSpec, ...]) -> None:
+    """Offline multiple-choice data with one labelled split are halved by a seeded permutation: calibration and
+    evaluation must use the same seed, or the halves could overlap (calibrating on what is evaluated)."""
+    if calibration.kind != "multiple_choice":
+        return
+    for spec in evaluation:
+        seed = spec.fields.get("split_seed")
+        if spec.kind == "multiple_choice" and seed != calibration.split_seed:
+            raise GispError(
+                f"data.split_seed={calibration.split_seed} differs from eval.tasks.{spec.name}.split_seed={seed}: "
+                "the calibration and evaluation halves of the local data would overlap; set split_seed=... once "
+                "(both default to it)"
+            )
+
+
+def _int_or_none(value: Any, name: str, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise GispError(f"{name} must be an int >= {minimum} or null, got {value!r}")
+    return value
+
+
+def load_settings(cfg: DictConfig, overrides: list[str] | None = None) -> RunSettings:
+    """Check a composed `gisp.run` config and turn it into RunSettings (raises GispError naming the fix)."""
+    targets = parse_targets(cfg.sparsity)
+    pruner = _pruner(cfg)
+    objective = get_objective(cfg.objective.name)
+    calibration = recipe_from_fields(plain(cfg.data))
+    calibration.check(objective)
+    evaluation = eval_tasks(cfg.eval)
+    _check_split_seeds(calibration, evaluation)
+    schedule = ScheduleSettings(**plain(cfg.schedule))
+    schedule.ratios()  # checks steps and max_ratio
+    prune_node = {k: v for k, v in plain(cfg.prune).items() if k not in MOVED_TO_PRUNER}
+    explicit = prune_node.get("protect_layers")
+    try:
+        prune = PruneSettings(**{**prune_node, "protect_layers": None if explicit is None else tuple(explicit)})
+    except TypeError as e:
+        raise GispError(f"prune: {e}; its fields are {list(PruneSettings.__dataclass_fields__)}") from None
+    _int_or_none(prune.max_steps_per_run, "prune.max_steps_per_run", 1)
+    resolved = plain(cfg)
+    return RunSettings(
+        model=model_spec(cfg.model), calibration=calibration, objective=objective, pruner=pruner,
+        schedule=schedule, prune=prune, evaluation=evaluation, targets=targets, seed=int(cfg.seed),
+        split_seed=int(cfg.get("split_seed", 1234)), threads=_int_or_none(cfg.get("threads"), "threads", 1),
+        data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=Path(cfg.cache_dir).expanduser(),
+        resume=bool(cfg.resume), progress=bool(cfg.progress), trainer=plain(cfg.trainer) or {},
+        loggers=plain(cfg.get("logger")) or {}, resolved=resolved,
+        overrides=tuple(overrides) if overrides is not None else None,
+    )
+
+
+def build_loggers(loggers: dict, save_dir: Path, hyperparameters: dict) -> list:
+    """Lightning loggers of the `logger` group (one instantiate site), each given the run's hyperparameters."""
+    from hydra.utils import instantiate
+
+    out = []
+    for name, node in (loggers or {}).items():
+        logger = instantiate(node, save_dir=str(save_dir))
+        logger.log_hyperparams(hyperparameters)
+        out.append(logger)
+        log.info("logging to %s (%s)", name, type(logger).__name__)
+    return out

@@ -1,0 +1,73 @@
+"""Every option of every config group composes with the defaults and passes the typed checks of gisp.config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+
+from gisp.config import RunSettings, load_settings
+from gisp.errors import GispError
+
+# Options that need a companion setting to make sense with the defaults (everything else composes alone).
+COMPANIONS = {
+    ("objective", "answer_ppl"): ["data=gsm8k"],
+    ("objective", "margin"): ["data=cmqa"],
+    ("data", "local_text"): ["data.text.local_files=[austen/emma.txt]"],
+}
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
+
+
+def _settings(*overrides: str) -> RunSettings:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return load_settings(compose("config", overrides=list(overrides)))
+
+
+def test_every_group_has_options():
+    expected = {"model", "data", "objective", "pruner", "schedule", "eval", "logger", "trainer", "experiment"}
+    assert expected <= set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_checks(group, option):
+    settings = _settings(f"{group}={option}", *COMPANIONS.get((group, option), []))
+    assert isinstance(settings, RunSettings)
+    assert settings.targets and all(0 <= t < 1 for t in settings.targets)
+    assert settings.resolved[group] is not None if group != "experiment" else True
+
+
+def test_deprecated_prune_keys_reach_the_pruner(caplog):
+    settings = _settings("prune.normalization=paper", "prune.grad_dtype=float32")
+    assert settings.pruner.normalization == "paper" and settings.pruner.grad_dtype == "float32"
+    assert "moved to the pruner config" in caplog.text
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["sparsity=1.2"], "outside"),
+    (["pruner.score=nosuch"], "unknown pruner.score"),
+    (["pruner.normalization=nosuch"], "normalization"),
+    (["pruner=wanda_sp", "pruner.bias_compensation=true", "pruner.score=magnitude"], "bias_compensation"),
+    (["data.batch_size=0"], "batch_size"),
+    (["+data.text.nosuch=1"], "nosuch"),
+    (["eval.tasks.wikitext2_ppl.kind=nosuch"], "unknown kind"),
+    (["+eval.tasks.wikitext2_ppl.nosuch=1"], "nosuch"),
+    (["schedule.steps=0"], "schedule.steps"),
+    (["data=local_text"], "local_files"),
+])
+def test_bad_settings_fail_before_loading(overrides, match):
+    with pytest.raises(GispError, match=match):
+        _settings(*overrides)
+
+
+def test_a_lone_local_file_is_one_file_not_characters():
+    settings = _settings("data=local_text", "data.text.local_files=austen/emma.txt")
+    assert settings.calibration.text.local_files == ("austen/emma.txt",)
+
+
+def test_settings_fingerprint_ignores_how_far_one_invocation_goes():
+    a, b = _settings(), _settings("prune.max_steps_per_run=2")
+    assert a.fingerprint == b.fingerprint and a.fingerprint != _settings("schedule.steps=5").fingerprint
+    assert Path(str(a.cache_dir)).is_absolute()
