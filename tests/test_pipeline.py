@@ -119,8 +119,8 @@ def test_resume_refuses_another_config(mistral_run, compose_cfg):
 
 
 def test_llama_without_gqa_single_target(compose_cfg, tmp_path):
-    results = run(load_settings(compose_cfg("model=tiny_llama", "sparsity=0.4", "schedule=cosine", "eval=none", *SMOKE)),
-                  run_dir=tmp_path)
+    cfg = compose_cfg("model=tiny_llama", "sparsity=0.4", "schedule=cosine", "eval=none", *SMOKE)
+    results = run(load_settings(cfg), run_dir=tmp_path)
     assert abs(results["targets"]["0.4"]["sparsity"] - 0.4) < 0.005
     assert results["dense"]["metrics"] == {}
 

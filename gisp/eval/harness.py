@@ -6,6 +6,8 @@ and every sparsity level of a trajectory is evaluated on the same weights in mem
 This is the one module of gisp that imports ``lm_eval`` (always inside functions: importing it is slow). Everything
 else reaches lm-eval through the small functions here: its version, its installed task YAMLs and YAML loader, its
 prompt machinery (:func:`task_renderer`), its task index (:func:`task_index`) and :func:`evaluate_tasks`.
+It imports nothing of gisp but :mod:`gisp.errors`, so :mod:`gisp.data.multiple_choice` may use it (lazily) to render
+calibration prompts exactly as lm-eval renders them without depending on the rest of the evaluation layer.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def family_spec(model_type: str) -> FamilySpec:
     except KeyError:
         raise GispError(
             f"model family '{model_type}' is not supported; supported: {sorted(REGISTRY)}. "
-            "Add a FamilySpec entry to gisp/registry.py if its layers follow the Llama layout."
+            "Add a FamilySpec entry to gisp/models/families.py if its layers follow the Llama layout."
         ) from None
 
 

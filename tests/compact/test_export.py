@@ -95,12 +95,12 @@ def test_export_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, 
     (tmp_path / "exists").mkdir()
     with pytest.raises(GispError, match="already exists"):
         export_compact(model, None, masks, tmp_path / "exists")
-    from gisp import export
+    from gisp.compact import slicing
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "save_file", boom)
+    monkeypatch.setattr(slicing, "save_file", boom)
     with pytest.raises(RuntimeError):
         export_compact(model, None, masks, tmp_path / "out")
     assert list(tmp_path.iterdir()) == [tmp_path / "exists"]
