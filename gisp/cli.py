@@ -1,11 +1,17 @@
-"""What every command line shares: a GispError becomes one clear message and exit code 2 (no traceback)."""
+"""What every command line shares: a GispError becomes one clear message and exit code 2 (no traceback); SIGTERM
+and SIGINT (scancel, SLURM time limits, preemption, Ctrl-C) stop the command at once with a non-zero exit code and
+the command that resumes it."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from gisp.errors import GispError
@@ -13,18 +19,67 @@ from gisp.errors import GispError
 log = logging.getLogger("gisp")
 
 USER_ERROR_EXIT = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread when a stop signal arrives. A BaseException, so no `except Exception` swallows it;
+    Lightning tears down and re-raises it. Files are written atomically, so whatever it interrupts leaves the last
+    complete step / level on disk; the trajectory lock is released when the process ends."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM / SIGINT raise Interrupted while the block runs (main thread only; previous handlers restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_command() -> str:
+    """The command line that continues this one (the same command: finished steps and levels are kept)."""
+    module = (sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None)
+              else sys.argv[0])
+    args = list(sys.argv[1:])
+    try:
+        run_dir = hydra_output_dir()
+        if not any(a.startswith("hydra.run.dir=") for a in args) and "-m" not in args and "--multirun" not in args:
+            args.append(f"hydra.run.dir={run_dir}")
+    except GispError:
+        pass
+    return shlex.join(["python", "-m", module, *args])
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a command's body: a GispError (a user error whose message names the fix) exits with code 2."""
+    """Decorate a command's body: a GispError (a user error whose message names the fix) exits with code 2; a stop
+    signal exits with 128 + its number after saying how to resume."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with stop_on_signals():
+                return fn(*args, **kwargs)
         except GispError as e:
             log.error("%s", e)
             sys.exit(USER_ERROR_EXIT)
+        except Interrupted as e:
+            log.error("stopped by %s: the trajectory keeps its last complete step and no results were marked "
+                      "complete. Resume with:\n  %s", e, resume_command())
+            sys.exit(128 + e.signum)
 
     return wrapper
 
@@ -43,3 +98,13 @@ def hydra_overrides() -> list[str] | None:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def hydra_sweep_name() -> str | None:
+    """The sweep's name (its sweep dir's folder name) for a multirun job, None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name

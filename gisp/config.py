@@ -8,10 +8,8 @@ and the data were loaded.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,9 @@ from gisp.prune.schedule import structural_ratios
 
 log = logging.getLogger(__name__)
 
-# Config sections that define the trajectory: a run dir can only be resumed with the same values.
-FINGERPRINT_KEYS = ("model", "data", "objective", "pruner", "schedule", "prune", "sparsity", "eval")
+# Config sections (besides the pruner and pruning settings, taken typed) that define a trajectory: jobs that agree on
+# them share one trajectory in the store, whatever their targets, evaluation, logger or devices.
+DEFINITION_KEYS = ("model", "data", "objective", "schedule", "seed")
 # Gradient-score settings that moved from `prune` to the pruner configs that use them.
 MOVED_TO_PRUNER = ("normalization", "grad_dtype")
 
@@ -52,6 +51,7 @@ class PruneSettings:
     protect_last: int = 1
     protect_layers: tuple[int, ...] | None = None
     max_steps_per_run: int | None = None
+    gqa_mode: str = "query"  # query: a head is one query head (the reference); group: one KV head + its query heads
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class RunSettings:
     threads: int | None = None
     data_dir: Path | None = None
     cache_dir: Path = Path.home() / ".cache" / "gisp"
+    store_dir: Path = Path("outputs/trajectories")  # the trajectory store (content-addressed)
     resume: bool = True
     progress: bool = True
     trainer: dict = field(default_factory=dict)  # Lightning Trainer arguments
@@ -78,13 +79,12 @@ class RunSettings:
     resolved: dict = field(default_factory=dict)  # the resolved config: config.yaml, hyperparameters, fingerprint
     overrides: tuple[str, ...] | None = None  # the command-line overrides of this job
 
-    @property
-    def fingerprint(self) -> str:
-        """Hash of the sections that define the trajectory (how far one invocation goes is not one of them)."""
-        sections = {k: self.resolved[k] for k in FINGERPRINT_KEYS if k in self.resolved}
-        if isinstance(sections.get("prune"), dict):
-            sections["prune"] = {k: v for k, v in sections["prune"].items() if k != "max_steps_per_run"}
-        return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def definition(self, calibration_sha256: str) -> dict[str, Any]:
+        """What defines this run's trajectory: the config sections of DEFINITION_KEYS, the effective pruner and
+        pruning settings, and the calibration set's content hash (how far one invocation goes is not part of it)."""
+        prune = {k: v for k, v in asdict(self.prune).items() if k != "max_steps_per_run"}
+        return {**{k: self.resolved.get(k) for k in DEFINITION_KEYS}, "pruner": asdict(self.pruner),
+                "prune": prune, "calibration_sha256": calibration_sha256}
 
     def config_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.create(self.resolved))
@@ -164,8 +164,9 @@ def _int_or_none(value: Any, name: str, minimum: int) -> int | None:
     return value
 
 
-def load_settings(cfg: DictConfig, overrides: list[str] | None = None) -> RunSettings:
-    """Check a composed `gisp.run` config and turn it into RunSettings (raises GispError naming the fix)."""
+def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: str | None = None) -> RunSettings:
+    """Check a composed `gisp.run` config and turn it into RunSettings (raises GispError naming the fix). `sweep`:
+    the multirun this job belongs to (its wandb group)."""
     targets = parse_targets(cfg.sparsity)
     pruner = _pruner(cfg)
     objective = get_objective(cfg.objective.name)
@@ -183,15 +184,37 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None) -> RunSet
         raise GispError(f"prune: {e}; its fields are {list(PruneSettings.__dataclass_fields__)}") from None
     _int_or_none(prune.max_steps_per_run, "prune.max_steps_per_run", 1)
     resolved = plain(cfg)
+    loggers = _with_wandb_group(plain(cfg.get("logger")) or {}, sweep, resolved, targets)
     return RunSettings(
         model=model_spec(cfg.model), calibration=calibration, objective=objective, pruner=pruner,
         schedule=schedule, prune=prune, evaluation=evaluation, targets=targets, seed=int(cfg.seed),
         split_seed=int(cfg.get("split_seed", 1234)), threads=_int_or_none(cfg.get("threads"), "threads", 1),
         data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=Path(cfg.cache_dir).expanduser(),
+        store_dir=Path(cfg.get("store_dir") or "outputs/trajectories").expanduser().absolute(),
         resume=bool(cfg.resume), progress=bool(cfg.progress), trainer=plain(cfg.trainer) or {},
-        loggers=plain(cfg.get("logger")) or {}, resolved=resolved,
+        loggers=loggers, resolved=resolved,
         overrides=tuple(overrides) if overrides is not None else None,
     )
+
+
+def _with_wandb_group(loggers: dict, sweep: str | None, resolved: dict, targets: tuple[float, ...]) -> dict:
+    """Every job of a sweep logs into one wandb group named after the sweep, tagged with what a dashboard pivots on
+    (model, pruner, objective, calibration data, targets); the full config goes in as hyperparameters."""
+    out = {}
+    for name, node in loggers.items():
+        node = dict(node)
+        if str(node.get("_target_", "")).endswith("WandbLogger"):
+            data = resolved.get("data") or {}
+            tags = [f"model:{resolved['model']['name']}", f"pruner:{resolved['pruner']['name']}",
+                    f"objective:{resolved['objective']['name']}",
+                    f"data:{(data.get('text') or {}).get('name') or data.get('kind', '?')}",
+                    *(f"target:{t:g}" for t in targets)]
+            node.setdefault("tags", tags)
+            if sweep:
+                node.setdefault("group", sweep)
+                node.setdefault("job_type", "sweep-job")
+        out[name] = node
+    return out
 
 
 def build_loggers(loggers: dict, save_dir: Path, hyperparameters: dict) -> list:

@@ -2,9 +2,10 @@
 
     python -m gisp.evaluate run_dir=DIR targets=[0.2,0.3,0.4,0.5] eval=[wikitext2,cmqa]
 
-Each level's masks are read from the trajectory and applied to the model in memory; the metrics are merged into
-the run's results.json (rewritten atomically after every level, so an interrupted evaluation keeps what it
-finished), logged as a wandb table, and drawn in RUN_DIR/metrics.png.
+Any sparsity the run's trajectory reaches is a level: its masks are read out exactly (no scoring pass), written under
+RUN_DIR/levels/ and applied to the model in memory; the metrics are merged into the run's results.json (rewritten
+atomically after every level, so an interrupted evaluation keeps what it finished), logged as a wandb table, and
+drawn in RUN_DIR/metrics.png.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gisp.errors import GispError
 from gisp.eval.report import log_results_table, plot_results
 from gisp.eval.suite import EvalTaskSpec, build_evaluator
 from gisp.io import write_json_atomic
+from gisp.pipeline import save_level
 from gisp.prune.trajectory import target_key
 from gisp.runs import RunDir
 
@@ -32,7 +34,7 @@ log = logging.getLogger("gisp")
 
 def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[EvalTaskSpec],
                  targets: list[float] | tuple[float, ...] | None = None, dense: bool = True,
-                 tolerance: float = 0.005, data_dir: Path | None = None, cache_dir: str | Path | None = None,
+                 data_dir: Path | None = None, cache_dir: str | Path | None = None,
                  progress: bool = True, split_seed: int | None = None, loggers: list | None = None,
                  trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate the dense model and ``targets`` (default: the run's targets) of a run dir; returns results.json."""
@@ -44,7 +46,11 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
     if not tasks:
         raise GispError("nothing to evaluate: the eval config has no tasks (choose eval=wikitext2, eval=cmqa, ...)")
     targets = sorted(float(k) for k in results.get("targets", {})) if targets is None else targets
-    levels = {target_key(t): run.step_of(target=t, tolerance=tolerance) for t in targets}
+    reach = run.trajectory.reached
+    beyond = [t for t in targets if t > reach]
+    if beyond:
+        raise GispError(f"sparsity {beyond} is not a level of this trajectory: it reaches {reach:.4f} "
+                        f"({run.trajectory.directory}); extend it with gisp.run (sparsity=[...,{max(beyond)}]) first")
     run_split_seed = run.config.get("split_seed")
     if split_seed is not None and run_split_seed is not None and split_seed != run_split_seed:
         raise GispError(f"split_seed={split_seed} differs from the run's split_seed={run_split_seed}: the local "
@@ -55,24 +61,26 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
     evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
                                 max_positions=getattr(live.model.config, "max_position_embeddings", None))
 
-    plan: list[tuple[str, int]] = ([("dense", 0)] if dense else []) + list(levels.items())
-    for label, step in plan:
-        live.set_level(run.level(step=step) if step else None)
-        log.info("evaluating %s (step %d)", label, step)
+    plan: list[float | None] = ([None] if dense else []) + list(targets)
+    for target in plan:
+        level = run.level(target=target, live=live) if target is not None else None
+        live.set_level(level)
+        label = "dense" if target is None else target_key(target)
+        log.info("evaluating %s", label)
         metrics = evaluator(live.model, progress=progress)
         log.info("%s: %s", label, metrics)
-        if label == "dense":
+        if level is None:
             results["dense"].setdefault("metrics", {}).update(metrics)
         else:
-            record = run.trajectory.step_record(step)
-            entry = results["targets"].setdefault(label, {
-                "sparsity": record["sparsity"], "step": step, "structural_ratio": record["structural_ratio"],
-                "metrics": {}, "masks": f"trajectory/{record['masks']}", "added_by": "gisp.evaluate"})
-            entry["metrics"].update(metrics)
+            entry = results["targets"].get(label)
+            if entry is None:
+                entry = results["targets"][label] = {**level.record(), "metrics": {}, "added_by": "gisp.evaluate"}
+            entry["masks"] = save_level(run.path, label, level)
+            entry.setdefault("metrics", {}).update(metrics)
         results.setdefault("evaluation", {}).update(evaluator.describe())  # items evaluated are known now
         write_json_atomic(run.results_path, results)
         for logger in loggers or []:
-            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=level.step if level else 0)
     live.applier.remove()
     plot_results(results, run.path / "metrics.png")
     log_results_table(loggers or [], results)
@@ -89,7 +97,7 @@ def main(cfg: DictConfig) -> None:
     loggers = build_loggers(plain(cfg.logger), hydra_output_dir(), plain(cfg))
     status = "failed"
     try:
-        evaluate_run(cfg.run_dir, tasks, targets, dense=cfg.dense, tolerance=cfg.tolerance,
+        evaluate_run(cfg.run_dir, tasks, targets, dense=cfg.dense,
                      data_dir=cfg.get("data_dir"), cache_dir=cfg.get("cache_dir"), progress=cfg.progress,
                      split_seed=cfg.split_seed, loggers=loggers, trust_remote_code=bool(cfg.get("trust_remote_code")))
         status = "success"

@@ -1,9 +1,12 @@
-"""Export a level of a run (or a masks file) as a physically smaller Hugging Face folder.
+"""Export a level of a run (or a masks file) as a physically smaller Hugging Face folder or a llama.cpp GGUF file.
 
     python -m gisp.export run_dir=outputs/smollm2_135m/<run> target=0.4 out=exports/smollm2_40   # or step=N
     python -m gisp.export masks=RUN/trajectory/step_0008.safetensors model=smollm2_135m out=exports/smollm2_40
+    python -m gisp.export run_dir=... target=0.4 format=gguf out=smollm2_40.gguf [dtype=f16|f32|q8_0]
+    python -m gisp.export compact=exports/smollm2_40 format=gguf out=smollm2_40.gguf   # an exported HF folder
 
-The slicing itself is gisp.compact.slicing; this module finds the level and the model.
+The slicing itself is gisp.compact.slicing (HF folder) and gisp.compact.gguf (llama.cpp's deci architecture); this
+module finds the level and the model. A FLAP level exports with its output bias (o_proj / down_proj biases).
 """
 
 from __future__ import annotations
@@ -14,63 +17,97 @@ import hydra
 from omegaconf import DictConfig
 
 from gisp.cli import user_errors
+from gisp.compact.gguf import DTYPES, check_deci_compatible, export_gguf, export_gguf_from_folder
 from gisp.compact.slicing import export_compact
 from gisp.config import model_spec
 from gisp.errors import GispError
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.prune.masks import Masks
-from gisp.prune.trajectory import target_key
 from gisp.runs import RunDir
 
+FORMATS = ("hf", "gguf")
 
-def _refuse_existing(out: str | Path) -> None:
+
+def _check_request(out: str | Path, fmt: str, dtype: str) -> None:
+    """Everything about the output that can be refused before a model is loaded."""
     if Path(out).exists():
-        raise GispError(f"{out} already exists: choose a new output folder (export never overwrites)")
+        raise GispError(f"{out} already exists: choose a new output path (export never overwrites)")
+    if fmt not in FORMATS:
+        raise GispError(f"format={fmt!r} is not one of {FORMATS}: hf (a Hugging Face folder) or gguf (llama.cpp)")
+    if fmt == "gguf" and dtype not in DTYPES:
+        raise GispError(f"dtype={dtype!r} is not one of {sorted(DTYPES)} (the GGUF file's precision)")
+
+
+def _write(fmt: str, model, tokenizer, masks, out, provenance, structure=None, bias=None, dtype: str = "f16") -> Path:
+    if fmt == "gguf":
+        export_gguf(model, tokenizer, masks, out, dtype, structure, bias, provenance)
+        return Path(out)
+    return export_compact(model, tokenizer, masks, out, provenance, structure, bias)
 
 
 def export_from_run(run_dir: str | Path, out: str | Path, target: float | None = None, step: int | None = None,
-                    cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> Path:
-    """Export the model of a finished or partial run at one of its targets (or any step): no pruning again."""
-    _refuse_existing(out)
+                    cache_dir: str | Path | None = None, trust_remote_code: bool = False, format: str = "hf",
+                    dtype: str = "f16") -> Path:
+    """Export the model of a finished or partial run at one of its targets (or any step): no pruning again.
+    `format`: hf (a compact Hugging Face folder) or gguf (a llama.cpp file of precision `dtype`)."""
+    _check_request(out, format, dtype)
     run = RunDir(run_dir)
     if (target is None) == (step is None):
         raise GispError("give exactly one of target=0.4 (a sparsity target of the run) or step=N")
-    if target is not None:
-        reached = run.trajectory.manifest["targets"]
-        if target_key(target) not in reached:
-            raise GispError(f"the run in {run.path} never reached target {target:g}; its targets: {sorted(reached)} "
-                            f"(or export any step with step=N, 1..{run.trajectory.last_step})")
-    level = run.level(target=target, step=step)
-    if level.bias is not None:
-        raise GispError(f"step {level.step} of {run.path} carries an output bias (FLAP's compensation); the compact "
-                        "model has no o_proj/down_proj bias yet, so exporting it would silently change the model. "
-                        "Evaluate it in place with gisp.evaluate, or export a level without bias compensation")
+    if target is not None and target > run.trajectory.reached:
+        raise GispError(f"the trajectory of {run.path} never reached sparsity {target:g} (it reaches "
+                        f"{run.trajectory.reached:.4f}); extend it with gisp.run (sparsity=[...,{target:g}]), or "
+                        f"export any step with step=N, 1..{run.trajectory.last_step}")
     live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
+    if format == "gguf":
+        check_deci_compatible(live.model.config)
+    level = run.level(target=target, step=step, live=live)
+    entry = ((run.results() or {}).get("targets") or {}).get(f"{target:g}", {}) if target is not None else {}
     provenance = {"run_dir": str(run.path.resolve()), "model": run.model_spec().name, "step": level.step,
-                  "target": target, "metrics": level.record.get("metrics")}
-    return export_compact(live.model, live.tokenizer, level.masks, out, provenance, live.structure)
+                  "prefix": level.prefix, "target": target, "sparsity": level.sparsity,
+                  "metrics": entry.get("metrics")}
+    return _write(format, live.model, live.tokenizer, level.masks, out, provenance, live.structure, level.bias, dtype)
 
 
-def export_from_masks(masks_file: str | Path, spec: ModelSpec, out: str | Path, cache_dir: str | Path) -> Path:
+def export_from_masks(masks_file: str | Path, spec: ModelSpec, out: str | Path, cache_dir: str | Path,
+                      format: str = "hf", dtype: str = "f16") -> Path:
     """Export a base model (a conf/model entry) under a masks file, e.g. one copied from another machine."""
-    _refuse_existing(out)
+    _check_request(out, format, dtype)
     masks = Masks.load(masks_file)
     model, tokenizer = load_model_and_tokenizer(spec, Path(cache_dir).expanduser())
-    return export_compact(model, tokenizer, masks, out, {"masks": str(Path(masks_file).resolve())})
+    return _write(format, model, tokenizer, masks, out, {"masks": str(Path(masks_file).resolve())}, dtype=dtype)
+
+
+def export_folder_to_gguf(folder: str | Path, out: str | Path, dtype: str = "f16") -> Path:
+    """A compact HF folder written by gisp (format=hf) as a llama.cpp GGUF file."""
+    _check_request(out, "gguf", dtype)
+    export_gguf_from_folder(folder, out, dtype)
+    return Path(out)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 @user_errors
 def main(cfg: DictConfig) -> None:
     trust = bool(cfg.get("trust_remote_code"))
+    fmt, dtype = str(cfg.format), str(cfg.dtype)
     if cfg.run_dir is not None:
-        path = export_from_run(cfg.run_dir, cfg.out, cfg.target, cfg.step, cfg.cache_dir, trust_remote_code=trust)
+        path = export_from_run(cfg.run_dir, cfg.out, cfg.target, cfg.step, cfg.cache_dir, trust_remote_code=trust,
+                               format=fmt, dtype=dtype)
     elif cfg.masks is not None and cfg.get("model") is not None:
-        path = export_from_masks(cfg.masks, model_spec(cfg.model), cfg.out, cfg.cache_dir)
+        path = export_from_masks(cfg.masks, model_spec(cfg.model), cfg.out, cfg.cache_dir, fmt, dtype)
+    elif cfg.get("compact") is not None:
+        if fmt != "gguf":
+            raise GispError("compact=DIR converts an exported Hugging Face folder to GGUF: add format=gguf")
+        path = export_folder_to_gguf(cfg.compact, cfg.out, dtype)
     else:
-        raise GispError("give run_dir=DIR target=T (or step=N), or masks=FILE model=NAME; and out=OUT")
-    print(f"gisp: exported to {path} (load with AutoModelForCausalLM.from_pretrained(path) after `import gisp`, "
-          "or with trust_remote_code=True without gisp)")
+        raise GispError("give run_dir=DIR target=T (or step=N), masks=FILE model=NAME, or compact=DIR format=gguf; "
+                        "and out=OUT")
+    if fmt == "gguf":
+        print(f"gisp: exported to {path} (llama.cpp architecture deci: llama-cli -m {path}, or "
+              "llama_cpp.Llama(model_path=...))")
+    else:
+        print(f"gisp: exported to {path} (load with AutoModelForCausalLM.from_pretrained(path) after `import gisp`, "
+              "or with trust_remote_code=True without gisp)")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,26 @@ half-written (a temporary sibling is written, flushed, then renamed over the tar
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 from gisp.errors import GispError
+
+_log = logging.getLogger("gisp")
 
 
 def _umask() -> int:
@@ -100,3 +108,81 @@ def read_jsonl(path: str | Path, required: Sequence[str] = (), hint: str = "") -
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (cached: data files are read-only inputs)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class FileLock:
+    """An exclusive lock on `path` (fcntl.flock): held for the `with` block, released on exit, on an exception and,
+    by the operating system, when the holder dies (so a crashed job never blocks the next one).
+
+    While another process holds it, `__enter__` waits and logs every `log_every` seconds who holds it (pid, host,
+    since when); a lock file left by a holder that is gone is taken over with a message.
+    """
+
+    def __init__(self, path: str | Path, what: str = "", poll: float = 0.5, log_every: float = 30.0,
+                 timeout: float | None = None):
+        self.path = Path(path)
+        self.what = what or str(self.path)
+        self.poll, self.log_every, self.timeout = poll, log_every, timeout
+        self._fd: int | None = None
+
+    def holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (waiting while `blocking`, up to `timeout`); False when it was not taken."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        started, next_log = time.monotonic(), 0.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if not blocking or (self.timeout is not None and waited > self.timeout):
+                    os.close(fd)
+                    return False
+                if waited >= next_log:  # at once, then every log_every seconds
+                    h = self.holder()
+                    _log.info("waiting for %s: held by pid %s on %s since %s (%.0f s so far)", self.what,
+                              h.get("pid", "?"), h.get("host", "?"), h.get("since", "?"), waited)
+                    next_log = waited + self.log_every
+                time.sleep(self.poll)
+        previous = self.holder()
+        host = socket.gethostname()
+        if previous.get("pid") and previous.get("host") == host and not _pid_alive(int(previous["pid"])):
+            _log.warning("%s: the previous holder (pid %s) is gone without releasing it; taking it over", self.what,
+                        previous["pid"])
+        info = json.dumps({"pid": os.getpid(), "host": host,
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "job": os.environ.get("SLURM_JOB_ID")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no holder: a later reader sees the lock free, not a dead pid
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

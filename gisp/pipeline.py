@@ -1,11 +1,14 @@
-"""The GISP pipeline: load, calibrate, prune iteratively to every sparsity target, evaluate, write results.
+"""The GISP pipeline: load, calibrate, extend (or reuse) the stored trajectory, read out every target, evaluate.
 
 `run(settings, run_dir)` takes the typed settings of gisp.config (never the Hydra config); the command line
-(`gisp.run`) and the tests build those settings with `gisp.config.load_settings`.
+(`gisp.run`) and the tests build those settings with `gisp.config.load_settings`. The trajectory lives in the
+store (gisp.prune.trajectory), shared by every job with the same definition; the run dir holds this job's levels
+(their masks under `levels/`), metrics and results.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -13,23 +16,23 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from gisp.config import RunSettings, build_loggers
 from gisp.errors import GispError
 from gisp.eval.report import log_results_table, plot_results
 from gisp.eval.suite import build_evaluator
-from gisp.io import write_json_atomic, write_text_atomic
+from gisp.io import read_json, write_json_atomic, write_text_atomic
 from gisp.lightning.callbacks import IterativePruning, OneShotPruning
 from gisp.lightning.datamodule import CalibrationData
 from gisp.lightning.scoring import PASSES, ActivationModule
 from gisp.models.families import family_spec
 from gisp.models.loading import load_model_and_tokenizer
-from gisp.models.structure import ModelStructure, describe, layer_modules
+from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
 from gisp.prune.importance import get_score
-from gisp.prune.masks import MaskApplier
-from gisp.prune.methods import flap_bias
-from gisp.prune.ranking import RANKINGS
-from gisp.prune.trajectory import Trajectory, target_key
+from gisp.prune.levels import Level, read_level
+from gisp.prune.masks import MaskApplier, Masks
+from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
 
 log = logging.getLogger(__name__)
 
@@ -46,71 +49,66 @@ def check_targets(targets: tuple[float, ...], structure: ModelStructure) -> None
 
 
 def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
-    """Prune `settings.model` along the trajectory to every target; returns the results (None if stopped early)."""
+    """Reach every target of `settings` on the stored trajectory (computing only the missing steps), evaluate
+    the levels, write results.json; returns the results (None when stopped early by prune.max_steps_per_run)."""
     s = settings
     started = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not s.resume and (run_dir / "results.json").exists():
+        raise GispError(f"{run_dir} already holds results and resume=false: choose a new run dir (hydra.run.dir=...)")
     if s.threads:
         torch.set_num_threads(s.threads)
-    ratios = s.schedule.ratios()
     L.seed_everything(s.seed, verbose=False)
 
     model, tokenizer = load_model_and_tokenizer(s.model, s.cache_dir)
     structure = describe(model, explicit=list(s.prune.protect_layers) if s.prune.protect_layers is not None else None,
-                         first_fraction=s.prune.protect_first_fraction, last=s.prune.protect_last)
+                         first_fraction=s.prune.protect_first_fraction, last=s.prune.protect_last,
+                         gqa_mode=s.prune.gqa_mode)
     check_targets(s.targets, structure)
     evaluator = build_evaluator(s.evaluation, tokenizer, s.data_dir, work_dir=run_dir / "eval_data",
                                 max_positions=getattr(model.config, "max_position_embeddings", None))
     calib = s.calibration.build(s.objective, tokenizer, s.data_dir)
-
-    write_text_atomic(run_dir / "config.yaml", s.config_yaml())  # for export / evaluation
-    meta = {"model": s.model.name, "model_type": model.config.model_type, "structure": structure.__dict__ | {
-        "protected": list(structure.protected)}, "targets": list(s.targets)}
-    trajectory = Trajectory.open(run_dir / "trajectory", s.fingerprint, meta, resume=s.resume)
-    if trajectory.last_step:
-        log.info("resuming %s from step %d", trajectory.path, trajectory.last_step)
+    definition = s.definition(calib.content_sha256())
+    tid = trajectory_id(definition)
+    pointer = run_dir / "trajectory.json"
+    if pointer.is_file() and read_json(pointer).get("id") != tid:
+        raise GispError(f"{run_dir} holds a run of another configuration (trajectory {read_json(pointer).get('id')}; "
+                        f"this command defines {tid}): use a new run dir (hydra.run.dir=...), or resume that run with "
+                        "its own overrides (its config.yaml)")
+    meta = {"model": s.model.name, "model_type": model.config.model_type,
+            "structure": structure.__dict__ | {"protected": list(structure.protected)}}
+    store = TrajectoryStore(s.store_dir)
     layers = layer_modules(model, family_spec(model.config.model_type))
     applier = MaskApplier(layers, structure)
-    evaluate = (lambda m: evaluator(m, progress=s.progress)) if evaluator else None
-    callback, module = build_pruning(s, model, applier, trajectory, ratios, evaluate, n_samples=len(calib))
-    # Lightning runs the scoring passes (trainer.validate): no checkpoints, no optimizer, gradients enabled.
-    trainer = L.Trainer(**s.trainer, callbacks=[callback], logger=build_loggers(s.loggers, run_dir, s.resolved),
+    trainer = L.Trainer(**s.trainer, logger=build_loggers(s.loggers, run_dir, s.resolved), plugins=_plugins(s),
                         default_root_dir=str(run_dir), enable_checkpointing=False, inference_mode=False,
                         num_sanity_val_steps=0, use_distributed_sampler=False, enable_model_summary=False,
                         enable_progress_bar=s.progress)
-    calibration = CalibrationData(calib, s.calibration.batch_size)
     status = "failed"
     try:
-        passes = 0
-        while not callback.finished:
-            if s.prune.max_steps_per_run and passes >= s.prune.max_steps_per_run:
-                log.warning("stopped after %d steps as asked (prune.max_steps_per_run); run again with "
-                            "hydra.run.dir=%s to continue", passes, run_dir)
-                status = "success"
-                return None
-            if module is None:  # magnitude / random: scores from the weights, no calibration pass
-                score = get_score(s.pruner.score)
-                callback.prune_all(trainer, *score.scores(layers, structure, None, s.pruner))
-            elif isinstance(module, ActivationModule):
-                with module.recorder:  # forward hooks on o_proj / down_proj inputs, removed whatever happens
-                    trainer.validate(module, datamodule=calibration, verbose=False)
-            else:
-                trainer.validate(module, datamodule=calibration, verbose=False)
-            passes += 1
-        if trainer.is_global_zero:
-            model.to(trainer.strategy.root_device)  # a resumed, finished run never entered validate
-            callback.evaluate_missing(trainer, model)
-            trajectory.manifest["complete"] = True
-            trajectory.write()
-        results = build_results(trajectory, s, calib.record, evaluator.describe() if evaluator else {},
-                                time.perf_counter() - started)
-        if trainer.is_global_zero:
-            write_json_atomic(run_dir / "results.json", results)
-            log.info("results: %s", run_dir / "results.json")
-            if evaluator is not None:
-                plot_results(results, run_dir / "metrics.png")
-                log_results_table(trainer.loggers, results)
+        # One job computes a trajectory at a time (the others wait, then reuse); DDP ranks > 0 follow rank 0.
+        lock = store.lock(tid) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+        with lock:
+            traj = store.open(definition, meta)
+            if trainer.is_global_zero:
+                write_text_atomic(run_dir / "config.yaml", s.config_yaml())  # for export / evaluation
+                write_json_atomic(pointer, {"id": traj.id, "path": str(traj.directory)})
+            reused = traj.last_step
+            computed = extend(traj, s, model, applier, trainer, calib, stop_at=s.targets[-1])
+        for logger in trainer.loggers:  # reusing jobs link to the trajectory (its per-step curves are logged once)
+            logger.log_hyperparams({"trajectory": {"id": traj.id, "path": str(traj.directory),
+                                                   "computed_steps": computed or [], "reused_steps": reused}})
+        if computed is None:
+            status = "success"
+            return None
+        if not trainer.is_global_zero:
+            status = "success"
+            return None
+        model.to(trainer.strategy.root_device)
+        results = evaluate_levels(run_dir, s, traj, model, structure, layers, applier, evaluator, calib.record,
+                                  reused=list(range(1, min(reused, traj.last_step) + 1)), computed=computed,
+                                  loggers=trainer.loggers, seconds_before=time.perf_counter() - started)
         status = "success"
         return results
     finally:
@@ -118,49 +116,138 @@ def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
             logger.finalize(status)
 
 
-def build_pruning(s: RunSettings, model: torch.nn.Module, applier: MaskApplier, trajectory: Trajectory,
-                  ratios: list[float], evaluate, n_samples: int) -> tuple[IterativePruning, L.LightningModule | None]:
-    """The callback that turns scores into levels, and the module whose validation pass computes the scores
-    (None for the methods that need no calibration pass), both chosen from the registries."""
-    layers, structure, pruner = applier.layers, applier.structure, s.pruner
-    make_pass = PASSES[pruner.signal]
-    module = make_pass(model, layers, structure, n_samples, pruner) if make_pass else None
+def _plugins(s: RunSettings) -> list:
+    """Under SLURM the sweep launcher (submitit) requeues preempted jobs; Lightning's own auto-requeue (which saves
+    a training checkpoint on SIGUSR1) is switched off so the two do not fight."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if "plugins" in s.trainer or not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
+def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: MaskApplier, trainer: L.Trainer,
+           calib, stop_at: float) -> list[int] | None:
+    """Run scoring passes until the trajectory reaches `stop_at`; returns the steps computed here (None when
+    prune.max_steps_per_run stopped it first)."""
+    pruner, structure, layers = s.pruner, applier.structure, applier.layers
     if pruner.iterative:
-        return IterativePruning(applier, trajectory, ratios, list(s.targets), evaluate=evaluate), module
-    planner = RANKINGS[pruner.ranking]
-    bias = (lambda masks, module: flap_bias(layers, structure, masks, module.moments)) \
-        if pruner.bias_compensation else None
-    callback = OneShotPruning(applier, trajectory, list(s.targets), evaluate=evaluate, bias=bias,
-                              plan=lambda heads, channels, current, target: planner(heads, channels, current,
-                                                                                    structure, target))
-    return callback, module
+        callback = IterativePruning(applier, traj, s.schedule.ratios(), stop_at)
+    else:
+        callback = OneShotPruning(applier, traj, stop_at, keep_means=pruner.bias_compensation)
+    if callback.finished:
+        log.info("trajectory %s already reaches %.4f (%d steps): reused, no scoring pass", traj.id, traj.reached,
+                 traj.last_step)
+        return []
+    if traj.last_step:
+        log.info("extending trajectory %s from step %d (sparsity %.4f) to reach %s", traj.id, traj.last_step,
+                 traj.reached, stop_at)
+    else:
+        log.info("computing trajectory %s in %s", traj.id, traj.directory)
+    make_pass = PASSES[pruner.signal]
+    module = make_pass(model, layers, structure, len(calib), pruner) if make_pass else None
+    trainer.callbacks.append(callback)
+    calibration = CalibrationData(calib, s.calibration.batch_size)
+    passes = 0
+    while not callback.finished:
+        if s.prune.max_steps_per_run and passes >= s.prune.max_steps_per_run:
+            log.warning("stopped after %d steps as asked (prune.max_steps_per_run); run the same command again to "
+                        "continue", passes)
+            return None
+        if module is None:  # magnitude / random: scores from the weights, no calibration pass
+            callback.store_scores(trainer, *get_score(pruner.score).scores(layers, structure, None, pruner))
+        elif isinstance(module, ActivationModule):
+            with module.recorder:  # forward hooks on o_proj / down_proj inputs, removed whatever happens
+                trainer.validate(module, datamodule=calibration, verbose=False)
+        else:
+            trainer.validate(module, datamodule=calibration, verbose=False)
+        passes += 1
+    trainer.callbacks.remove(callback)
+    return callback.computed
 
 
-def build_results(trajectory: Trajectory, s: RunSettings, calibration: dict, evaluation: dict,
-                  seconds: float) -> dict[str, Any]:
-    manifest = trajectory.manifest
-    out_targets = {}
-    for t in s.targets:
-        step = manifest["targets"][target_key(t)]
-        record = trajectory.step_record(step)
-        out_targets[target_key(t)] = {"sparsity": record["sparsity"], "step": step,
-                                      "structural_ratio": record["structural_ratio"],
-                                      "metrics": record.get("metrics") or {},
-                                      "masks": f"trajectory/{record['masks']}" if "masks" in record else None}
+def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torch.nn.Module,
+                    structure: ModelStructure, layers: list[LayerModules], applier: MaskApplier, evaluator,
+                    calibration: dict, reused: list[int], computed: list[int], loggers: list,
+                    seconds_before: float) -> dict[str, Any]:
+    """Read out every target, write its masks under levels/, evaluate dense + levels, write results.json after
+    each level (marked complete only at the end: a killed job never leaves results that look complete)."""
+    results_path = run_dir / "results.json"
+    previous = read_json(results_path) if results_path.exists() else {}
+    started = time.perf_counter()
+    results = build_results(traj, s, calibration, evaluator.describe() if evaluator else {}, reused, computed,
+                            previous)
+    todo: list[tuple[str, Level | None]] = [("dense", None)]
+    todo += [(target_key(t), read_level(traj, s.pruner, structure, layers, t)) for t in s.targets]
+    for key, level in todo:
+        entry = results["dense"] if level is None else results["targets"].setdefault(key, {})
+        if level is not None:
+            entry.update(level.record(), masks=save_level(run_dir, key, level))
+        if evaluator is not None and not entry.get("metrics"):
+            log.info("evaluating %s", key)
+            if level is None:
+                applier.set(Masks.dense(structure))
+            else:
+                applier.set(level.masks, level.bias)
+            entry["metrics"] = evaluator(model, progress=s.progress)
+            results["evaluation"] = evaluator.describe()  # items evaluated are known now
+            log.info("evaluation at %s: %s", key, entry["metrics"])
+            for logger in loggers:
+                logger.log_metrics({f"eval/{m}": v for m, v in entry["metrics"].items()},
+                                   step=level.step if level else 0)
+        entry.setdefault("metrics", {})
+        write_json_atomic(results_path, results)
+    applier.set(Masks.dense(structure))
+    results["complete"] = True
+    results["seconds"] = round(previous.get("seconds", 0.0) + seconds_before + time.perf_counter() - started, 1)
+    write_json_atomic(results_path, results)
+    log.info("results: %s", results_path)
+    if evaluator is not None:
+        plot_results(results, run_dir / "metrics.png")
+        log_results_table(loggers, results)
+    return results
+
+
+def save_level(run_dir: Path, key: str, level: Level) -> str:
+    """Write a level's keep-masks (and output bias) under run_dir/levels/; returns the path relative to run_dir."""
+    name = f"levels/level_{key}.safetensors"
+    (run_dir / "levels").mkdir(exist_ok=True)
+    level.masks.save(run_dir / name)
+    if level.bias is not None:
+        level.bias.save(run_dir / f"levels/level_{key}.bias.safetensors")
+    return name
+
+
+def protocol(description: Any) -> Any:
+    """An evaluation description without what is only known after evaluating (items evaluated): two runs with the
+    same protocol give comparable metrics."""
+    if isinstance(description, dict):
+        return {k: protocol(v) for k, v in description.items() if k not in ("n_evaluated",)}
+    return description
+
+
+def build_results(traj: Trajectory, s: RunSettings, calibration: dict, evaluation: dict, reused: list[int],
+                  computed: list[int], previous: dict) -> dict[str, Any]:
     pruner = s.pruner
-    return {
-        "model": manifest["meta"]["model"],
+    results = {
+        "model": traj.manifest["meta"]["model"],
         "method": {"pruner": pruner.name, "score": pruner.score, "ranking": pruner.ranking,
                    "iterative": pruner.iterative, "bias_compensation": pruner.bias_compensation,
                    "objective": s.objective.name, "normalization": pruner.normalization,
                    "schedule": s.resolved.get("schedule"),
-                   "protected_layers": manifest["meta"]["structure"]["protected"],
-                   "steps_run": trajectory.last_step},
+                   "protected_layers": traj.manifest["meta"]["structure"]["protected"]},
         "calibration": calibration,
         "evaluation": evaluation,
-        "dense": {"sparsity": 0.0, "metrics": manifest["dense"]["metrics"] or {}},
-        "targets": out_targets,
-        "trajectory": "trajectory/manifest.json",
+        "dense": {"sparsity": 0.0, "metrics": {}},
+        "targets": {},
+        "trajectory": {"id": traj.id, "path": str(traj.directory), "steps": traj.last_step,
+                       "reaches": traj.reached, "reused_steps": reused, "computed_steps": computed},
         "overrides": list(s.overrides) if s.overrides is not None else None,
-        "seconds": round(seconds, 1),
+        "complete": False,
     }
+    # A re-run (a resubmitted job) keeps what an earlier invocation evaluated with the same protocol.
+    if previous and protocol(previous.get("evaluation") or {}) == protocol(evaluation):
+        results["dense"]["metrics"] = dict((previous.get("dense") or {}).get("metrics") or {})
+        for key, entry in (previous.get("targets") or {}).items():
+            results["targets"][key] = dict(entry)
+    return results

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import hydra
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from gisp.cli import hydra_output_dir, hydra_overrides, user_errors
+from gisp.cli import hydra_output_dir, hydra_overrides, hydra_sweep_name, user_errors
 from gisp.config import load_settings
 from gisp.pipeline import run
+
+# conf/hydra/launcher/gpu_node.yaml: job n of a sweep sees GPU n modulo the node's GPUs.
+OmegaConf.register_new_resolver("gisp_gpu_slot", lambda job, gpus: str(int(job) % max(int(gpus), 1)), replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @user_errors
 def main(cfg: DictConfig) -> None:
     run_dir = hydra_output_dir()
-    results = run(load_settings(cfg, overrides=hydra_overrides()), run_dir)
+    results = run(load_settings(cfg, overrides=hydra_overrides(), sweep=hydra_sweep_name()), run_dir)
     if results is not None and rank_zero_only.rank == 0:
         print(f"gisp: results in {run_dir / 'results.json'}")
 

@@ -2,8 +2,8 @@
 
     run = RunDir("outputs/smollm2_135m/2026-11-22_18-00-00")
     live = run.load_model()                 # model, tokenizer, structure, mask applier (dense)
-    level = run.level(target=0.4)           # or run.level(step=7): masks (+ FLAP bias) of that level
-    live.applier.set(level.masks, level.bias)
+    level = run.level(target=0.37)          # any sparsity the trajectory reaches (exact read-out), or step=7
+    live.set_level(level)
 
 `gisp.evaluate`, `gisp.export`, the experiments scripts and the notebook reopen runs through it.
 """
@@ -22,22 +22,10 @@ from gisp.io import read_json
 from gisp.models.families import family_spec
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
-from gisp.prune.masks import MaskApplier, Masks, OutputBias
+from gisp.prune.levels import Level, read_level
+from gisp.prune.masks import MaskApplier, Masks, OutputBias, sparsity
+from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.trajectory import Trajectory, target_key
-
-
-@dataclass
-class Level:
-    """One sparsity level of a trajectory: its step, its record in the manifest, masks and optional output bias."""
-
-    step: int
-    record: dict[str, Any]
-    masks: Masks
-    bias: OutputBias | None
-
-    @property
-    def sparsity(self) -> float:
-        return float(self.record["sparsity"])
 
 
 @dataclass
@@ -93,11 +81,29 @@ class RunDir:
 
     @cached_property
     def trajectory(self) -> Trajectory:
-        return Trajectory.load(self.path / "trajectory")
+        """The run's trajectory in the store (named by trajectory.json, written when the run started)."""
+        pointer = self.path / "trajectory.json"
+        if not pointer.is_file():
+            if (self.path / "trajectory" / "manifest.json").is_file():
+                raise GispError(f"{self.path} was made by gisp 0.1 (trajectory inside the run dir, steps capped at "
+                                "the targets): run the same command with this gisp to compute it in the store")
+            raise GispError(f"no {pointer}: is {self.path} a gisp run dir (did gisp.run get past its checks)?")
+        return Trajectory.load(read_json(pointer)["path"])
+
+    @cached_property
+    def structure(self) -> ModelStructure:
+        """The model's structure as the trajectory recorded it (no model needed)."""
+        meta = dict(self.trajectory.manifest["meta"]["structure"])
+        meta["protected"] = tuple(meta["protected"])
+        return ModelStructure(**meta)
+
+    @cached_property
+    def pruner(self) -> PrunerSpec:
+        return pruner_spec(self.trajectory.manifest["definition"]["pruner"])
 
     @property
     def protected(self) -> tuple[int, ...]:
-        return tuple(self.trajectory.manifest["meta"]["structure"]["protected"])
+        return self.structure.protected
 
     def results(self) -> dict[str, Any] | None:
         """results.json, or None when the run has not finished."""
@@ -107,33 +113,27 @@ class RunDir:
         """The dense model of the run, its structure (with the run's protected layers) and a mask applier."""
         cache = Path(cache_dir or self.config.get("cache_dir") or "~/.cache/gisp").expanduser()
         model, tokenizer = load_model_and_tokenizer(self.model_spec(trust_remote_code), cache)
-        structure = describe(model, protected=self.protected)
+        gqa_mode = (self.config.get("prune") or {}).get("gqa_mode") or "query"
+        structure = describe(model, protected=self.protected, gqa_mode=gqa_mode)
         layers = layer_modules(model, family_spec(model.config.model_type))
         return LiveModel(model, tokenizer, structure, layers, MaskApplier(layers, structure))
 
-    def step_of(self, target: float | None = None, step: int | None = None, tolerance: float = 0.0) -> int:
-        """The trajectory step of a level: `step=N`, or `target=t` (the step that landed on t, else the closest step
-        within `tolerance`). Fails naming the levels the trajectory has."""
-        traj = self.trajectory
+    def level(self, target: float | None = None, step: int | None = None, live: LiveModel | None = None) -> Level:
+        """A level of the run: `target=t` (its saved masks under levels/, else an exact read-out of the trajectory)
+        or `step=N` (the masks after step N of an iterative trajectory). FLAP levels not saved yet need `live`."""
         if (target is None) == (step is None):
             raise GispError("give exactly one of target=0.4 (a sparsity level) or step=N")
-        if step is not None:
-            traj.step_record(step)  # a clear error for a step the trajectory does not have
-            return int(step)
-        landed = traj.manifest.get("targets", {})
-        if target_key(target) in landed:
-            return int(landed[target_key(target)])
-        best = min(traj.steps, key=lambda r: abs(r["sparsity"] - target), default=None)
-        if best is None or abs(best["sparsity"] - target) > tolerance:
-            have = ", ".join(f"step {r['step']}: {r['sparsity']:.4f}" for r in traj.steps)
-            raise GispError(
-                f"sparsity {target} is not a level of this trajectory ({self.path}, within tolerance={tolerance}); "
-                f"it has {have or 'no steps'}. Pick one of those, raise tolerance=..., or prune to it with gisp.run "
-                f"(sparsity=[...,{target}])"
-            )
-        return int(best["step"])
-
-    def level(self, target: float | None = None, step: int | None = None, tolerance: float = 0.0) -> Level:
-        k = self.step_of(target, step, tolerance)
         traj = self.trajectory
-        return Level(k, traj.step_record(k), traj.masks_at(k), traj.bias_at(k))
+        if step is not None:
+            masks = traj.masks_at(step)
+            return Level(float(traj.step_record(step)["sparsity"]), masks, float(traj.step_record(step)["sparsity"]),
+                         int(step), None)
+        saved = self.path / "levels" / f"level_{target_key(target)}.safetensors"
+        if saved.is_file():
+            masks = Masks.load(saved)
+            bias_file = saved.with_name(f"level_{target_key(target)}.bias.safetensors")
+            bias = OutputBias.load(bias_file) if bias_file.is_file() else None
+            entry = ((self.results() or {}).get("targets") or {}).get(target_key(target)) or {}
+            return Level(target, masks, sparsity(masks, self.structure), int(entry.get("step", 0)),
+                         entry.get("prefix"), bias)
+        return read_level(traj, self.pruner, self.structure, live.layers if live else None, target)

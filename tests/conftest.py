@@ -55,7 +55,8 @@ def compose_cfg(tmp_path):
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return compose("config", overrides=["logger=none", "progress=false", "threads=1",
-                                                f"cache_dir={tmp_path / 'cache'}", *overrides])
+                                                f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'store'}",
+                                                *overrides])
 
     return _compose
 

@@ -16,6 +16,7 @@ COMPANIONS = {
     ("objective", "answer_ppl"): ["data=gsm8k"],
     ("objective", "margin"): ["data=cmqa"],
     ("data", "local_text"): ["data.text.local_files=[austen/emma.txt]"],
+    ("sweep", "table6_tiny"): ["calib=cmqa_margin"],
 }
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
@@ -67,7 +68,11 @@ def test_a_lone_local_file_is_one_file_not_characters():
     assert settings.calibration.text.local_files == ("austen/emma.txt",)
 
 
-def test_settings_fingerprint_ignores_how_far_one_invocation_goes():
-    a, b = _settings(), _settings("prune.max_steps_per_run=2")
-    assert a.fingerprint == b.fingerprint and a.fingerprint != _settings("schedule.steps=5").fingerprint
-    assert Path(str(a.cache_dir)).is_absolute()
+def test_trajectory_definition_ignores_targets_evaluation_and_invocation_length():
+    a = _settings().definition("sha")
+    for same in (["sparsity=0.3"], ["prune.max_steps_per_run=2"], ["eval=none"], ["logger=csv"], ["trainer=ddp"]):
+        assert _settings(*same).definition("sha") == a, same
+    for other in (["schedule.steps=5"], ["pruner=oneshot"], ["seed=1"], ["pruner.normalization=paper"]):
+        assert _settings(*other).definition("sha") != a, other
+    assert _settings().definition("other data") != a  # the calibration content is part of the identity
+    assert Path(str(_settings().cache_dir)).is_absolute()

@@ -19,11 +19,11 @@ from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
 from gisp.prune.masks import MaskApplier, Masks
-from gisp.prune.trajectory import Trajectory
+from gisp.runs import RunDir
 
 
 def masks_of(run_dir):
-    traj = Trajectory.load(run_dir / "trajectory")
+    traj = RunDir(run_dir).trajectory
     return [(s["step"], traj.masks_at(s["step"])) for s in traj.steps]
 
 
@@ -36,7 +36,7 @@ def mistral_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mistral")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=csv", "progress=false",
-                                           f"cache_dir={tmp / 'cache'}", *SMOKE])
+                                           f"cache_dir={tmp / 'cache'}", f"store_dir={tmp / 'store'}", *SMOKE])
     results = run(load_settings(cfg), run_dir=tmp / "run")
     return cfg, tmp / "run", results
 
@@ -51,11 +51,15 @@ def test_outputs_and_targets(mistral_run):
         assert entry["metrics"]["wikitext2_ppl"] > 1
     assert on_disk["dense"]["metrics"]["wikitext2_ppl"] > 1
     assert on_disk["calibration"]["name"] == "austen" and on_disk["evaluation"]["wikitext2_ppl"]["dataset"]
-    manifest = read_json(run_dir / "trajectory" / "manifest.json")
-    assert manifest["complete"] and manifest["steps"]
-    for step in manifest["steps"]:
-        assert {"step", "structural_ratio", "sparsity", "masks"} <= set(step)
-        assert (run_dir / "trajectory" / step["masks"]).exists()
+    assert on_disk["complete"] and on_disk["trajectory"]["computed_steps"] and not on_disk["trajectory"]["reused_steps"]
+    traj = RunDir(run_dir).trajectory
+    assert traj.id == on_disk["trajectory"]["id"] and traj.reached >= 0.5
+    assert traj.steps[-2]["sparsity"] < 0.5  # the trajectory stops at the first step past the largest target
+    for step in traj.steps:
+        assert {"step", "structural_ratio", "sparsity", "masks", "order"} <= set(step)
+        assert (traj.directory / step["masks"]).exists() and (traj.directory / step["order"]).exists()
+    for entry in on_disk["targets"].values():
+        assert (run_dir / entry["masks"]).exists()
     assert (run_dir / "csv").exists()
 
 
@@ -113,7 +117,7 @@ def test_resume_gives_the_uninterrupted_masks(mistral_run, compose_cfg, tmp_path
 
 def test_resume_refuses_another_config(mistral_run, compose_cfg):
     _, run_dir, _ = mistral_run
-    with pytest.raises(GispError, match="different configuration"):
+    with pytest.raises(GispError, match="another configuration"):
         run(load_settings(compose_cfg("model=tiny_mistral", "sparsity=[0.3,0.5]", "prune.normalization=paper", *SMOKE)),
             run_dir=run_dir)
 
@@ -155,23 +159,27 @@ def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
     with pytest.raises(GispError, match="non-finite gradient"):
         run(load_settings(compose_cfg("model=tiny_mistral", "eval=none", *SMOKE)), run_dir=tmp_path)
     assert not (tmp_path / "results.json").exists()
-    assert not list((tmp_path / "trajectory").glob("step_*"))
+    assert not list((tmp_path / "store").rglob("step_*"))
 
 
 def test_cli_multirun_and_unknown_model(tmp_path):
     """The README's multirun command: two run dirs, nested masks, each on its target; bad names exit non-zero."""
     env_args = [f"hydra.sweep.dir={tmp_path / 'multi'}", "logger=none", "progress=false", "threads=1",
-                f"cache_dir={tmp_path / 'cache'}", *SMOKE]
+                f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'store'}", *SMOKE]
     proc = subprocess.run([sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=0.3,0.5", *env_args,
                            "-m"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted((tmp_path / "multi").glob("*/results.json"))
     assert len(results) == 2
+    computed = []
     for path, target in zip(results, ("0.3", "0.5")):
         data = read_json(path)
         assert abs(data["targets"][target]["sparsity"] - float(target)) < 0.005
+        computed += data["trajectory"]["computed_steps"]
         steps = masks_of(path.parent)
         assert all(b.is_nested_in(a) for (_, a), (_, b) in itertools.pairwise(steps))
+    assert sorted(computed) == list(range(1, len(steps) + 1))  # one trajectory for the sweep, each step once
+    assert (tmp_path / "multi" / "summary.md").exists() and (tmp_path / "multi" / "summary.png").exists()
     bad = subprocess.run([sys.executable, "-m", "gisp.run", "model=no_such_model", *env_args[1:]], cwd=REPO,
                          capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode != 0 and "no_such_model" in bad.stderr
@@ -197,7 +205,8 @@ def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
     single-process trajectory."""
     args = [sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=[0.3,0.5]", "trainer=ddp",
             "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "progress=false", "threads=1",
-            f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'ddp'}", *SMOKE]
+            f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'ddp'}",
+            *SMOKE]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr
@@ -212,8 +221,9 @@ def test_export_from_run_dir(mistral_run, tmp_path):
     from gisp.export import export_from_run
 
     cfg, run_dir, results = mistral_run
-    with pytest.raises(GispError, match="never reached target 0.45"):
-        export_from_run(run_dir, tmp_path / "x", target=0.45, cache_dir=cfg.cache_dir)
+    with pytest.raises(GispError, match="never reached sparsity 0.9"):
+        export_from_run(run_dir, tmp_path / "x", target=0.9, cache_dir=cfg.cache_dir)
+    assert not (tmp_path / "x").exists()
     out = export_from_run(run_dir, tmp_path / "t50", target=0.5, cache_dir=cfg.cache_dir)
     with pytest.raises(GispError, match="already exists"):
         export_from_run(run_dir, out, target=0.5, cache_dir=cfg.cache_dir)

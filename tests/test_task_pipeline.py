@@ -14,6 +14,8 @@ from gisp.errors import GispError
 from gisp.evaluate import evaluate_run
 from gisp.io import read_json
 from gisp.pipeline import run
+from gisp.prune.masks import Masks
+from gisp.runs import RunDir
 
 CMQA_METRICS = {"boolq_acc", "piqa_acc_norm", "hellaswag_acc_norm", "winogrande_acc", "arc_easy_acc_norm",
                 "arc_challenge_acc_norm", "openbookqa_acc_norm", "cmqa_mean"}
@@ -32,7 +34,8 @@ def margin_run(tmp_path_factory):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny_llama", "model.config.max_position_embeddings=512",
                                            "sparsity=[0.2,0.4]", "logger=csv", "progress=false",
-                                           "threads=1", f"cache_dir={tmp / 'cache'}", *MARGIN, *SUITE])
+                                           "threads=1", f"cache_dir={tmp / 'cache'}", f"store_dir={tmp / 'store'}",
+                                           *MARGIN, *SUITE])
     return tmp / "run", run(load_settings(cfg), run_dir=tmp / "run")
 
 
@@ -57,9 +60,8 @@ def test_results_hold_both_perplexities_and_every_task(margin_run):
 
 def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
     run_dir, results = margin_run
-    manifest = read_json(run_dir / "trajectory" / "manifest.json")
-    step = manifest["steps"][0]  # a level that was not a target of the run
-    level = round(step["sparsity"], 4)
+    traj = RunDir(run_dir).trajectory
+    level = 0.33  # not a target of the run, not a step of the trajectory: read out exactly
     from conftest import CONF
     from hydra import compose, initialize_config_dir
 
@@ -68,18 +70,22 @@ def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
                                              "eval.tasks.wikitext2_ppl.max_windows=4",
                                              "eval.tasks.wikitext2_ppl.seq_len=64",
                                              "eval.tasks.wikitext2_ppl_2048.max_windows=1"])
-    before = (run_dir / "trajectory" / "manifest.json").read_text()
-    out = evaluate_run(run_dir, eval_tasks(cfg.eval), [level, 0.4], dense=False, tolerance=1e-3, progress=False)
-    assert (run_dir / "trajectory" / "manifest.json").read_text() == before  # no new step: nothing pruned
+    before = traj.path.read_text()
+    out = evaluate_run(run_dir, eval_tasks(cfg.eval), [level, 0.4], dense=False, progress=False)
+    assert traj.path.read_text() == before  # no new step: nothing pruned
     key = f"{level:g}"
-    assert out["targets"][key]["step"] == step["step"] and out["targets"][key]["added_by"] == "gisp.evaluate"
+    entry = out["targets"][key]
+    meta = traj.manifest["meta"]["structure"]
+    assert abs(entry["sparsity"] - level) <= max(meta["head_params"], meta["channel_params"]) / meta["decoder_params"]
+    assert entry["added_by"] == "gisp.evaluate" and (run_dir / entry["masks"]).exists()
+    assert Masks.load(run_dir / entry["masks"]).is_nested_in(Masks.load(run_dir / out["targets"]["0.2"]["masks"]))
     # The re-evaluated target keeps its CMQA metrics and gets the same perplexity as during the run.
     target = out["targets"]["0.4"]["metrics"]
     assert CMQA_METRICS <= set(target)
     assert target["wikitext2_ppl"] == pytest.approx(results["targets"]["0.4"]["metrics"]["wikitext2_ppl"], rel=1e-6)
     assert read_json(run_dir / "results.json") == out
     with pytest.raises(GispError, match="not a level of this trajectory"):
-        evaluate_run(run_dir, eval_tasks(cfg.eval), [0.33], tolerance=1e-4, progress=False)
+        evaluate_run(run_dir, eval_tasks(cfg.eval), [0.9], progress=False)
 
 
 def test_evaluate_cli_and_bad_input(margin_run):

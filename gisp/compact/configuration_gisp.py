@@ -11,6 +11,8 @@ class GispDecoderConfig(PretrainedConfig):
     Per layer i: `layer_q_to_kv[i]` maps each kept query head to its kept KV head (len = kept query heads, an empty
     list = no attention block), `layer_kv_heads[i]` the kept KV heads, `layer_intermediate_sizes[i]` the kept MLP
     channels (0 = no MLP block). Which original heads and channels survived is in the folder's gisp_masks.safetensors.
+    `output_bias`: o_proj and down_proj carry output biases (the model's own, or FLAP's compensation); a layer without
+    attention (MLP) then adds its bias as a constant.
     """
 
     model_type = "gisp_decoder"
@@ -34,6 +36,7 @@ class GispDecoderConfig(PretrainedConfig):
         attention_bias: bool = False,
         mlp_bias: bool = False,
         qk_norm: bool = False,
+        output_bias: bool = False,
         sliding_window: int | None = None,
         base_model_type: str = "llama",
         tie_word_embeddings: bool = False,
@@ -55,6 +58,7 @@ class GispDecoderConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
+        self.output_bias = output_bias
         self.sliding_window = sliding_window
         self.base_model_type = base_model_type
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

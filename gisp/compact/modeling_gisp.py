@@ -4,7 +4,8 @@ Imports only torch and transformers, so `AutoModelForCausalLM.from_pretrained(OU
 works without gisp. Numerics follow transformers' Llama/Mistral/Qwen2/Qwen3 (RMSNorm in float32, rotate-half
 RoPE, SiLU-gated MLP). GQA groups may be unequal after pruning: each kept query head reads its KV head through
 `q_to_kv` (an index, not duplicated K/V weights), and KV heads no query head uses are gone, cache included.
-A layer with no heads has no attention block; a layer with no channels has no MLP block.
+A layer with no heads has no attention block; a layer with no channels has no MLP block (with `output_bias`, such a
+layer still adds that block's output bias, a constant: what the masked model's o_proj / down_proj gave for zero input).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class GispAttention(nn.Module):
         self.q_proj = nn.Linear(h, n_q * d, bias=config.attention_bias)
         self.k_proj = nn.Linear(h, n_kv * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(h, n_kv * d, bias=config.attention_bias)
-        self.o_proj = nn.Linear(n_q * d, h, bias=False)
+        self.o_proj = nn.Linear(n_q * d, h, bias=getattr(config, "output_bias", False))
         if config.qk_norm:
             self.q_norm, self.k_norm = GispRMSNorm(d, config.rms_norm_eps), GispRMSNorm(d, config.rms_norm_eps)
         self.q_to_kv = list(q_to_kv)  # a plain list, turned into a tensor per device (see GispRotary)
@@ -117,7 +118,7 @@ class GispMLP(nn.Module):
         h = config.hidden_size
         self.gate_proj = nn.Linear(h, size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(h, size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(size, h, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(size, h, bias=getattr(config, "output_bias", False))
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,19 +128,27 @@ class GispMLP(nn.Module):
 class GispDecoderLayer(nn.Module):
     def __init__(self, config: GispDecoderConfig, layer_idx: int, cache_idx: int):
         super().__init__()
-        eps = config.rms_norm_eps
+        eps, h, bias = config.rms_norm_eps, config.hidden_size, getattr(config, "output_bias", False)
         if config.layer_q_to_kv[layer_idx]:
-            self.input_layernorm = GispRMSNorm(config.hidden_size, eps)
+            self.input_layernorm = GispRMSNorm(h, eps)
             self.self_attn = GispAttention(config, layer_idx, cache_idx)
+        elif bias:
+            self.attn_out_bias = nn.Parameter(torch.zeros(h))
         if config.layer_intermediate_sizes[layer_idx]:
-            self.post_attention_layernorm = GispRMSNorm(config.hidden_size, eps)
+            self.post_attention_layernorm = GispRMSNorm(h, eps)
             self.mlp = GispMLP(config, config.layer_intermediate_sizes[layer_idx])
+        elif bias:
+            self.mlp_out_bias = nn.Parameter(torch.zeros(h))
 
     def forward(self, x, cos, sin, mask, cache):
         if hasattr(self, "self_attn"):
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        elif hasattr(self, "attn_out_bias"):
+            x = x + self.attn_out_bias
         if hasattr(self, "mlp"):
             x = x + self.mlp(self.post_attention_layernorm(x))
+        elif hasattr(self, "mlp_out_bias"):
+            x = x + self.mlp_out_bias
         return x
 
 

@@ -3,6 +3,9 @@
 The pruned rows and columns are really removed; per-layer head/channel counts and the GQA query-to-KV index go
 into the config; a layer with no heads (channels) loses its attention (MLP) block. The folder carries its own
 `modeling_gisp.py`, so it loads without gisp through `trust_remote_code=True`.
+
+Output biases (o_proj / down_proj: the model's own, plus FLAP's compensation of a level) become biases of the
+compact o_proj / down_proj; a layer whose heads (channels) are all pruned keeps its bias as a constant it adds.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from gisp.errors import GispError
 from gisp.io import atomic_dir
 from gisp.models.families import REGISTRY, family_spec, get_submodule
 from gisp.models.structure import ModelStructure, describe, layer_modules
-from gisp.prune.masks import Masks, sparsity
+from gisp.prune.masks import Masks, OutputBias, sparsity
 
 log = logging.getLogger(__name__)
 COMPACT_DIR = Path(__file__).resolve().parent
@@ -44,17 +47,39 @@ def _rows(weight: torch.Tensor, heads: list[int], d: int) -> torch.Tensor:
     return weight.index_select(0, idx).contiguous()
 
 
-def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure) -> tuple[dict, dict]:
-    """The compact weights (names as in the compact model) and the per-layer layout for its config."""
+def output_biases(layers: list, bias: OutputBias | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer (o_proj bias, down_proj bias) of the masked model: the modules' own biases plus FLAP's
+    compensation; None when the model has neither (the compact model then has no output biases)."""
+    if bias is None and all(m.o.bias is None and m.down.bias is None for m in layers):
+        return None
+    out = []
+    for i, m in enumerate(layers):
+        pair = []
+        extras = (None, None) if bias is None else (bias.attn[i], bias.mlp[i])
+        for lin, extra in zip((m.o, m.down), extras):
+            b = torch.zeros(lin.out_features, dtype=torch.float32)
+            if lin.bias is not None:
+                b += lin.bias.detach().float().cpu()
+            if extra is not None:
+                b += extra.float().cpu()
+            pair.append(b.to(lin.weight.dtype))
+        out.append(tuple(pair))
+    return out
+
+
+def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure,
+                       bias: OutputBias | None = None) -> tuple[dict, dict]:
+    """The compact weights (names as in the compact model) and the per-layer layout for its config; `bias` is a
+    level's FLAP output bias (added to the o_proj / down_proj outputs, as MaskApplier.set(masks, bias) does)."""
     spec = family_spec(model.config.model_type)
     layers = layer_modules(model, spec)
     d = structure.head_dim
     state: dict[str, torch.Tensor] = {}
     layout = {"layer_q_to_kv": [], "layer_kv_heads": [], "layer_intermediate_sizes": []}
     decoder = get_submodule(model, spec.layers)
+    biases = output_biases(layers, bias)
+    layout["output_bias"] = biases is not None
     for i, m in enumerate(layers):
-        if m.o.bias is not None or m.down.bias is not None:
-            raise GispError("export of models with o_proj/down_proj biases is not supported")
         kept_q = masks.heads[i].nonzero().flatten().tolist()
         kept_c = masks.channels[i].nonzero().flatten().tolist()
         kept_kv, q_to_kv = kv_plan(kept_q, structure)
@@ -67,6 +92,8 @@ def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure
                 if lin.bias is not None:
                     state[p + f"self_attn.{name}.bias"] = _rows(lin.bias.detach()[:, None], heads, d).flatten()
             state[p + "self_attn.o_proj.weight"] = _rows(m.o.weight.detach().t(), kept_q, d).t().contiguous()
+            if biases is not None:
+                state[p + "self_attn.o_proj.bias"] = biases[i][0]
             attn = get_submodule(block, spec.attention)
             for name, norm in (("q_norm", spec.q_norm), ("k_norm", spec.k_norm)):
                 if hasattr(attn, norm):
@@ -78,6 +105,15 @@ def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure
             state[p + "mlp.gate_proj.weight"] = m.gate.weight.detach().index_select(0, idx).contiguous()
             state[p + "mlp.up_proj.weight"] = m.up.weight.detach().index_select(0, idx).contiguous()
             state[p + "mlp.down_proj.weight"] = m.down.weight.detach().index_select(1, idx).contiguous()
+            for name, lin in (("gate_proj", m.gate), ("up_proj", m.up)):
+                if lin.bias is not None:
+                    state[p + f"mlp.{name}.bias"] = lin.bias.detach().index_select(0, idx).contiguous()
+            if biases is not None:
+                state[p + "mlp.down_proj.bias"] = biases[i][1]
+        if biases is not None and not kept_q:  # the attention block is gone, its bias stays: a constant
+            state[p + "attn_out_bias"] = biases[i][0]
+        if biases is not None and not kept_c:
+            state[p + "mlp_out_bias"] = biases[i][1]
         layout["layer_q_to_kv"].append(q_to_kv)
         layout["layer_kv_heads"].append(len(kept_kv))
         layout["layer_intermediate_sizes"].append(len(kept_c))
@@ -112,8 +148,9 @@ def compact_config(model: nn.Module, structure: ModelStructure, layout: dict) ->
 
 
 def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, provenance: dict | None = None,
-                   structure: ModelStructure | None = None) -> Path:
-    """Write the compact model of `model` under `masks` to the new folder `out` (atomically: all or nothing)."""
+                   structure: ModelStructure | None = None, bias: OutputBias | None = None) -> Path:
+    """Write the compact model of `model` under `masks` (and a FLAP level's output `bias`) to the new folder `out`
+    (atomically: all or nothing)."""
     out = Path(out)
     if model.config.model_type not in REGISTRY:
         raise GispError(f"model family '{model.config.model_type}' has no export support; supported: "
@@ -121,7 +158,7 @@ def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, p
     if out.exists():
         raise GispError(f"{out} already exists: choose a new output folder (export never overwrites)")
     structure = structure or describe(model)
-    state, layout = compact_state_dict(model, masks, structure)
+    state, layout = compact_state_dict(model, masks, structure, bias)
     config = compact_config(model, structure, layout)
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"),
@@ -130,6 +167,8 @@ def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, p
         for name in CODE_FILES:
             shutil.copy(COMPACT_DIR / name, tmp / name)
         masks.save(tmp / "gisp_masks.safetensors")  # which original heads/channels were kept: the replayable record
+        if bias is not None:
+            bias.save(tmp / "gisp_output_bias.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         params = sum(v.numel() for v in state.values())

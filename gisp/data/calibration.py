@@ -12,6 +12,7 @@ sorted by length so that batches hold similar lengths: the objective is a sum, s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -50,6 +51,16 @@ class CalibrationSet:
     @property
     def n_tokens(self) -> int:
         return sum(int(x.numel()) for x in self.input_ids)
+
+    def content_sha256(self) -> str:
+        """Hash of exactly what is scored (token ids, labels, weights): part of a trajectory's identity, so a changed
+        data file or tokenizer never resumes or reuses a trajectory computed on other data."""
+        h = hashlib.sha256()
+        for ids, labels in zip(self.input_ids, self.labels):
+            h.update(ids.to(torch.int64).numpy().tobytes())
+            h.update(labels.to(torch.int64).numpy().tobytes())
+        h.update(self.weights.to(torch.float64).numpy().tobytes())
+        return h.hexdigest()
 
 
 def from_windows(windows: torch.Tensor, objective: Objective, record: dict | None = None) -> CalibrationSet:

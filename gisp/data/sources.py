@@ -197,11 +197,29 @@ def load_text(src: TextSource, data_dir: Path | None) -> tuple[str, dict]:
     return text, prov
 
 
+_STREAMS: dict[tuple[str, str, bool], torch.Tensor] = {}  # (text sha256, tokenizer sha256, specials) -> ids
+_STREAMS_KEPT = 4
+
+
+def _tokenizer_sha256(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(spec.encode("utf-8")).hexdigest()
+
+
 def tokenize_stream(text: str, tokenizer, add_special_tokens: bool) -> torch.Tensor:
-    """Tokenize the whole text once: (n_tokens,) int64. One call keeps BPE merges exact at every position."""
-    # verbose=False: silences "sequence length is longer than the maximum" (we cut windows ourselves).
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt", verbose=False)
-    return enc["input_ids"][0].to(torch.int64)  # (n_tokens,)
+    """Tokenize the whole text once: (n_tokens,) int64. One call keeps BPE merges exact at every position.
+
+    The last few streams are kept in memory, keyed by the text's and the tokenizer's content: the jobs of a sweep
+    run in one process (and the tests) tokenize the same 4 M characters of calibration text once, not per job."""
+    key = (_sha256(text), _tokenizer_sha256(tokenizer), add_special_tokens)
+    if key not in _STREAMS:
+        # verbose=False: silences "sequence length is longer than the maximum" (we cut windows ourselves).
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt", verbose=False)
+        while len(_STREAMS) >= _STREAMS_KEPT:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = enc["input_ids"][0].to(torch.int64)  # (n_tokens,)
+    return _STREAMS[key].clone()
 
 
 def calibration_windows(text: str, tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -1,8 +1,13 @@
 """Which weights form an attention head and an MLP channel, and how many parameters each one holds.
 
 Head h of a layer = rows h of q_proj (and of k_proj, v_proj without GQA) and columns h of o_proj.
-With GQA the reference scores and prunes QUERY heads: only q rows and o columns belong to a head; K/V stay.
+With GQA the reference scores and prunes QUERY heads (`gqa_mode=query`): only q rows and o columns belong to a head;
+K/V stay. With `gqa_mode=group` the prunable attention unit is one KV head with all its query heads: the unit's
+q rows, k and v rows and o columns go together, so pruning it shrinks the KV cache.
 Channel j = row j of gate_proj and up_proj and column j of down_proj.
+
+Masks always hold one bit per QUERY head (L, H); scores and rankings work on units (L, n_units): a unit is
+`group_size` consecutive query heads (1 in query mode).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from torch import nn
 
 from gisp.errors import GispError
 from gisp.models.families import FamilySpec, family_spec, get_submodule
+
+GQA_MODES = ("query", "group")
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,33 @@ class ModelStructure:
     head_dim: int
     hidden: int
     ffn: int
-    head_params: int  # parameters a pruned head zeroes (q rows + o columns, + k/v rows without GQA, + biases)
+    head_params: int  # parameters a pruned head unit zeroes (q rows + o columns, + k/v rows without GQA or in
+    # group mode, + biases)
     channel_params: int  # gate row + up row + down column (+ biases)
     decoder_params: int  # all parameters of all decoder layers, norms included (the sparsity denominator)
     protected: tuple[int, ...]
+    group_size: int = 1  # query heads per prunable head unit: 1 (query mode, or no GQA), H / KV in group mode
+
+    @property
+    def n_units(self) -> int:
+        """Prunable attention units per layer: query heads (query mode) or KV groups (group mode)."""
+        return self.n_heads // self.group_size
+
+    @property
+    def gqa_mode(self) -> str:
+        return "group" if self.group_size > 1 else "query"
+
+    @property
+    def kv_in_unit(self) -> bool:
+        """Whether a unit owns k/v rows: without GQA (each head has its own) and in group mode."""
+        return self.n_units == self.n_kv_heads
+
+    @property
+    def head_norm_params(self) -> int:
+        """The parameter count block-wise normalization divides a unit's score by: the reference's 4 d_h d for a
+        head (also with GQA, where it is 2 d_h d in fact); (2 g + 2) d_h d for a group of g query heads."""
+        per_head = 4 if self.group_size == 1 else 2 * self.group_size + 2
+        return per_head * self.head_dim * self.hidden
 
     @property
     def gqa(self) -> bool:
@@ -49,8 +79,8 @@ class ModelStructure:
 
     @property
     def n_structures(self) -> int:
-        """Heads and channels of ALL layers: the reference's denominator for the structural ratio."""
-        return self.n_layers * (self.n_heads + self.ffn)
+        """Head units and channels of ALL layers: the reference's denominator for the structural ratio."""
+        return self.n_layers * (self.n_units + self.ffn)
 
     @property
     def unprotected(self) -> list[int]:
@@ -59,7 +89,7 @@ class ModelStructure:
     @property
     def max_sparsity(self) -> float:
         """Sparsity with every head and channel of every unprotected layer pruned (unreachable in practice)."""
-        per_layer = self.n_heads * self.head_params + self.ffn * self.channel_params
+        per_layer = self.n_units * self.head_params + self.ffn * self.channel_params
         return len(self.unprotected) * per_layer / self.decoder_params
 
 
@@ -100,8 +130,14 @@ def _bias_size(linear: nn.Linear) -> int:
     return 0 if linear.bias is None else 1
 
 
-def describe(model: nn.Module, protected: tuple[int, ...] | None = None, **protect_kwargs) -> ModelStructure:
-    """Read the structure of a HF causal LM from its config and modules (checked against each other)."""
+def describe(model: nn.Module, protected: tuple[int, ...] | None = None, gqa_mode: str = "query",
+             **protect_kwargs) -> ModelStructure:
+    """Read the structure of a HF causal LM from its config and modules (checked against each other).
+
+    `gqa_mode`: `query` (the reference: a head is one query head) or `group` (one KV head with its query heads)."""
+    if gqa_mode not in GQA_MODES:
+        raise GispError(f"prune.gqa_mode={gqa_mode!r} is not one of {GQA_MODES}: query prunes query heads (the "
+                        "reference), group prunes whole KV groups (K/V rows too, the KV cache shrinks)")
     config = model.config
     spec = family_spec(config.model_type)
     n_heads = getattr(config, spec.n_heads_attr)
@@ -119,8 +155,9 @@ def describe(model: nn.Module, protected: tuple[int, ...] | None = None, **prote
             raise GispError(f"layer {i} has projection shapes {shapes}, expected {expected} from the config: "
                             "is this model already physically pruned? Prune the dense model instead.")
     m0 = mods[0]
-    head_params = head_dim * (hidden + _bias_size(m0.q)) + hidden * head_dim
-    if n_kv == n_heads:  # without GQA the head's own K and V rows go with it
+    group_size = n_heads // n_kv if gqa_mode == "group" else 1
+    head_params = group_size * head_dim * (hidden + _bias_size(m0.q)) + group_size * hidden * head_dim
+    if n_kv == n_heads or gqa_mode == "group":  # the unit's own K and V rows go with it
         head_params += head_dim * (2 * hidden + _bias_size(m0.k) + _bias_size(m0.v))
     channel_params = hidden * 3 + _bias_size(m0.gate) + _bias_size(m0.up)
     layers = get_submodule(model, spec.layers)
@@ -128,4 +165,4 @@ def describe(model: nn.Module, protected: tuple[int, ...] | None = None, **prote
     if protected is None:
         protected = protected_layers(n_layers, **protect_kwargs)
     return ModelStructure(n_layers, n_heads, n_kv, head_dim, hidden, ffn, head_params, channel_params,
-                          decoder_params, tuple(protected))
+                          decoder_params, tuple(protected), group_size)

@@ -3,6 +3,8 @@
 GISP's score (method.md section 2, `taylor`): per weight s = |W * g_bar| with g_bar the MEAN gradient of the
 objective over the calibration set (not a sum of per-sample |w*g|); summed over each structure's weights; then
 block-wise normalized so that heads (~10x larger raw scores) and channels can share one global ranking.
+A "head" score is per head UNIT (structure.n_units): one query head (`gqa_mode=query`), or one KV head with all its
+query heads (`gqa_mode=group`: the unit's q, k, v rows and o columns, normalized by the unit's parameter count).
 The baselines' scores (wanda, fluctuation, magnitude, random) are written the same way: pure functions of weights
 and statistics, so tests can hold them against slow per-structure loops.
 
@@ -31,9 +33,10 @@ GradOf = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 def scored_weights(layer: LayerModules, structure: ModelStructure) -> list[nn.Parameter]:
-    """Weights whose gradient the score needs: q, o, gate, up, down, and k, v without GQA (GQA heads are q + o)."""
+    """Weights whose gradient the score needs: q, o, gate, up, down, and k, v when a unit owns them (no GQA, or
+    group mode; query-mode GQA heads are q + o)."""
     weights = [layer.q.weight, layer.o.weight, layer.gate.weight, layer.up.weight, layer.down.weight]
-    if not structure.gqa:
+    if structure.kv_in_unit:
         weights += [layer.k.weight, layer.v.weight]
     return weights
 
@@ -50,17 +53,18 @@ def _own_grad(weight: torch.Tensor) -> torch.Tensor | None:
 
 def layer_scores(layer: LayerModules, structure: ModelStructure, grad_of: GradOf = _own_grad
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw per-head (H,) and per-channel (F,) sums of |W * g| for one layer; g = grad_of(W) is g_bar."""
-    H, d_h, d, F = structure.n_heads, structure.head_dim, structure.hidden, structure.ffn
+    """Raw per-unit (n_units,) and per-channel (F,) sums of |W * g| for one layer; g = grad_of(W) is g_bar."""
+    U, d_h, d, F = structure.n_units, structure.head_dim, structure.hidden, structure.ffn
+    w = structure.group_size * d_h  # q rows / o columns of one unit
 
     def taylor(linear: nn.Linear) -> torch.Tensor:
         return _taylor(linear.weight, grad_of(linear.weight))
 
-    heads = taylor(layer.q).view(H, d_h, d).sum(dim=(1, 2))
-    heads += taylor(layer.o).view(d, H, d_h).sum(dim=(0, 2))
-    if not structure.gqa:
-        heads += taylor(layer.k).view(H, d_h, d).sum(dim=(1, 2))
-        heads += taylor(layer.v).view(H, d_h, d).sum(dim=(1, 2))
+    heads = taylor(layer.q).view(U, w, d).sum(dim=(1, 2))
+    heads += taylor(layer.o).view(d, U, w).sum(dim=(0, 2))
+    if structure.kv_in_unit:
+        heads += taylor(layer.k).view(U, d_h, d).sum(dim=(1, 2))
+        heads += taylor(layer.v).view(U, d_h, d).sum(dim=(1, 2))
     channels = taylor(layer.gate).sum(dim=1)  # (F,)
     channels += taylor(layer.up).sum(dim=1)
     channels += taylor(layer.down).view(d, F).sum(dim=0)
@@ -70,21 +74,23 @@ def layer_scores(layer: LayerModules, structure: ModelStructure, grad_of: GradOf
 def normalize(
     heads: torch.Tensor, channels: torch.Tensor, structure: ModelStructure, normalization: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise normalization of raw scores (L, H) and (L, F); protected layers must already be +inf.
+    """Block-wise normalization of raw scores (L, n_units) and (L, F); protected layers must already be +inf.
 
     reference (GISP code, produced the published numbers): head / (4 d_h d), channel / (3 d_ff), then all scores
     shifted by |min| (order-preserving; kept so logged values match the reference).
     paper (GISP text): each structure divided by its parameter count, head 4 d_h d, channel 3 d.
     none: raw sums (an ablation).
+    In group mode a unit of g query heads is divided by its (2 g + 2) d_h d parameters instead of 4 d_h d.
     """
-    d_h, d, F = structure.head_dim, structure.hidden, structure.ffn
+    d, F = structure.hidden, structure.ffn
+    head_norm = structure.head_norm_params
     if normalization == "reference":
-        heads, channels = heads / (4 * d_h * d), channels / (3 * F)
+        heads, channels = heads / head_norm, channels / (3 * F)
         finite = torch.cat([heads[heads.isfinite()], channels[channels.isfinite()]])
         shift = finite.min().abs() if finite.numel() else 0.0
         return heads + shift, channels + shift
     if normalization == "paper":
-        return heads / (4 * d_h * d), channels / (3 * d)
+        return heads / head_norm, channels / (3 * d)
     if normalization == "none":
         return heads, channels
     raise GispError(f"unknown normalization '{normalization}'; choose one of {NORMALIZATIONS}")
@@ -94,9 +100,9 @@ def structure_scores(
     layers: list[LayerModules], structure: ModelStructure, normalization: str = "reference",
     grad_of: GradOf = _own_grad,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized scores (L, H) and (L, F) from the mean gradients of every unprotected layer (`grad_of(W)`,
+    """Normalized scores (L, n_units) and (L, F) from the mean gradients of every unprotected layer (`grad_of(W)`,
     by default `W.grad`); protected layers +inf."""
-    L, H, F = structure.n_layers, structure.n_heads, structure.ffn
+    L, H, F = structure.n_layers, structure.n_units, structure.ffn
     heads = torch.full((L, H), float("inf"))
     channels = torch.full((L, F), float("inf"))
     for i in structure.unprotected:
@@ -105,16 +111,17 @@ def structure_scores(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The baselines' raw scores. Inputs of o_proj are H*d_h features (head h = features h*d_h..), of down_proj F.
+# The baselines' raw scores. Inputs of o_proj are H*d_h features (head h = features h*d_h..), of down_proj F; a
+# unit of g query heads (group mode) is g*d_h consecutive features.
 
 
 def wanda_sp_scores(o_weight: torch.Tensor, down_weight: torch.Tensor, attn_mean_sq: torch.Tensor,
                     mlp_mean_sq: torch.Tensor, structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
     """Wanda-sp (FLAP's structured Wanda): per input feature j the mean over output rows of |W_ij| * ||x_j||, with
-    ||x_j|| the root mean square of feature j over the calibration tokens; a head sums its d_h features."""
+    ||x_j|| the root mean square of feature j over the calibration tokens; a head (unit) sums its features."""
     attn = (o_weight.detach().float().abs() * attn_mean_sq.float().sqrt()[None, :]).mean(dim=0)  # (H*d_h,)
     mlp = (down_weight.detach().float().abs() * mlp_mean_sq.float().sqrt()[None, :]).mean(dim=0)  # (F,)
-    return attn.view(structure.n_heads, structure.head_dim).sum(dim=1), mlp
+    return attn.view(structure.n_units, -1).sum(dim=1), mlp
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
@@ -124,31 +131,32 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 def flap_scores(o_weight: torch.Tensor, down_weight: torch.Tensor, attn_var: torch.Tensor, mlp_var: torch.Tensor,
                 structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
     """FLAP's WIFV fluctuation metric, standardized within each layer's module so heads and channels of all layers
-    share one ranking (FLAP's "AL-AM"): feature j scores Var(x_j) * ||W[:, j]||^2; a head is the MEAN of its
-    features' standardized scores, a channel its own."""
+    share one ranking (FLAP's "AL-AM"): feature j scores Var(x_j) * ||W[:, j]||^2; a head (unit) is the MEAN of
+    its features' standardized scores, a channel its own."""
     attn = attn_var.float() * o_weight.detach().float().pow(2).sum(dim=0)  # (H*d_h,)
     mlp = mlp_var.float() * down_weight.detach().float().pow(2).sum(dim=0)  # (F,)
-    heads = _standardize(attn).view(structure.n_heads, structure.head_dim).mean(dim=1)
+    heads = _standardize(attn).view(structure.n_units, -1).mean(dim=1)
     return heads, _standardize(mlp)
 
 
 def magnitude_scores(layer: LayerModules, structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 norm of each structure's weights (LLM-Pruner's magnitude floor)."""
-    H, d_h, d = structure.n_heads, structure.head_dim, structure.hidden
+    U, d_h, d = structure.n_units, structure.head_dim, structure.hidden
+    w = structure.group_size * d_h
 
     def sq(linear: torch.nn.Linear) -> torch.Tensor:
         return linear.weight.detach().float().pow(2)
 
-    heads = sq(layer.q).view(H, d_h, d).sum(dim=(1, 2)) + sq(layer.o).view(d, H, d_h).sum(dim=(0, 2))
-    if not structure.gqa:
-        heads += sq(layer.k).view(H, d_h, d).sum(dim=(1, 2)) + sq(layer.v).view(H, d_h, d).sum(dim=(1, 2))
+    heads = sq(layer.q).view(U, w, d).sum(dim=(1, 2)) + sq(layer.o).view(d, U, w).sum(dim=(0, 2))
+    if structure.kv_in_unit:
+        heads += sq(layer.k).view(U, d_h, d).sum(dim=(1, 2)) + sq(layer.v).view(U, d_h, d).sum(dim=(1, 2))
     channels = sq(layer.gate).sum(dim=1) + sq(layer.up).sum(dim=1) + sq(layer.down).sum(dim=0)
     return heads.cpu(), channels.cpu()
 
 
 def random_scores(structure: ModelStructure, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(structure.n_layers, structure.n_heads, generator=g),
+    return (torch.rand(structure.n_layers, structure.n_units, generator=g),
             torch.rand(structure.n_layers, structure.ffn, generator=g))
 
 
@@ -198,7 +206,7 @@ def get_score(name: str) -> Importance:
 
 
 def _per_layer(layer_fn, structure: ModelStructure) -> tuple[torch.Tensor, torch.Tensor]:
-    heads = torch.zeros(structure.n_layers, structure.n_heads)
+    heads = torch.zeros(structure.n_layers, structure.n_units)
     channels = torch.zeros(structure.n_layers, structure.ffn)
     for i in structure.unprotected:
         h, c = layer_fn(i)

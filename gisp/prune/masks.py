@@ -108,10 +108,53 @@ class OutputBias:
         return cls(tensors["attn"], tensors["mlp"])
 
 
+def group_heads(masks: Masks, group_size: int) -> Masks:
+    """The masks with one head bit per group of `group_size` consecutive query heads (a KV group); a group that
+    is only partly kept is an error. `group_size` 1 returns the masks themselves."""
+    if group_size == 1:
+        return masks
+    L, H = masks.heads.shape
+    grouped = masks.heads.view(L, H // group_size, group_size)  # (L, U, g)
+    kept, whole = grouped.any(dim=-1), grouped.all(dim=-1)
+    if not bool((whole == kept).all()):
+        layer = int((whole != kept).any(dim=1).nonzero()[0])
+        raise GispError(f"layer {layer}'s masks keep part of a KV group, but prune.gqa_mode=group prunes whole "
+                        "groups: these masks come from a query-mode run (use its gqa_mode)")
+    return Masks(kept, masks.channels)
+
+
+def unit_masks(masks: Masks, structure: ModelStructure) -> Masks:
+    """The masks per prunable unit: heads (L, n_units), channels (L, F); query mode: the masks themselves."""
+    return group_heads(masks, structure.group_size)
+
+
+def expand_units(units: Masks, structure: ModelStructure) -> Masks:
+    """Unit masks (L, n_units) as query-head masks (L, H): each unit's bit repeated over its query heads."""
+    return Masks(units.heads.repeat_interleave(structure.group_size, dim=1), units.channels)
+
+
+def flat_pruned(masks: Masks, structure: ModelStructure) -> torch.Tensor:
+    """(L*n_units + L*F,) bool, units first: the index space of the global ranking and of trajectory orders."""
+    return unit_masks(masks, structure).flat_pruned()
+
+
+def masks_from_flat(pruned: torch.Tensor, structure: ModelStructure) -> Masks:
+    """Query-head keep-masks from a flat pruned vector over units and channels (units first)."""
+    L, U = structure.n_layers, structure.n_units
+    return expand_units(Masks(~pruned[: L * U].view(L, U), ~pruned[L * U:].view(L, structure.ffn)), structure)
+
+
+def n_pruned(masks: Masks, structure: ModelStructure) -> int:
+    """Pruned head units + pruned channels (the numerator of the structural ratio)."""
+    return unit_masks(masks, structure).n_pruned
+
+
 def sparsity(masks: Masks, structure: ModelStructure) -> float:
-    """Parameter sparsity of the decoder layers (method.md section 4): pruned parameters / all layer parameters."""
-    pruned_heads = int((~masks.heads).sum())
-    pruned_channels = int((~masks.channels).sum())
+    """Parameter sparsity of the decoder layers (method.md section 4): pruned parameters / all layer parameters.
+    A head unit counts when pruned whole (a query head in query mode, a KV group with its K/V rows in group mode)."""
+    units = unit_masks(masks, structure)
+    pruned_heads = int((~units.heads).sum())
+    pruned_channels = int((~units.channels).sum())
     pruned = pruned_heads * structure.head_params + pruned_channels * structure.channel_params
     return pruned / structure.decoder_params
 

@@ -24,7 +24,7 @@ from gisp.prune.masks import MaskApplier, Masks, sparsity
 from gisp.prune.methods import flap_bias, pruner_spec
 from gisp.prune.objectives import OBJECTIVES
 from gisp.prune.ranking import local_counts, plan_global, plan_local
-from gisp.prune.trajectory import Trajectory
+from gisp.runs import RunDir
 
 PRUNERS = ["gisp", "oneshot", "llm_pruner", "wanda_sp", "flap", "magnitude", "random"]
 
@@ -251,7 +251,7 @@ def method_runs(tmp_path_factory):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=["model=tiny_mistral", "model.config.num_hidden_layers=6",
                                                "sparsity=[0.2,0.35,0.5]", "logger=none", "progress=false",
-                                               "eval=none", f"pruner={pruner}",
+                                               "eval=none", f"pruner={pruner}", f"store_dir={tmp / 'store'}",
                                                f"cache_dir={tmp / 'cache'}", *SMOKE])
         runs[pruner] = (run(load_settings(cfg), run_dir=tmp / pruner), tmp / pruner)
     return runs
@@ -260,7 +260,7 @@ def method_runs(tmp_path_factory):
 @pytest.mark.parametrize("pruner", PRUNERS)
 def test_every_method_lands_on_its_targets(method_runs, pruner):
     results, run_dir = method_runs[pruner]
-    traj = Trajectory.load(run_dir / "trajectory")
+    traj = RunDir(run_dir).trajectory
     meta = traj.manifest["meta"]["structure"]
     per_structure = max(meta["head_params"], meta["channel_params"]) / meta["decoder_params"]
     local = results["method"]["ranking"] == "local"
@@ -270,7 +270,7 @@ def test_every_method_lands_on_its_targets(method_runs, pruner):
     previous = None
     for key, entry in results["targets"].items():
         assert abs(entry["sparsity"] - float(key)) <= tol, (key, entry["sparsity"])
-        masks = traj.masks_at(entry["step"])
+        masks = Masks.load(run_dir / entry["masks"])
         for i in meta["protected"]:
             assert masks.heads[i].all() and masks.channels[i].all()
         if previous is not None:
@@ -279,8 +279,9 @@ def test_every_method_lands_on_its_targets(method_runs, pruner):
     if pruner == "gisp":
         assert traj.last_step > 3  # iterative: many scoring passes
     else:
-        assert traj.last_step == 3  # one level per target from one scoring
-    assert all(("bias" in s) == (pruner == "flap") for s in traj.steps)
+        assert traj.last_step == 1  # one scoring: every level is cut from the stored scores
+    biases = sorted((run_dir / "levels").glob("*.bias.safetensors"))
+    assert len(biases) == (3 if pruner == "flap" else 0)
 
 
 def test_flap_level_is_replayed_with_its_bias(method_runs, tmp_path):
@@ -289,18 +290,21 @@ def test_flap_level_is_replayed_with_its_bias(method_runs, tmp_path):
     from gisp.runs import RunDir
 
     _, run_dir = method_runs["flap"]
-    traj = Trajectory.load(run_dir / "trajectory")
-    live = RunDir(run_dir).load_model(tmp_path / "cache")
+    run_dir_ = RunDir(run_dir)
+    live = run_dir_.load_model(tmp_path / "cache")
     model, applier, structure = live.model, live.applier, live.structure
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    step = traj.manifest["targets"]["0.5"]
-    applier.set(traj.masks_at(step))
+    level = run_dir_.level(target=0.5)  # the saved level: masks + bias
+    assert level.bias is not None
+    applier.set(level.masks)
     without = perplexity(model, ids, batch_size=2, progress=False)
-    applier.set(traj.masks_at(step), traj.bias_at(step))
+    applier.set(level.masks, level.bias)
     with_bias = perplexity(model, ids, batch_size=2, progress=False)
     assert with_bias != pytest.approx(without)
-    assert sparsity(traj.masks_at(step), structure) == pytest.approx(read_json(run_dir / "results.json")
-                                                                     ["targets"]["0.5"]["sparsity"])
+    assert sparsity(level.masks, structure) == pytest.approx(read_json(run_dir / "results.json")
+                                                             ["targets"]["0.5"]["sparsity"])
+    again = run_dir_.level(target=0.37, live=live)  # a level never saved: read out, its bias from the stored means
+    assert again.bias is not None and again.masks.is_nested_in(run_dir_.level(target=0.35).masks)
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -312,13 +316,27 @@ def test_flap_level_is_replayed_with_its_bias(method_runs, tmp_path):
 def test_bad_pruner_config_fails_early(compose_cfg, tmp_path, overrides, match):
     with pytest.raises(GispError, match=match):
         run(load_settings(compose_cfg("model=tiny_mistral", "eval=none", *SMOKE, *overrides)), run_dir=tmp_path)
-    assert not (tmp_path / "trajectory").exists()
+    assert not (tmp_path / "store").exists()
 
 
-def test_export_refuses_a_level_with_bias(method_runs, tmp_path):
+def test_flap_level_exports_with_its_bias(method_runs, tmp_path):
+    """A FLAP level at 40% exports (o_proj / down_proj biases) and its compact model equals the masked model with
+    the level's bias; the level's own layers without heads keep the attention bias as a constant."""
+    from gisp.compact import GispDecoderForCausalLM
     from gisp.export import export_from_run
+    from gisp.runs import RunDir
 
     _, run_dir = method_runs["flap"]
-    with pytest.raises(GispError, match="output bias"):
-        export_from_run(run_dir, tmp_path / "out", target=0.5, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "out").exists()
+    out = export_from_run(run_dir, tmp_path / "out", target=0.4, cache_dir=tmp_path / "cache")
+    run = RunDir(run_dir)
+    live = run.load_model(tmp_path / "cache")
+    level = run.level(target=0.4, live=live)
+    assert level.bias is not None and bool(level.bias.attn.abs().max() > 0)
+    live.applier.set(level.masks, level.bias)
+    compact = GispDecoderForCausalLM.from_pretrained(out).eval()
+    assert compact.config.output_bias and (out / "gisp_output_bias.safetensors").is_file()
+    ids = torch.randint(0, compact.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(ids).logits, live.model(ids).logits, rtol=1e-4, atol=1e-5)
+        live.applier.set(level.masks)  # without the bias the masked model differs: the export carried it
+        assert not torch.allclose(compact(ids).logits, live.model(ids).logits, rtol=1e-4, atol=1e-5)

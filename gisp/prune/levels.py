@@ -1,0 +1,114 @@
+"""Sparsity levels read out of a trajectory: any target t, exactly, without another scoring pass.
+
+Iterative trajectory: step k prunes the structures of its ORDER (ascending score, after the ones pruned before).
+The level at t is the masks of the last step below t plus the prefix of the next step's order whose parameter
+sparsity is closest to t (within one structure). Prefixes of nested orders are nested, so levels are nested.
+One-shot trajectory: the level is the method's ranking rule (global or local) applied to the stored scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from gisp.errors import GispError
+from gisp.models.structure import LayerModules, ModelStructure
+from gisp.prune.masks import Masks, OutputBias, sparsity
+from gisp.prune.methods import PrunerSpec, flap_bias
+from gisp.prune.ranking import RANKINGS
+from gisp.prune.trajectory import Trajectory
+
+
+@dataclass
+class Level:
+    """One sparsity level: its masks (and FLAP's output bias), where it comes from, and its measured sparsity."""
+
+    target: float
+    masks: Masks
+    sparsity: float
+    step: int  # the step whose order (or scores) the level is cut from; 0 = dense
+    prefix: int | None = None  # how many structures of that step's order are pruned (iterative)
+    bias: OutputBias | None = None
+
+    @property
+    def structural_ratio(self) -> float:
+        return self.masks.n_pruned / (self.masks.heads.numel() + self.masks.channels.numel())
+
+    def record(self) -> dict:
+        return {"sparsity": self.sparsity, "step": self.step, "prefix": self.prefix,
+                "structural_ratio": self.structural_ratio}
+
+
+def masks_from_flat(pruned: torch.Tensor, structure: ModelStructure) -> Masks:
+    """Keep-masks from a flat (L*H + L*F,) pruned vector, heads first."""
+    L, H = structure.n_layers, structure.n_heads
+    return Masks(~pruned[: L * H].view(L, H), ~pruned[L * H:].view(L, structure.ffn))
+
+
+def structure_costs(order: torch.Tensor, structure: ModelStructure) -> torch.Tensor:
+    """Parameters pruned by each structure of a flat order (a head or a channel)."""
+    is_head = order < structure.n_layers * structure.n_heads
+    return torch.where(is_head, structure.head_params, structure.channel_params).to(torch.long)
+
+
+def closest_prefix(base: Masks, order: torch.Tensor, structure: ModelStructure, target: float) -> int:
+    """How many structures of `order`, pruned on top of `base`, land closest to `target` parameter sparsity (ties:
+    the shorter prefix)."""
+    base_params = round(sparsity(base, structure) * structure.decoder_params)
+    cum = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(structure_costs(order, structure), 0)])
+    candidates = (base_params + cum).double() / structure.decoder_params
+    return int(torch.argmin((candidates - target).abs()))
+
+
+def iterative_level(traj: Trajectory, structure: ModelStructure, target: float) -> Level:
+    """The level at `target` of an iterative trajectory (GispError when the trajectory does not reach it)."""
+    if target <= 0.0:
+        return Level(target, Masks.dense(structure), 0.0, 0, 0)
+    previous = Masks.dense(structure)
+    for rec in traj.steps:
+        if rec["sparsity"] >= target:
+            order = traj.order_at(rec["step"])
+            m = closest_prefix(previous, order, structure, target)
+            pruned = previous.flat_pruned().clone()
+            pruned[order[:m]] = True
+            masks = masks_from_flat(pruned, structure)
+            return Level(target, masks, sparsity(masks, structure), rec["step"], m)
+        previous = traj.masks_at(rec["step"])
+    raise GispError(f"sparsity {target} is beyond the trajectory {traj.directory} (it reaches {traj.reached:.4f} "
+                    f"after {traj.last_step} steps): prune further with gisp.run (sparsity=[...,{target}])")
+
+
+def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float,
+                  plan: Callable[[torch.Tensor, torch.Tensor, Masks, ModelStructure, float], object],
+                  bias: Callable[[Masks, dict[str, torch.Tensor]], OutputBias] | None = None) -> Level:
+    """The level at `target` of a one-shot method: its ranking rule `plan` on the stored scores."""
+    if not traj.steps:
+        raise GispError(f"the trajectory {traj.directory} has no scores yet: run gisp.run first")
+    step = traj.steps[0]["step"]
+    tensors = traj.scores_at(step)
+    if target <= 0.0:
+        return Level(target, Masks.dense(structure), 0.0, 0, None)
+    masks = plan(tensors["heads"], tensors["channels"], Masks.dense(structure), structure, target).masks
+    level_bias = bias(masks, tensors) if bias is not None else None
+    return Level(target, masks, sparsity(masks, structure), step, None, level_bias)
+
+
+def read_level(traj: Trajectory, pruner: PrunerSpec, structure: ModelStructure, layers: list[LayerModules] | None,
+               target: float) -> Level:
+    """The level at `target` of a trajectory made by `pruner` (an exact read-out: no scoring pass). FLAP's output
+    bias needs the model's `layers` (its weights)."""
+    if pruner.iterative:
+        return iterative_level(traj, structure, target)
+    bias = None
+    if pruner.bias_compensation:
+        if layers is None:
+            raise GispError("a FLAP level's output bias needs the model: pass the loaded layers")
+
+        def bias(masks, tensors):  # FLAP: W[:, pruned] @ mean input, from the stored means
+            means = {(i, block): SimpleNamespace(mean=tensors[f"{block}_mean"][i])
+                     for i in structure.unprotected for block in ("attn", "mlp")}
+            return flap_bias(layers, structure, masks, means)
+    return oneshot_level(traj, structure, target, RANKINGS[pruner.ranking], bias)

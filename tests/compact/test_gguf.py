@@ -1,0 +1,212 @@
+"""GGUF export (llama.cpp `deci`) checked in a real llama.cpp through llama-cpp-python: logits and greedy text equal
+the masked PyTorch model's, with the layouts that need deci's traps handled (unequal GQA groups, a layer without
+heads, a layer without channels, FLAP biases).
+
+Tolerance: an f32 GGUF read with an f32 KV cache gives llama.cpp's logits within float32 rounding of PyTorch's
+(measured: max |difference| about 1e-6 of the largest logit); the bound below is 1e-4 of it, so only a wrong layout,
+permutation or bias can fail it. With llama.cpp's default f16 KV cache the difference is about 1e-3.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from test_export import uneven_masks
+
+from gisp.compact.gguf import check_deci_compatible, export_gguf, export_gguf_from_folder, plan_layer
+from gisp.compact.slicing import export_compact
+from gisp.errors import GispError
+from gisp.models.byte_tokenizer import byte_level_tokenizer
+from gisp.models.families import family_spec
+from gisp.models.structure import describe, layer_modules
+from gisp.prune.masks import MaskApplier, Masks, OutputBias
+
+
+def llama_cpp():
+    """llama-cpp-python (the `llama` extra). CI sets GISP_REQUIRE_LLAMA_CPP=1, so there a missing build fails."""
+    try:
+        import llama_cpp as module
+    except ImportError:
+        if os.environ.get("GISP_REQUIRE_LLAMA_CPP"):
+            raise
+        pytest.skip("llama-cpp-python is not installed: pip install -e '.[llama]' (builds llama.cpp, ~10 min)")
+    return module
+
+
+def load_gguf(path, f32_cache: bool = True, n_ctx: int = 256):
+    kwargs = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32
+    return llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, seed=0,
+                             verbose=False, **kwargs)
+
+
+def cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])  # (T, V)
+
+
+def cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding on llama.cpp's KV cache, one token at a time."""
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, len(ids):].tolist()
+
+
+def assert_logits_close(got: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> None:
+    np.testing.assert_allclose(got, ref, rtol=0, atol=rel * float(np.abs(ref).max()))
+
+
+def masked(family: str, config=None, seed: int = 0):
+    if config is None:
+        model = tiny_model(family, seed)
+    else:
+        import transformers
+
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.1)
+    structure = describe(model)
+    applier = MaskApplier(layer_modules(model, family_spec(model.config.model_type)), structure)
+    return model, structure, applier
+
+
+def test_plan_layer_handles_the_traps():
+    assert plan_layer([0, 0, 1, 1], 2, 5) == plan_layer([0, 0, 1, 1], 2, 5)
+    equal = plan_layer([0, 0, 1, 1], 2, 5)
+    assert (equal.q, equal.kv, equal.channels, equal.fix) == ([0, 1, 2, 3], [0, 1], [0, 1, 2, 3, 4], "")
+    pad = plan_layer([0, 1, 1], 2, 3)  # groups of 1 and 2: one zero query head (pad) beats one more KV head (tie)
+    assert (pad.q, pad.kv) == ([0, None, 1, 2], [0, 1]) and "pad 1" in pad.fix
+    dup = plan_layer([0, 0, 0, 0, 1, 1], 2, 3)  # groups of 4 and 2: pad costs 2 heads, duplicating KV 1
+    assert (dup.q, dup.kv) == ([0, 1, 2, 3, 4, 5], [0, 0, 1]) and "duplicate 1" in dup.fix
+    no_mlp = plan_layer([0, 1], 2, 0)  # attention without MLP would be dropped by deci: one zero channel
+    assert no_mlp.channels == [None] and "zero channel" in no_mlp.fix
+    empty = plan_layer([], 0, 0)
+    assert (empty.q, empty.kv, empty.channels) == ([], [], [])
+    first = plan_layer([], 0, 4, need_head=True)  # layer 0 (head size) or an attention bias to carry
+    assert (first.q, first.kv, first.channels) == ([None], [None], [0, 1, 2, 3])
+
+
+def eight_by_two():
+    """8 query heads in 2 KV groups of 4 (like Llama-3-8B's ratio): where duplicating a KV head is the cheaper fix."""
+    return tiny_config("mistral").__class__(**{**tiny_config("mistral").to_dict(), "num_attention_heads": 8,
+                                               "num_key_value_heads": 2, "head_dim": 8})
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "mistral_8x2", "mistral_bias"])
+def test_gguf_equals_masked_model_in_llama_cpp(case, tmp_path):
+    family = "llama" if case == "llama" else "mistral"
+    model, structure, applier = masked(family, eight_by_two() if case == "mistral_8x2" else None)
+    masks = uneven_masks(structure) if case != "mistral_8x2" else Masks.dense(structure)
+    if case == "mistral_8x2":
+        masks.heads[0] = torch.tensor([True, True, True, True, True, True, False, False])  # groups of 4 and 2
+        masks.heads[1] = False
+        masks.channels[1, ::3] = False
+    bias = None
+    if case == "mistral_bias":  # FLAP-style output biases, also on layer 1 (no heads) and layer 2 (no channels)
+        g = torch.Generator().manual_seed(5)
+        bias = OutputBias(0.1 * torch.randn(4, 64, generator=g), 0.1 * torch.randn(4, 64, generator=g))
+    applier.set(masks, bias)
+    out = tmp_path / "m.gguf"
+    summary = export_gguf(model, byte_level_tokenizer(), masks, out, "f32", structure, bias)
+    assert summary["head_count"][1] == (1 if case == "mistral_bias" else 0)  # a zero head carries the bias
+    fixes = " ".join(summary["fixes"].values())
+    assert ("duplicate" in fixes) if case == "mistral_8x2" else ("zero channel" in fixes)
+    if case in ("mistral", "mistral_bias"):
+        assert "pad 1 zero query heads" in summary["fixes"][0]
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.attention.head_count"].contents() == summary["head_count"]
+    assert reader.fields["deci.attention.key_length"].contents() == structure.head_dim
+    llm = load_gguf(out)
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert_logits_close(cpp_logits(llm, ids), ref)
+    assert cpp_greedy(llm, ids[:8], 12) == hf_greedy(model, ids[:8], 12)
+    llm.close()
+
+
+def test_precisions_sizes_and_default_cache(tmp_path):
+    model, structure, applier = masked("mistral")
+    masks = uneven_masks(structure)
+    applier.set(masks)
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    sizes = {}
+    for dtype, rel in (("f32", 5e-3), ("f16", 2e-2), ("q8_0", 5e-2)):
+        out = tmp_path / f"{dtype}.gguf"
+        sizes[dtype] = export_gguf(model, byte_level_tokenizer(), masks, out, dtype, structure)["bytes"]
+        llm = load_gguf(out, f32_cache=False)  # llama.cpp's default f16 KV cache
+        got = cpp_logits(llm, ids)
+        assert_logits_close(got, ref, rel)
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+        llm.close()
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q8_0.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 63 kept channels: not whole 32-blocks
+    assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
+
+
+def test_from_compact_folder_and_tokenizer(tmp_path):
+    model, structure, applier = masked("mistral")
+    masks = uneven_masks(structure)
+    applier.set(masks)
+    tok = byte_level_tokenizer()
+    folder = export_compact(model, tok, masks, tmp_path / "hf")
+    export_gguf_from_folder(folder, tmp_path / "m.gguf", "f32")
+    llm = load_gguf(tmp_path / "m.gguf")
+    text = "Emma Woodhouse, handsome, clever, and rich: 1816!"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False).input_ids
+    ids = tok(text).input_ids
+    with torch.no_grad():
+        assert_logits_close(cpp_logits(llm, ids), model(torch.tensor([ids])).logits[0].numpy())
+    llm.close()
+
+
+@pytest.mark.parametrize("family, match", [("qwen2", "q/k/v biases"), ("qwen3", "QK-norm")])
+def test_refuses_what_deci_cannot_hold(family, match, tmp_path):
+    model = tiny_model(family)
+    with pytest.raises(GispError, match=match) as err:
+        export_gguf(model, None, Masks.dense(describe(model)), tmp_path / "x.gguf")
+    assert "format=hf" in str(err.value)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(GispError, match="QK-norm"):
+        check_deci_compatible(tiny_config("qwen3"))
+
+
+def test_existing_file_and_failures_leave_nothing(tmp_path, monkeypatch):
+    model = tiny_model("mistral")
+    masks = Masks.dense(describe(model))
+    (tmp_path / "taken.gguf").write_text("mine")
+    with pytest.raises(GispError, match="already exists"):
+        export_gguf(model, None, masks, tmp_path / "taken.gguf")
+    assert (tmp_path / "taken.gguf").read_text() == "mine"
+
+    def boom(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError):
+        export_gguf(model, None, masks, tmp_path / "new.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
