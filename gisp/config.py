@@ -52,6 +52,12 @@ class PruneSettings:
     protect_layers: tuple[int, ...] | None = None
     max_steps_per_run: int | None = None
     gqa_mode: str = "query"  # query: a head is one query head (the reference); group: one KV head + its query heads
+    grad_offload: str | None = None  # cpu: accumulate the mean gradient in float32 host memory (exact)
+    checkpointing: bool = False  # recompute the decoder layers' activations in backward (exact)
+
+
+# Pruning settings that change where and how a pass runs, never its result: not part of a trajectory's definition.
+EXECUTION_ONLY = ("max_steps_per_run", "grad_offload", "checkpointing")
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ class RunSettings:
     def definition(self, calibration_sha256: str) -> dict[str, Any]:
         """What defines this run's trajectory: the config sections of DEFINITION_KEYS, the effective pruner and
         pruning settings, and the calibration set's content hash (how far one invocation goes is not part of it)."""
-        prune = {k: v for k, v in asdict(self.prune).items() if k != "max_steps_per_run"}
+        prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
         return {**{k: self.resolved.get(k) for k in DEFINITION_KEYS}, "pruner": asdict(self.pruner),
                 "prune": prune, "calibration_sha256": calibration_sha256}
 
@@ -183,6 +189,10 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
     except TypeError as e:
         raise GispError(f"prune: {e}; its fields are {list(PruneSettings.__dataclass_fields__)}") from None
     _int_or_none(prune.max_steps_per_run, "prune.max_steps_per_run", 1)
+    if prune.grad_offload not in (None, "cpu"):
+        raise GispError(f"prune.grad_offload must be null or cpu, got {prune.grad_offload!r}")
+    if not isinstance(prune.checkpointing, bool):
+        raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
     resolved = plain(cfg)
     loggers = _with_wandb_group(plain(cfg.get("logger")) or {}, sweep, resolved, targets)
     return RunSettings(

@@ -11,6 +11,7 @@ drawn in RUN_DIR/metrics.png.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from gisp.eval.suite import EvalTaskSpec, build_evaluator
 from gisp.io import write_json_atomic
 from gisp.pipeline import save_level
 from gisp.prune.trajectory import target_key
-from gisp.runs import RunDir
+from gisp.runs import RunDir, check_protocols, claim, needs_evaluation, record_metrics
 
 log = logging.getLogger("gisp")
 
@@ -39,57 +40,65 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                  trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate the dense model and ``targets`` (default: the run's targets) of a run dir; returns results.json."""
     run = RunDir(run_dir)
-    results = run.results()
-    if results is None:
-        raise GispError(f"no {run.results_path}: the run did not finish; finish it first with gisp.run "
-                        f"(the same command with hydra.run.dir={run.path} resumes it)")
-    if not tasks:
-        raise GispError("nothing to evaluate: the eval config has no tasks (choose eval=wikitext2, eval=cmqa, ...)")
-    targets = sorted(float(k) for k in results.get("targets", {})) if targets is None else targets
-    reach = run.trajectory.reached
-    beyond = [t for t in targets if t > reach]
-    if beyond:
-        raise GispError(f"sparsity {beyond} is not a level of this trajectory: it reaches {reach:.4f} "
-                        f"({run.trajectory.directory}); extend it with gisp.run (sparsity=[...,{max(beyond)}]) first")
-    run_split_seed = run.config.get("split_seed")
-    if split_seed is not None and run_split_seed is not None and split_seed != run_split_seed:
-        raise GispError(f"split_seed={split_seed} differs from the run's split_seed={run_split_seed}: the local "
-                        f"evaluation half could overlap the calibration half; use split_seed={run_split_seed}")
-
-    data_dir = resolve_data_dir(data_dir if data_dir is not None else run.config.get("data_dir"))
-    live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
-    evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
-                                max_positions=getattr(live.model.config, "max_position_embeddings", None))
-
-    plan: list[float | None] = ([None] if dense else []) + list(targets)
-    for target in plan:
-        level = run.level(target=target, live=live) if target is not None else None
-        live.set_level(level)
-        label = "dense" if target is None else target_key(target)
-        log.info("evaluating %s", label)
-        metrics = evaluator(live.model, progress=progress)
-        log.info("%s: %s", label, metrics)
-        if level is None:
-            results["dense"].setdefault("metrics", {}).update(metrics)
-        else:
-            entry = results["targets"].get(label)
-            if entry is None:
-                entry = results["targets"][label] = {**level.record(), "metrics": {}, "added_by": "gisp.evaluate"}
-            entry["masks"] = save_level(run.path, label, level)
-            entry.setdefault("metrics", {}).update(metrics)
-        results.setdefault("evaluation", {}).update(evaluator.describe())  # items evaluated are known now
+    with claim(run.path):
+        results = run.results()
+        if results is None or not results.get("complete", True):
+            raise GispError(f"no complete {run.results_path}: the run did not finish; finish it first with gisp.run "
+                            f"(the same command with hydra.run.dir={run.path} resumes it)")
+        if not tasks:
+            raise GispError("nothing to evaluate: the eval config has no tasks (choose eval=wikitext2, eval=cmqa, ...)")
+        targets = sorted(float(k) for k in results.get("targets", {})) if targets is None else targets
+        reach = run.trajectory.reached
+        beyond = [t for t in targets if t > reach]
+        if beyond:
+            raise GispError(f"sparsity {beyond} is not a level of this trajectory: it reaches {reach:.4f} "
+                            f"({run.trajectory.directory}); extend it with gisp.run (sparsity=[...,{max(beyond)}])")
+        run_split_seed = run.config.get("split_seed")
+        if split_seed is not None and run_split_seed is not None and split_seed != run_split_seed:
+            raise GispError(f"split_seed={split_seed} differs from the run's split_seed={run_split_seed}: the local "
+                            f"evaluation half could overlap the calibration half; use split_seed={run_split_seed}")
+        data_dir = resolve_data_dir(data_dir if data_dir is not None else run.config.get("data_dir"))
+        live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
+        evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
+                                    max_positions=getattr(live.model.config, "max_position_embeddings", None))
+        descriptions = evaluator.describe()
+        plan = ([None] if dense else []) + list(targets)
+        check_protocols(results, descriptions, ["dense" if t is None else target_key(t) for t in plan], run.path)
+        for target in plan:
+            level = run.level(target=target, live=live) if target is not None else None
+            label = "dense" if level is None else target_key(target)
+            if level is None:
+                entry = results["dense"]
+            else:
+                entry = results["targets"].setdefault(label, {**level.record(), "added_by": "gisp.evaluate"})
+                entry["masks"] = save_level(run.path, label, level)
+            if not needs_evaluation(entry, descriptions):
+                log.info("%s: already evaluated with these settings", label)
+                continue
+            live.set_level(level)
+            log.info("evaluating %s", label)
+            metrics = evaluator(live.model, progress=progress)
+            log.info("%s: %s", label, metrics)
+            descriptions = evaluator.describe()  # items evaluated are known now
+            record_metrics(results, entry, metrics, descriptions)
+            write_json_atomic(run.results_path, results)
+            for logger in loggers or []:
+                logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=level.step if level else 0)
         write_json_atomic(run.results_path, results)
-        for logger in loggers or []:
-            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=level.step if level else 0)
-    live.applier.remove()
-    plot_results(results, run.path / "metrics.png")
-    log_results_table(loggers or [], results)
-    return results
+        live.applier.remove()
+        plot_results(results, run.path / "metrics.png")
+        log_results_table(loggers or [], results)
+        return results
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @user_errors
 def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "trajectory.json").is_file():
+        _remove_own_output(run_dir)
+        raise GispError(f"{run_dir} is not a gisp run dir (no trajectory.json): check run_dir=... (a folder that "
+                        "gisp.run wrote, holding config.yaml, trajectory.json and results.json)")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     targets = parse_targets(cfg.targets) if cfg.targets is not None else None
@@ -105,6 +114,20 @@ def main(cfg: DictConfig) -> None:
         for logger in loggers:
             logger.finalize(status)
     print(f"gisp: results in {Path(cfg.run_dir) / 'results.json'}")
+
+
+
+def _remove_own_output(run_dir: Path) -> None:
+    """Hydra made RUN_DIR/evaluate/<time>/ for this command's log before it started; for a wrong run_dir, take it
+    back (and the folders it created) so a typo leaves nothing behind."""
+    out = hydra_output_dir()
+    if run_dir.resolve() not in out.resolve().parents:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    for folder in [out.parent, *out.parent.parents]:
+        if folder.resolve() == run_dir.resolve().parent or any(folder.iterdir()):
+            break
+        folder.rmdir()
 
 
 if __name__ == "__main__":

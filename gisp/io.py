@@ -83,20 +83,32 @@ def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | Path, fix: str = "") -> Any:
+    """A JSON file's content; a missing, truncated or invalid file is a GispError naming it (and `fix`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise GispError(f"{path} does not exist{'; ' + fix if fix else ''}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GispError(f"{path} is not valid JSON ({e}): the file is damaged (truncated or edited)"
+                        f"{'; ' + fix if fix else ''}") from None
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = (), hint: str = "") -> list[dict]:
-    """The records of a jsonl file (blank lines skipped); a record without a ``required`` field is a GispError
-    naming the file, the line, the fields it has and ``hint`` (how to fix it)."""
+    """The records of a jsonl file (blank lines skipped); a record without a ``required`` field, a line that is not
+    JSON or a binary file is a GispError naming the file, the line, the fields it has and ``hint`` (how to fix it)."""
     records = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+        for lineno, line in _lines(fh, path):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GispError(f"{path}:{lineno} is not a JSON record ({e}){hint}") from None
+            if not isinstance(rec, dict):
+                raise GispError(f"{path}:{lineno} is not a JSON object{hint}")
             missing = [f for f in required if f not in rec]
             if missing:
                 raise GispError(f"{path}:{lineno} lacks field(s) {missing} (fields: {sorted(rec)}){hint}")
@@ -104,10 +116,23 @@ def read_jsonl(path: str | Path, required: Sequence[str] = (), hint: str = "") -
     return records
 
 
+def _lines(fh, path):
+    try:
+        yield from enumerate(fh, 1)
+    except UnicodeDecodeError as e:
+        raise GispError(f"{path} is not UTF-8 text ({e}): is it a binary file? Give a .txt / .jsonl text "
+                        "file") from None
+
+
 @cache
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (cached: data files are read-only inputs)."""
+def _cached_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def file_sha256(path: str | Path, cached: bool = True) -> str:
+    """sha256 of a file's bytes (cached by default: data files are read-only inputs; `cached=False` for files that
+    can change, such as a trajectory's)."""
+    return _cached_sha256(str(path)) if cached else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class FileLock:
@@ -115,7 +140,9 @@ class FileLock:
     by the operating system, when the holder dies (so a crashed job never blocks the next one).
 
     While another process holds it, `__enter__` waits and logs every `log_every` seconds who holds it (pid, host,
-    since when); a lock file left by a holder that is gone is taken over with a message.
+    since when); a lock left by a holder that is gone is taken over with a message. The lock file itself is never
+    written: who holds it is in a sibling `<name>.holder` file that exists only while it is held, so taking and
+    releasing the lock leaves the folder as it was.
     """
 
     def __init__(self, path: str | Path, what: str = "", poll: float = 0.5, log_every: float = 30.0,
@@ -125,9 +152,13 @@ class FileLock:
         self.poll, self.log_every, self.timeout = poll, log_every, timeout
         self._fd: int | None = None
 
+    @property
+    def holder_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".holder")
+
     def holder(self) -> dict:
         try:
-            return json.loads(self.path.read_text() or "{}")
+            return json.loads(self.holder_path.read_text() or "{}")
         except (OSError, ValueError):
             return {}
 
@@ -156,16 +187,15 @@ class FileLock:
         if previous.get("pid") and previous.get("host") == host and not _pid_alive(int(previous["pid"])):
             _log.warning("%s: the previous holder (pid %s) is gone without releasing it; taking it over", self.what,
                         previous["pid"])
-        info = json.dumps({"pid": os.getpid(), "host": host,
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "job": os.environ.get("SLURM_JOB_ID")})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        info = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "job": os.environ.get("SLURM_JOB_ID")}
+        self.holder_path.write_text(json.dumps(info))
         self._fd = fd
         return True
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # no holder: a later reader sees the lock free, not a dead pid
+            self.holder_path.unlink(missing_ok=True)  # no holder: a later reader sees the lock free, not a dead pid
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -186,3 +216,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's content; a binary or unreadable file is a GispError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GispError(f"{path} is not UTF-8 text ({e}): is it a binary file? Give a .txt / .jsonl text "
+                        "file") from None
+    except OSError as e:
+        raise GispError(f"{path} cannot be read ({e.strerror})") from None

@@ -9,6 +9,7 @@ store (gisp.prune.trajectory), shared by every job with the same definition; the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from gisp.prune.importance import get_score
 from gisp.prune.levels import Level, read_level
 from gisp.prune.masks import MaskApplier, Masks
 from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
+from gisp.runs import check_protocols, claim, needs_evaluation, record_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,54 @@ def check_targets(targets: tuple[float, ...], structure: ModelStructure) -> None
 
 def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
     """Reach every target of `settings` on the stored trajectory (computing only the missing steps), evaluate
-    the levels, write results.json; returns the results (None when stopped early by prune.max_steps_per_run)."""
-    s = settings
-    started = time.perf_counter()
+    the levels, write results.json; returns the results (None when stopped early by prune.max_steps_per_run).
+
+    The run dir is claimed first (one command at a time); every check runs before the first write, so a refused
+    command leaves the run dir as it found it."""
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir = claim(run_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext(run_dir)
+    with claim_dir:
+        status = "failed"
+        try:
+            results = _run(settings, run_dir, started)
+            status = "stopped" if results is None else "complete"
+            return results
+        except GispError:
+            status = "refused"  # a refused command leaves the run dir as it found it: no record either
+            raise
+        except BaseException as e:
+            status = "failed" if isinstance(e, Exception) else "interrupted"
+            raise
+        finally:
+            if rank_zero_only.rank == 0 and status != "refused" and (run_dir / "trajectory.json").exists():
+                record_invocation(run_dir, started_at, time.perf_counter() - started, status)
+
+
+def record_invocation(run_dir: Path, started_at: str, seconds: float, status: str) -> None:
+    """Every invocation of a run dir (resumed, interrupted, re-run) adds its wall time: results.json's `seconds` is
+    their sum."""
+    path = run_dir / "invocations.json"
+    invocations = read_json(path) if path.exists() else []
+    invocations.append({"started": started_at, "seconds": round(seconds, 1), "status": status})
+    write_json_atomic(path, invocations)
+    results_path = run_dir / "results.json"
+    if status == "complete" and results_path.exists():
+        results = read_json(results_path)
+        results["seconds"] = round(sum(i["seconds"] for i in invocations), 1)
+        results["invocations"] = len(invocations)
+        write_json_atomic(results_path, results)
+
+
+def _check_positions(calib, model: torch.nn.Module) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(int(x.numel()) for x in calib.input_ids)
+    if limit is not None and longest > limit:
+        raise GispError(f"calibration sequences of up to {longest} tokens exceed the model's {limit} positions: set "
+                        f"data.seq_len (or the data's length cap) to at most {limit}")
+
+
+def _run(s: RunSettings, run_dir: Path, started: float) -> dict[str, Any] | None:
     if not s.resume and (run_dir / "results.json").exists():
         raise GispError(f"{run_dir} already holds results and resume=false: choose a new run dir (hydra.run.dir=...)")
     if s.threads:
@@ -69,13 +114,13 @@ def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
     evaluator = build_evaluator(s.evaluation, tokenizer, s.data_dir, work_dir=run_dir / "eval_data",
                                 max_positions=getattr(model.config, "max_position_embeddings", None))
     calib = s.calibration.build(s.objective, tokenizer, s.data_dir)
+    _check_positions(calib, model)
     definition = s.definition(calib.content_sha256())
     tid = trajectory_id(definition)
     pointer = run_dir / "trajectory.json"
     if pointer.is_file() and read_json(pointer).get("id") != tid:
-        raise GispError(f"{run_dir} holds a run of another configuration (trajectory {read_json(pointer).get('id')}; "
-                        f"this command defines {tid}): use a new run dir (hydra.run.dir=...), or resume that run with "
-                        "its own overrides (its config.yaml)")
+        raise GispError(f"{run_dir} holds a run of another configuration: {_differences(pointer, definition)}. Use a "
+                        "new run dir (hydra.run.dir=...), or resume that run with its own overrides and data")
     meta = {"model": s.model.name, "model_type": model.config.model_type,
             "structure": structure.__dict__ | {"protected": list(structure.protected)}}
     store = TrajectoryStore(s.store_dir)
@@ -99,10 +144,7 @@ def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
         for logger in trainer.loggers:  # reusing jobs link to the trajectory (its per-step curves are logged once)
             logger.log_hyperparams({"trajectory": {"id": traj.id, "path": str(traj.directory),
                                                    "computed_steps": computed or [], "reused_steps": reused}})
-        if computed is None:
-            status = "success"
-            return None
-        if not trainer.is_global_zero:
+        if computed is None or not trainer.is_global_zero:
             status = "success"
             return None
         model.to(trainer.strategy.root_device)
@@ -114,6 +156,19 @@ def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
     finally:
         for logger in trainer.loggers:
             logger.finalize(status)
+
+
+def _differences(pointer: Path, definition: dict) -> str:
+    """Which parts of the trajectory definition differ between the run dir's trajectory and this command's."""
+    try:
+        old = Trajectory.load(read_json(pointer)["path"]).manifest["definition"]
+    except GispError:
+        return f"its trajectory {read_json(pointer).get('id')} (no longer in the store) is not this command's"
+    new = json.loads(json.dumps(definition, default=str))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed == ["calibration_sha256"]:
+        return "the calibration data changed since it was computed (the same settings tokenize to other sequences)"
+    return "it differs in " + ", ".join(changed)
 
 
 def _plugins(s: RunSettings) -> list:
@@ -170,36 +225,37 @@ def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torc
                     structure: ModelStructure, layers: list[LayerModules], applier: MaskApplier, evaluator,
                     calibration: dict, reused: list[int], computed: list[int], loggers: list,
                     seconds_before: float) -> dict[str, Any]:
-    """Read out every target, write its masks under levels/, evaluate dense + levels, write results.json after
-    each level (marked complete only at the end: a killed job never leaves results that look complete)."""
+    """Read out every target, write its masks under levels/, evaluate dense + levels, merge into results.json
+    after each level (marked complete only at the end: a killed job never leaves results that look complete)."""
     results_path = run_dir / "results.json"
     previous = read_json(results_path) if results_path.exists() else {}
     started = time.perf_counter()
-    results = build_results(traj, s, calibration, evaluator.describe() if evaluator else {}, reused, computed,
-                            previous)
+    results = build_results(traj, s, calibration, reused, computed, previous)
+    descriptions = evaluator.describe() if evaluator else {}
     todo: list[tuple[str, Level | None]] = [("dense", None)]
     todo += [(target_key(t), read_level(traj, s.pruner, structure, layers, t)) for t in s.targets]
+    check_protocols(results, descriptions, [key for key, _ in todo], run_dir)
     for key, level in todo:
         entry = results["dense"] if level is None else results["targets"].setdefault(key, {})
         if level is not None:
             entry.update(level.record(), masks=save_level(run_dir, key, level))
-        if evaluator is not None and not entry.get("metrics"):
+        if evaluator is not None and needs_evaluation(entry, descriptions):
             log.info("evaluating %s", key)
             if level is None:
                 applier.set(Masks.dense(structure))
             else:
                 applier.set(level.masks, level.bias)
-            entry["metrics"] = evaluator(model, progress=s.progress)
-            results["evaluation"] = evaluator.describe()  # items evaluated are known now
-            log.info("evaluation at %s: %s", key, entry["metrics"])
+            metrics = evaluator(model, progress=s.progress)
+            descriptions = evaluator.describe()  # items evaluated are known now
+            record_metrics(results, entry, metrics, descriptions)
+            log.info("evaluation at %s: %s", key, metrics)
             for logger in loggers:
-                logger.log_metrics({f"eval/{m}": v for m, v in entry["metrics"].items()},
-                                   step=level.step if level else 0)
+                logger.log_metrics({f"eval/{m}": v for m, v in metrics.items()}, step=level.step if level else 0)
         entry.setdefault("metrics", {})
         write_json_atomic(results_path, results)
     applier.set(Masks.dense(structure))
     results["complete"] = True
-    results["seconds"] = round(previous.get("seconds", 0.0) + seconds_before + time.perf_counter() - started, 1)
+    results["seconds"] = round(seconds_before + time.perf_counter() - started, 1)  # all invocations: at exit
     write_json_atomic(results_path, results)
     log.info("results: %s", results_path)
     if evaluator is not None:
@@ -218,18 +274,13 @@ def save_level(run_dir: Path, key: str, level: Level) -> str:
     return name
 
 
-def protocol(description: Any) -> Any:
-    """An evaluation description without what is only known after evaluating (items evaluated): two runs with the
-    same protocol give comparable metrics."""
-    if isinstance(description, dict):
-        return {k: protocol(v) for k, v in description.items() if k not in ("n_evaluated",)}
-    return description
-
-
-def build_results(traj: Trajectory, s: RunSettings, calibration: dict, evaluation: dict, reused: list[int],
-                  computed: list[int], previous: dict) -> dict[str, Any]:
+def build_results(traj: Trajectory, s: RunSettings, calibration: dict, reused: list[int], computed: list[int],
+                  previous: dict) -> dict[str, Any]:
+    """This invocation's record, merged into what results.json already holds (levels and metrics added by earlier
+    commands, e.g. gisp.evaluate, are kept)."""
     pruner = s.pruner
-    results = {
+    results = dict(previous)
+    results.update({
         "model": traj.manifest["meta"]["model"],
         "method": {"pruner": pruner.name, "score": pruner.score, "ranking": pruner.ranking,
                    "iterative": pruner.iterative, "bias_compensation": pruner.bias_compensation,
@@ -237,17 +288,12 @@ def build_results(traj: Trajectory, s: RunSettings, calibration: dict, evaluatio
                    "schedule": s.resolved.get("schedule"),
                    "protected_layers": traj.manifest["meta"]["structure"]["protected"]},
         "calibration": calibration,
-        "evaluation": evaluation,
-        "dense": {"sparsity": 0.0, "metrics": {}},
-        "targets": {},
         "trajectory": {"id": traj.id, "path": str(traj.directory), "steps": traj.last_step,
                        "reaches": traj.reached, "reused_steps": reused, "computed_steps": computed},
         "overrides": list(s.overrides) if s.overrides is not None else None,
         "complete": False,
-    }
-    # A re-run (a resubmitted job) keeps what an earlier invocation evaluated with the same protocol.
-    if previous and protocol(previous.get("evaluation") or {}) == protocol(evaluation):
-        results["dense"]["metrics"] = dict((previous.get("dense") or {}).get("metrics") or {})
-        for key, entry in (previous.get("targets") or {}).items():
-            results["targets"][key] = dict(entry)
+    })
+    results.setdefault("evaluation", {})
+    results.setdefault("dense", {"sparsity": 0.0, "metrics": {}})
+    results.setdefault("targets", {})
     return results

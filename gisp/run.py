@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -12,6 +14,10 @@ from gisp.pipeline import run
 
 # conf/hydra/launcher/gpu_node.yaml: job n of a sweep sees GPU n modulo the node's GPUs.
 OmegaConf.register_new_resolver("gisp_gpu_slot", lambda job, gpus: str(int(job) % max(int(gpus), 1)), replace=True)
+# Default run / sweep dirs: the second + a short random suffix fixed for this process (two commands started in the
+# same second get different dirs). DDP children get the parent's run dir from Lightning (hydra.run.dir=...).
+_UNIQUE = secrets.token_hex(3)
+OmegaConf.register_new_resolver("gisp_unique", lambda: _UNIQUE, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

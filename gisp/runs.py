@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Any
 import yaml
 
 from gisp.errors import GispError
-from gisp.io import read_json
+from gisp.io import FileLock, read_json
 from gisp.models.families import family_spec
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
@@ -137,3 +141,85 @@ class RunDir:
             return Level(target, masks, sparsity(masks, self.structure), int(entry.get("step", 0)),
                          entry.get("prefix"), bias)
         return read_level(traj, self.pruner, self.structure, live.layers if live else None, target)
+
+
+@contextmanager
+def claim(run_dir: str | Path, command: str = "gisp") -> Iterator[Path]:
+    """Hold a run dir for one command: an exclusive lock taken before anything is written (a second command on the
+    same run dir is refused at once, naming who holds it), released on exit, on signals and when the process dies.
+    When the block fails with a GispError, the run dir is left as it was found: a run dir or lock file this claim
+    created is removed again."""
+    run_dir = Path(run_dir)
+    created_dir = not run_dir.exists()
+    lock_path = run_dir / ".gisp.lock"
+    created_lock = not lock_path.exists()  # the lock file is created once and never written (see FileLock)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path, what=f"run dir {run_dir}")
+    if not lock.acquire(blocking=False):
+        h = lock.holder()
+        raise GispError(f"{run_dir} is in use by another gisp command (pid {h.get('pid', '?')} on {h.get('host', '?')} "
+                        f"since {h.get('since', '?')}): wait for it to finish, or choose another run dir "
+                        "(hydra.run.dir=...)")
+    try:
+        yield run_dir
+    except GispError:
+        lock.release()
+        if created_lock:
+            lock_path.unlink(missing_ok=True)
+        if created_dir and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results.json is a merge: levels and metrics added by later commands survive, and every metric remembers the
+# evaluation protocol (windows, context, tasks, limits) it was computed with, so values of different protocols are
+# never presented as one.
+
+
+def protocol(description: Any) -> Any:
+    """An evaluation task's description without what is only known after evaluating (items evaluated)."""
+    if isinstance(description, dict):
+        return {k: protocol(v) for k, v in description.items() if k not in ("n_evaluated",)}
+    return description
+
+
+def protocol_hash(description: Any) -> str:
+    return hashlib.sha256(json.dumps(protocol(description), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _levels(results: dict) -> dict[str, dict]:
+    return {"dense": results.setdefault("dense", {}), **results.setdefault("targets", {})}
+
+
+def check_protocols(results: dict, descriptions: dict[str, dict], evaluating: list[str], run_dir: Path) -> None:
+    """Refuse to record a task under a new protocol while levels that this command does not re-evaluate keep the
+    task's values of the old one (they would be presented as one series)."""
+    recorded = results.get("evaluation") or {}
+    for task, description in descriptions.items():
+        new = protocol_hash(description)
+        stale = sorted(key for key, entry in _levels(results).items() if key not in evaluating
+                       and (entry.get("evaluated") or {}).get(task) not in (None, new))
+        if stale:
+            old = protocol(recorded.get(task) or {})
+            changed = sorted(k for k in set(old) | set(protocol(description))
+                             if old.get(k) != protocol(description).get(k))
+            raise GispError(
+                f"{run_dir / 'results.json'} holds {task} of levels {stale} measured with other settings ("
+                f"{', '.join(changed) or 'another protocol'} differ); metrics of different protocols are never "
+                f"mixed. Evaluate with the recorded settings, or re-evaluate every level with the new ones "
+                f"(gisp.evaluate run_dir={run_dir} targets=[{', '.join(k for k in stale if k != 'dense')}] ...)")
+
+
+def needs_evaluation(entry: dict, descriptions: dict[str, dict]) -> bool:
+    done = entry.get("evaluated") or {}
+    return any(done.get(task) != protocol_hash(d) for task, d in descriptions.items())
+
+
+def record_metrics(results: dict, entry: dict, metrics: dict, descriptions: dict[str, dict]) -> None:
+    """Merge a level's new metrics, remember each task's protocol for the level and in results["evaluation"]."""
+    entry.setdefault("metrics", {}).update(metrics)
+    entry.setdefault("evaluated", {}).update({task: protocol_hash(d) for task, d in descriptions.items()})
+    results.setdefault("evaluation", {}).update(descriptions)

@@ -19,7 +19,7 @@ import torch
 
 from gisp.errors import GispError
 from gisp.hub import OFFLINE_VARS, hub_offline, load_hub_dataset  # load_hub_dataset: also re-exported from here
-from gisp.io import read_jsonl
+from gisp.io import read_jsonl, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _read_local(src: TextSource, paths: list[Path]) -> str:
             records = read_jsonl(p, (src.text_field,), f"; data source {src.name!r}: set text_field to one of them")
             parts.extend(str(rec[src.text_field]) for rec in records)
         elif p.suffix == ".txt":
-            raw = p.read_text(encoding="utf-8")
+            raw = read_text(p)
             parts.append(_wikitext_rows_text(raw, src.join) if src.wikitext_rows else raw)
         else:
             raise GispError(

@@ -11,7 +11,9 @@ scores and the same masks, and turned into per-head and per-channel scores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -19,6 +21,8 @@ import torch
 from torch import nn
 
 from gisp.errors import GispError
+from gisp.lightning.sharding import decoder_layers, local, shard_model, sharded_scores
+from gisp.models.families import family_spec
 from gisp.models.structure import LayerModules, ModelStructure
 from gisp.prune.activations import InputMoments, InputRecorder
 from gisp.prune.importance import get_score, scored_weights, structure_scores
@@ -26,8 +30,23 @@ from gisp.prune.objectives import batch_losses
 
 log = logging.getLogger(__name__)
 
+GRAD_OFFLOAD = (None, "cpu")  # prune.grad_offload
+
 
 class GISPModule(L.LightningModule):
+    """The gradient scoring pass. Where the mean gradient of the scored weights accumulates:
+
+    - plain: in each weight's `.grad`, in the weights' dtype (the reference);
+    - `grad_dtype` (e.g. float32 for a bf16 model): in a buffer of that dtype on the device; each batch's gradient
+      is added by a post-accumulate-grad hook as soon as autograd produced it, and `.grad` is freed;
+    - `grad_offload="cpu"`: the same hook adds each batch's gradient into a float32 buffer in (pinned, with CUDA)
+      CPU memory and frees the device copy, so the device holds no resident gradient at all.
+    All three give the same scores (sums of the same per-batch gradients; float32 or wider accumulation).
+    `checkpointing` recomputes each decoder layer's activations in backward (exact: the same kernels run again).
+    Under `trainer=fsdp` (gisp.lightning.sharding) `configure_model` shards the decoder layers and scores come from
+    each process's shards.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -37,8 +56,13 @@ class GISPModule(L.LightningModule):
         normalization: str = "reference",
         grad_dtype: torch.dtype | None = None,
         score_fn: Callable | None = None,
+        grad_offload: str | None = None,
+        checkpointing: bool = False,
+        shardable: bool = True,
     ):
         super().__init__()
+        if grad_offload not in GRAD_OFFLOAD:
+            raise GispError(f"prune.grad_offload must be one of {GRAD_OFFLOAD}, got {grad_offload!r}")
         self.model = model
         self.layers = layers
         self.structure = structure
@@ -46,91 +70,265 @@ class GISPModule(L.LightningModule):
         self.normalization = normalization
         # grad_of -> (heads (L, H), channels (L, F)); GISP's normalized taylor score unless a registry score is given
         self.score_fn = score_fn or (lambda grad_of: structure_scores(layers, structure, normalization, grad_of))
+        self.shardable = shardable  # the score is taylor: computable from shards (gisp.lightning.sharding)
         self.scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self.calib_loss: float | None = None
+        self.throughput: dict[str, float | None] = {}  # tokens/s (and MFU on GPU) of the last pass
+        self.memory: dict[str, int] = {}  # bytes held by gradients at the end of the last pass (before reduction)
+        self.grad_dtype = grad_dtype
+        self.grad_offload = grad_offload
+        self.checkpointing = checkpointing
+        self._layers_path = family_spec(model.config.model_type).layers
+        self._sharded = False
+        self._handles: list = []
+        self._accumulated: dict[int, torch.Tensor] = {}
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._seen = 0
-        self._scored = [p for i in structure.unprotected for p in scored_weights(layers[i], structure)]
+        self._tokens = 0
+        self._started = 0.0
+        self._largest_grad = 0  # bytes of the largest single .grad autograd produced (freed at once by the hook)
         # Only the scored weights need gradients: embeddings, lm_head, norms, protected layers and (with GQA) K/V
         # stay frozen, and backward stops below the first unprotected layer.
         self.model.requires_grad_(False)
+        self._collect_scored()
+
+    def _collect_scored(self) -> None:
+        """The scored weights (again after sharding: FSDP2 replaces the parameters) and their accumulation hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._scored = [p for i in self.structure.unprotected for p in scored_weights(self.layers[i], self.structure)]
         for p in self._scored:
             p.requires_grad_(True)
-        # Optional accumulation of the mean gradient in another dtype (float32 for a bf16 model): each batch's
-        # gradient is added into a buffer as soon as autograd produced it, and `.grad` is freed.
-        self.grad_dtype = grad_dtype
-        self._accumulated: dict[int, torch.Tensor] = {}
-        if grad_dtype is not None:
-            for p in self._scored:
-                if p.dtype != grad_dtype:
-                    p.register_post_accumulate_grad_hook(self._accumulate)
+            if self.grad_offload or (self.grad_dtype is not None and p.dtype != self.grad_dtype):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._accumulate))
+
+    @property
+    def accumulator_dtype(self) -> torch.dtype | None:
+        """Dtype of the accumulation buffers (None: gradients stay in `.grad`, in the weights' dtype)."""
+        if self.grad_offload:
+            return self.grad_dtype if self.grad_dtype in (torch.float32, torch.float64) else torch.float32
+        return self.grad_dtype
 
     def _accumulate(self, p: torch.Tensor) -> None:
-        g = p.grad.to(self.grad_dtype)
+        g = local(p.grad)
+        self._largest_grad = max(self._largest_grad, g.numel() * g.element_size())
         buf = self._accumulated.get(id(p))
-        self._accumulated[id(p)] = g if buf is None else buf.add_(g)
+        if buf is None:
+            if self.grad_offload:
+                buf = torch.zeros(g.shape, dtype=self.accumulator_dtype, pin_memory=torch.cuda.is_available())
+            else:
+                buf = torch.zeros(g.shape, dtype=self.accumulator_dtype, device=g.device)
+            self._accumulated[id(p)] = buf
+        buf.add_(g.to(buf.device) if buf.device != g.device else g)  # float32 (or wider) sum of the batches
         p.grad = None
 
     def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The accumulated mean gradient of a scored weight (its own `.grad` unless accumulated elsewhere)."""
-        return self._accumulated.get(id(p), p.grad)
+        """The accumulated gradient of a scored weight on the weight's device (offloaded buffers are copied back
+        one weight at a time, as the scores consume them)."""
+        buf = self._accumulated.get(id(p))
+        if buf is None:
+            return p.grad
+        device = local(p).device
+        return buf.to(device, non_blocking=True) if buf.device != device else buf
 
-    def _set_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
-        if id(p) in self._accumulated or g.dtype != p.dtype:
-            self._accumulated[id(p)] = g
-        else:
-            p.grad = g
+    def gradient_bytes(self) -> dict[str, int]:
+        """Bytes the accumulated gradient holds now: in `.grad` (the device), in device buffers, in host buffers."""
+        out = {"grad": 0, "device_buffer": 0, "host_buffer": 0}
+        for p in self._scored:
+            if p.grad is not None:
+                g = local(p.grad)
+                out["grad"] += g.numel() * g.element_size()
+            buf = self._accumulated.get(id(p))
+            if buf is not None:
+                key = "host_buffer" if self.grad_offload else "device_buffer"
+                out[key] += buf.numel() * buf.element_size()
+        return out
+
+    # -- sharding -------------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` (a device mesh exists): shard the decoder layers once, before the weights move to
+        the devices; other strategies: nothing."""
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        if not self.shardable:
+            raise GispError("trainer=fsdp scores from sharded gradients with the taylor score (pruner=gisp, oneshot, "
+                            "llm_pruner); use trainer=ddp or one device for this pruner")
+        reduce_dtype = self.grad_dtype if self.grad_dtype in (torch.float32, torch.float64) else None
+        shard_model(self.model, self._layers_path, mesh["data_parallel"], reduce_dtype=reduce_dtype)
+        self._sharded = True
+        self._collect_scored()
+
+    # -- the pass -------------------------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
         for p in self._scored:
             p.grad = None
         self._accumulated.clear()
         self._loss_sum = torch.zeros((), dtype=torch.float64)
-        self._seen = 0
+        self._seen = self._tokens = self._largest_grad = 0
         self.scores = None
+        self.memory = {}
+        if self.checkpointing:
+            checkpoint_layers(self.model, self._layers_path, True)
+        self._started = time.perf_counter()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with torch.enable_grad():
+        with torch.enable_grad(), training_layers(self.model, self._layers_path, self.checkpointing):
             losses = batch_losses(self.model, batch)  # (B,) per-sequence mean loss over the scored tokens
             # Signed per-sequence weights (1/N for a mean; +1/n+ and -1/n- for the margin objective): one backward
-            # of the weighted sum accumulates the objective's gradient over the whole calibration set.
+            # of the weighted sum accumulates the objective's gradient over the whole calibration set. Padding
+            # items (equal batch counts under FSDP) have weight 0.
             weighted = losses * batch["weight"].to(losses.dtype)  # (B,)
             weighted.sum().backward()
         self._loss_sum += weighted.detach().double().sum().cpu()
-        self._seen += losses.numel()
+        real = batch.get("real")
+        real = torch.ones(losses.numel(), dtype=torch.bool) if real is None else real.bool().cpu()
+        self._seen += int(real.sum())
+        mask = batch.get("attention_mask")
+        per_row = mask.sum(dim=1).cpu() if mask is not None else torch.full((real.numel(),), batch["input_ids"].shape[1])
+        self._tokens += int(per_row[real].sum())
+        show_throughput(self.trainer, self._tokens / max(time.perf_counter() - self._started, 1e-9))
 
     def on_validation_epoch_end(self) -> None:
-        seen = self._seen
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self._started
+        self.memory = {**self.gradient_bytes(), "largest_grad": self._largest_grad}
+        if self.checkpointing:
+            checkpoint_layers(self.model, self._layers_path, False)
+        counts = torch.tensor([self._seen, self._tokens], dtype=torch.float64)
         loss_sum = self._loss_sum
-        if self.trainer.world_size > 1:  # every process scored its shard: sum gradients, losses and counts
-            for p in self._scored:
-                g = self.grad_of(p)
-                g = torch.zeros_like(p, dtype=self.grad_dtype or p.dtype) if g is None else g
-                self._set_grad(p, self.trainer.strategy.reduce(g, reduce_op="sum"))
-            seen = int(self.trainer.strategy.reduce(torch.tensor(seen, device=self.device), reduce_op="sum"))
-            loss_sum = self.trainer.strategy.reduce(loss_sum.to(self.device), reduce_op="sum").cpu()
+        if self.trainer.world_size > 1:  # every process scored its shard: sum losses and counts (and gradients)
+            reduce = self.trainer.strategy.reduce
+            counts = reduce(counts.to(self.device), reduce_op="sum").cpu()
+            loss_sum = reduce(loss_sum.to(self.device), reduce_op="sum").cpu()
+            if not self._sharded:  # FSDP reduce-scattered every batch already
+                self._reduce_gradients()
+        seen, tokens = int(counts[0]), int(counts[1])
         if seen != self.n_samples:
             raise GispError(f"the scoring pass saw {seen} calibration sequences, expected {self.n_samples}: "
                             "do not limit validation batches (trainer.limit_val_batches) during pruning")
-        self._check_finite()
         self.calib_loss = float(loss_sum)  # the objective's value: sum_i w_i L_i
-        self.scores = self.score_fn(self.grad_of)
+        if self._sharded:
+            reduce = self.trainer.strategy.reduce
+            self.scores = sharded_scores(self.layers, self.structure, self.normalization, self.grad_of,
+                                         lambda t: reduce(t, reduce_op="sum"), self.device)
+            self._check_finite_scores()
+        else:
+            self._check_finite()
+            self.scores = self.score_fn(self.grad_of)
+        self.throughput = throughput(tokens, seconds, self.structure, self.model, self.trainer.world_size,
+                                     self.device, seq_len=round(tokens / max(seen, 1)))
         for p in self._scored:  # free the gradient memory before evaluation
             p.grad = None
         self._accumulated.clear()
+
+    def _reduce_gradients(self) -> None:
+        """DDP: sum every scored weight's gradient over the processes, one weight at a time on the device."""
+        reduce = self.trainer.strategy.reduce
+        for p in self._scored:
+            buf = self._accumulated.get(id(p))
+            g = buf if buf is not None else p.grad
+            if g is None:
+                g = torch.zeros_like(p, dtype=self.accumulator_dtype or p.dtype)
+            summed = reduce(g.to(self.device), reduce_op="sum")
+            if buf is not None:
+                buf.copy_(summed)
+            elif summed.dtype == p.dtype:
+                p.grad = summed
+            else:
+                self._accumulated[id(p)] = summed
 
     def _check_finite(self) -> None:
         for i in self.structure.unprotected:
             for p in scored_weights(self.layers[i], self.structure):
                 g = self.grad_of(p)
                 if g is None or not bool(torch.isfinite(g).all()):
-                    dtype = p.dtype
-                    raise GispError(
-                        f"non-finite gradient in layer {i} ({tuple(p.shape)} {dtype}) during scoring: "
-                        + ("likely a half-precision overflow; use model.dtype=float32 or bfloat16 "
-                           if dtype in (torch.float16, torch.bfloat16) else "check the model and the data; ")
-                        + "no masks were written for this step"
-                    )
+                    raise non_finite(i, p)
+
+    def _check_finite_scores(self) -> None:
+        """Sharded: a non-finite gradient shows as a non-finite score (every process sees the same scores)."""
+        heads, channels = self.scores
+        for i in self.structure.unprotected:
+            if not (bool(torch.isfinite(heads[i]).all()) and bool(torch.isfinite(channels[i]).all())):
+                raise non_finite(i, self.layers[i].q.weight)
+
+
+def non_finite(layer: int, p: torch.Tensor) -> GispError:
+    dtype = p.dtype
+    return GispError(
+        f"non-finite gradient in layer {layer} ({tuple(p.shape)} {dtype}) during scoring: "
+        + ("likely a half-precision overflow; use model.dtype=float32 or bfloat16 "
+           if dtype in (torch.float16, torch.bfloat16) else "check the model and the data; ")
+        + "no masks were written for this step"
+    )
+
+
+def checkpoint_layers(model: nn.Module, layers_path: str, enable: bool) -> None:
+    """Activation checkpointing of the decoder layers through the model's own switch (transformers'
+    GradientCheckpointingLayer, non-reentrant torch.utils.checkpoint); it acts only while the layers are in
+    training mode, see `training_layers`."""
+    if not enable:
+        model.gradient_checkpointing_disable()
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise GispError(f"{type(model).__name__} does not support gradient checkpointing: set "
+                        "prune.checkpointing=false")
+    for module in decoder_layers(model, layers_path).modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            raise GispError("prune.checkpointing runs the decoder layers in training mode, but this model has "
+                            f"dropout (p={module.p}): scores would change; set prune.checkpointing=false")
+    if getattr(model.config, "attention_dropout", 0.0):
+        raise GispError(f"prune.checkpointing runs the decoder layers in training mode, but attention_dropout="
+                        f"{model.config.attention_dropout}: scores would change; set prune.checkpointing=false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def training_layers(model: nn.Module, layers_path: str, enabled: bool):
+    """The decoder layers in training mode for one step (transformers checkpoints only in training mode); the model
+    has no dropout (checked by `checkpoint_layers`), so the outputs are those of evaluation mode."""
+    if not enabled:
+        yield
+        return
+    layers = decoder_layers(model, layers_path)
+    was = layers.training
+    layers.train()
+    try:
+        yield
+    finally:
+        layers.train(was)
+
+
+def throughput(tokens: int, seconds: float, structure: ModelStructure, model: nn.Module, world_size: int,
+               device: torch.device, seq_len: int) -> dict[str, float | None]:
+    """tokens/s of the whole pass (all processes) and, on a GPU of known peak, the model FLOPs utilization
+    (`seq_len`: the mean sequence length, for the attention FLOPs)."""
+    from gisp.plan import peak_flops, scoring_flops_per_token
+
+    per_s = tokens / max(seconds, 1e-9)
+    mfu = None
+    if device.type == "cuda":
+        dtype = next(model.parameters()).dtype
+        peak = peak_flops(torch.cuda.get_device_name(device), dtype)
+        if peak:
+            flops = scoring_flops_per_token(structure, model.config.vocab_size, seq_len)
+            mfu = per_s * flops / (world_size * peak)
+    return {"tokens_per_s": round(per_s, 2), "mfu": None if mfu is None else round(mfu, 4),
+            "seconds": round(seconds, 3), "tokens": tokens}
+
+
+def show_throughput(trainer, tokens_per_s: float) -> None:
+    """tokens/s on the validation progress bar (Lightning's TQDM bar), where there is one."""
+    try:
+        bar = trainer.progress_bar_callback.val_progress_bar
+    except (AttributeError, TypeError):  # no bar, or not a TQDM bar, or not started
+        return
+    if not getattr(bar, "disable", True) and hasattr(bar, "set_postfix"):
+        bar.set_postfix({"tokens/s": f"{tokens_per_s:.0f}"}, refresh=False)
 
 
 class ActivationModule(L.LightningModule):
@@ -153,6 +351,11 @@ class ActivationModule(L.LightningModule):
         self.moments: dict[tuple[int, str], InputMoments] | None = None
         self.calib_loss: float | None = None  # no objective in an activation pass
         self._seen = 0
+
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:
+            raise GispError("trainer=fsdp shards the weights, but activation scores (wanda_sp, flap) read whole "
+                            "o_proj / down_proj weights: use trainer=ddp or one device for these pruners")
 
     def on_validation_epoch_start(self) -> None:
         if not self.recorder.active:
@@ -183,14 +386,16 @@ class ActivationModule(L.LightningModule):
 
 
 def gradient_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
-                  pruner) -> GISPModule:
+                  pruner, grad_offload: str | None = None, checkpointing: bool = False) -> GISPModule:
     score = get_score(pruner.score)
     return GISPModule(model, layers, structure, n_samples, pruner.normalization, pruner.grad_torch_dtype,
-                      score_fn=lambda grad_of: score.scores(layers, structure, grad_of, pruner))
+                      score_fn=lambda grad_of: score.scores(layers, structure, grad_of, pruner),
+                      grad_offload=grad_offload, checkpointing=checkpointing, shardable=pruner.score == "taylor")
 
 
 def activation_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
-                    pruner) -> ActivationModule:
+                    pruner, grad_offload: str | None = None, checkpointing: bool = False) -> ActivationModule:
+    """A forward-only pass: `grad_offload` and `checkpointing` (gradient-pass options) have nothing to act on."""
     score = get_score(pruner.score)
     return ActivationModule(model, layers, structure, n_samples,
                             score_fn=lambda moments: score.scores(layers, structure, moments, pruner))
@@ -201,4 +406,5 @@ PASSES: dict[str, Callable[..., L.LightningModule] | None] = {
     "activations": activation_pass,
     "weights": None,  # scores from the weights alone: no calibration pass
 }
-"""signal -> the scoring pass that feeds scores of that signal (model, layers, structure, n_samples, pruner)."""
+"""signal -> the scoring pass that feeds scores of that signal (model, layers, structure, n_samples, pruner,
+grad_offload=prune.grad_offload, checkpointing=prune.checkpointing)."""

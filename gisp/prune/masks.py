@@ -73,7 +73,18 @@ class Masks:
 
     @classmethod
     def load(cls, path: str | Path) -> Masks:
-        return cls.from_state_dict(load_file(str(path)))
+        return cls.from_state_dict(load_tensors(path, "masks"))
+
+
+def load_tensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or corrupt file is a GispError naming it."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise GispError(f"{what} file {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for truncated / corrupt files)
+        raise GispError(f"{what} file {path} is not a readable safetensors file ({type(e).__name__}: {e}): it is "
+                        "damaged (truncated or edited); use an intact copy, or recompute it") from None
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
@@ -102,7 +113,7 @@ class OutputBias:
 
     @classmethod
     def load(cls, path: str | Path) -> OutputBias:
-        tensors = load_file(str(path))
+        tensors = load_tensors(path, "output-bias")
         if set(tensors) != {"attn", "mlp"}:
             raise GispError(f"{path} is not a gisp output-bias file (keys {sorted(tensors)})")
         return cls(tensors["attn"], tensors["mlp"])

