@@ -193,6 +193,10 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
         raise GispError(f"prune.grad_offload must be null or cpu, got {prune.grad_offload!r}")
     if not isinstance(prune.checkpointing, bool):
         raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
+    trainer = plain(cfg.trainer) or {}
+    if trainer.get("strategy") == "gisp_fsdp" and evaluation:
+        raise GispError("trainer=fsdp shards the model over the processes, and gisp.run evaluates on rank 0 alone: "
+                        "set eval=none, then evaluate the run dir with `python -m gisp.evaluate run_dir=...`")
     resolved = plain(cfg)
     loggers = _with_wandb_group(plain(cfg.get("logger")) or {}, sweep, resolved, targets)
     return RunSettings(
@@ -201,7 +205,7 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
         split_seed=int(cfg.get("split_seed", 1234)), threads=_int_or_none(cfg.get("threads"), "threads", 1),
         data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=Path(cfg.cache_dir).expanduser(),
         store_dir=Path(cfg.get("store_dir") or "outputs/trajectories").expanduser().absolute(),
-        resume=bool(cfg.resume), progress=bool(cfg.progress), trainer=plain(cfg.trainer) or {},
+        resume=bool(cfg.resume), progress=bool(cfg.progress), trainer=trainer,
         loggers=loggers, resolved=resolved,
         overrides=tuple(overrides) if overrides is not None else None,
     )

@@ -30,6 +30,7 @@ from gisp.lightning.scoring import PASSES, ActivationModule
 from gisp.models.families import family_spec
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
+from gisp.plan import check_fits, plan_for_run, visible_device_memory
 from gisp.prune.importance import get_score
 from gisp.prune.levels import Level, read_level
 from gisp.prune.masks import MaskApplier, Masks
@@ -106,6 +107,11 @@ def _run(s: RunSettings, run_dir: Path, started: float) -> dict[str, Any] | None
         torch.set_num_threads(s.threads)
     L.seed_everything(s.seed, verbose=False)
 
+    plan = plan_for_run(s)  # from the config alone: refuse what cannot fit before loading anything
+    if plan is not None:
+        if rank_zero_only.rank == 0:
+            log.info("%s", plan.table())
+        check_fits(plan, visible_device_memory(s.trainer))
     model, tokenizer = load_model_and_tokenizer(s.model, s.cache_dir)
     structure = describe(model, explicit=list(s.prune.protect_layers) if s.prune.protect_layers is not None else None,
                          first_fraction=s.prune.protect_first_fraction, last=s.prune.protect_last,
@@ -200,7 +206,8 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
     else:
         log.info("computing trajectory %s in %s", traj.id, traj.directory)
     make_pass = PASSES[pruner.signal]
-    module = make_pass(model, layers, structure, len(calib), pruner) if make_pass else None
+    module = make_pass(model, layers, structure, len(calib), pruner, grad_offload=s.prune.grad_offload,
+                       checkpointing=s.prune.checkpointing) if make_pass else None
     trainer.callbacks.append(callback)
     calibration = CalibrationData(calib, s.calibration.batch_size)
     passes = 0
@@ -291,6 +298,7 @@ def build_results(traj: Trajectory, s: RunSettings, calibration: dict, reused: l
         "trajectory": {"id": traj.id, "path": str(traj.directory), "steps": traj.last_step,
                        "reaches": traj.reached, "reused_steps": reused, "computed_steps": computed},
         "overrides": list(s.overrides) if s.overrides is not None else None,
+        "memory_plan": plan.as_dict() if (plan := plan_for_run(s, quiet=True)) is not None else None,
         "complete": False,
     })
     results.setdefault("evaluation", {})

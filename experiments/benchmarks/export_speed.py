@@ -7,6 +7,9 @@
     # CPU smoke check of the random-shapes mode:
     python experiments/benchmarks/export_speed.py --random-shapes llama2_7b --layers 2 --device cpu \
         --dtype float32 --prompt-len 64 --batches 1 --decode-tokens 4 --repeats 1
+    # llama.cpp (llama-cpp-python, the `llama` extra): GGUF files of the dense model and of each target
+    python experiments/benchmarks/export_speed.py RUN_DIR --engine llama.cpp [--gguf-dtype f16] \
+        [--flash-attn off on] [--threads 2] [--prompt-len 512] [--decode-tokens 32] [--repeats 3]
 
 Each target's masks (RUN_DIR/results.json, or `random_plan` structures with --random-shapes) are exported with
 `export_compact` to a temporary folder and reloaded with `GispDecoderForCausalLM.from_pretrained`; dense is the plain
@@ -15,13 +18,23 @@ safetensors bytes, prefill tokens/s (random ids, no cache, last-position logits 
 --all-logits), decode tokens/s (greedy single-token steps on a KV cache after a --decode-prompt prefill; only the
 steps are timed): median of --repeats after one warm-up. On CUDA also peak GPU memory (weights + activations; the
 dense model goes back to the CPU for the exports). Progress on stderr, table on stdout.
+
+With --engine llama.cpp every model (dense = all heads and channels) is written as a deci GGUF (gisp.compact.gguf)
+and run by llama.cpp through llama-cpp-python at batch 1 with the same threads, with flash attention off and/or on:
+prefill = one llama_decode of --prompt-len random tokens, decode = --decode-tokens greedy single-token steps after a
+--decode-prompt prefill, the models measured in turn round by round (medians of --repeats rounds after a warm-up
+round); plus the file size and the KV cache bytes per token llama.cpp allocates (read from its
+log: without flash attention llama.cpp pads every layer's V cache to the widest layer). The run's WikiText-2
+perplexity of each level is copied from results.json when it has one.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -118,7 +131,7 @@ def load_dense(args, device: torch.device, dtype: torch.dtype | None):
 
     run = RunDir(args.run_dir)
     live = run.load_model()
-    masks = {t: run.level(target=t).masks for t in args.targets}
+    masks = {t: run.level(target=t, live=live).masks for t in args.targets}
     model = live.model.to(device=device, dtype=dtype or live.model.dtype)
     return model, live.tokenizer, f"{run.model_spec().name} from {run.path}", masks
 
@@ -153,6 +166,170 @@ def print_table(rows: list[dict], args, cuda: bool) -> None:
         print(f"target {r['name']}: " + "; ".join(parts))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp: GGUF files of the dense model and of each level, run through llama-cpp-python.
+
+KV_LOG = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*K \(\w+\): +([\d.]+) MiB, "
+                    r"V \(\w+\): +([\d.]+) MiB")
+
+
+class CapturedStderr:
+    """llama.cpp logs on the C stderr (fd 2): captured into `self.text` for the duration of the block."""
+
+    def __enter__(self):
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode(errors="replace")
+        self._file.close()
+
+
+def open_gguf(path: Path, args, flash_attn: bool, n_ctx: int, verbose: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=args.prompt_len, n_ubatch=args.prompt_len,
+                 n_threads=args.threads, n_threads_batch=args.threads, flash_attn=flash_attn, seed=0,
+                 verbose=verbose)
+
+
+def kv_bytes_per_token(path: Path, args, flash_attn: bool) -> float:
+    """KV cache bytes per token as llama.cpp allocates them (its log, at a 8192-token context for precision)."""
+    with CapturedStderr() as cap:
+        open_gguf(path, args, flash_attn, 8192, verbose=True).close()
+    m = KV_LOG.search(cap.text)
+    if m is None:
+        raise RuntimeError("llama.cpp did not log its KV cache size")
+    return (float(m.group(3)) + float(m.group(4))) * 2**20 / int(m.group(2))
+
+
+class LlamaTimer:
+    """One model in llama.cpp: a timed prefill and a timed decode, one of each per call (the caller interleaves
+    the models round by round, so load from other jobs on a shared machine hits all of them alike)."""
+
+    def __init__(self, path: Path, args, flash_attn: bool, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()
+        self.args = args
+        self.llm = open_gguf(path, args, flash_attn, args.prompt_len + args.decode_tokens + 16)
+        self.prefill_s: list[float] = []
+        self.decode_s: list[float] = []
+
+    def _next(self) -> int:
+        import numpy as np
+
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def measure(self, keep: bool) -> None:
+        llm, a = self.llm, self.args
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(self.ids)
+        prefill = time.perf_counter() - started
+        llm.reset()
+        llm.eval(self.ids[: a.decode_prompt])
+        token = self._next()
+        started = time.perf_counter()
+        for _ in range(a.decode_tokens):
+            llm.eval([token])
+            token = self._next()
+        if keep:  # round 0 is the warm-up
+            self.prefill_s.append(prefill)
+            self.decode_s.append(time.perf_counter() - started)
+
+    def speeds(self) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s): medians over the kept rounds."""
+        self.llm.close()
+        return (self.args.prompt_len / statistics.median(self.prefill_s),
+                self.args.decode_tokens / statistics.median(self.decode_s))
+
+
+def run_metric(results: dict | None, key: str) -> float | None:
+    """The first perplexity-like metric of a target in results.json (None without one)."""
+    entry = (results or {}).get("dense" if key == "dense" else "targets", {})
+    entry = entry if key == "dense" else entry.get(key, {})
+    metrics = entry.get("metrics") or {}
+    name = next((m for m in metrics if m.startswith("wikitext2_ppl")), None)
+    return metrics.get(name) if name else None
+
+
+def gguf_rows(model, tokenizer, structure, levels: dict, args, work: Path, results: dict | None) -> list[dict]:
+    """One row per model: parameters, file bytes, KV bytes per token and speed with flash attention off / on."""
+    from gisp.compact.gguf import export_gguf
+    from gisp.prune.masks import Masks, sparsity
+
+    rows, paths = [], []
+    for name, (masks, bias) in [("dense", (Masks.dense(structure), None)), *levels.items()]:
+        path = work / f"{name}.gguf"
+        log(f"writing {path}")
+        summary = export_gguf(model, tokenizer, masks, path, args.gguf_dtype, structure, bias)
+        rows.append({"name": name, "sparsity": sparsity(masks, structure), "params": summary["parameters"],
+                     "bytes": summary["bytes"], "ppl": run_metric(results, name)})
+        paths.append(path)
+    for fa in args.flash_attn:
+        on = fa == "on"
+        for row, path in zip(rows, paths):
+            row[f"kv_{fa}"] = kv_bytes_per_token(path, args, on)
+        timers = [LlamaTimer(path, args, on, model.config.vocab_size) for path in paths]
+        for r in range(args.repeats + 1):
+            log(f"  llama.cpp, flash attention {fa}: round {r} of {args.repeats} (0 = warm-up), all models")
+            for timer in timers:
+                timer.measure(keep=r > 0)
+        for row, timer in zip(rows, timers):
+            row[f"prefill_{fa}"], row[f"decode_{fa}"] = timer.speeds()
+    return rows
+
+
+def print_gguf_table(rows: list[dict], args) -> None:
+    cols = ["model", "sparsity", "WikiText-2 ppl", "params (M)", "file (MB)", "x"]
+    for fa in args.flash_attn:
+        cols += [f"KV B/token FA {fa}", f"prefill tok/s FA {fa}", "x", f"decode tok/s FA {fa}", "x"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    dense = rows[0]
+    for r in rows:
+        cells = [r["name"], f"{r['sparsity']:.3f}", "-" if r["ppl"] is None else f"{r['ppl']:.2f}",
+                 f"{r['params'] / 1e6:.2f}", f"{r['bytes'] / 1e6:.1f}", f"{r['bytes'] / dense['bytes']:.2f}"]
+        for fa in args.flash_attn:
+            cells += [f"{r[f'kv_{fa}']:.0f}", f"{r[f'prefill_{fa}']:.1f}",
+                      f"{r[f'prefill_{fa}'] / dense[f'prefill_{fa}']:.2f}", f"{r[f'decode_{fa}']:.1f}",
+                      f"{r[f'decode_{fa}'] / dense[f'decode_{fa}']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main_llama_cpp(args) -> None:
+    import llama_cpp
+
+    from gisp.runs import RunDir
+
+    run = RunDir(args.run_dir)
+    live = run.load_model()
+    levels = {}
+    for t in args.targets:
+        level = run.level(target=t, live=live)
+        levels[f"{t:g}"] = (level.masks, level.bias)
+    structure = live.structure
+    header = (f"{run.model_spec().name} from {run.path} (prune.gqa_mode={structure.gqa_mode}), GGUF {args.gguf_dtype} "
+              f"(deci), llama-cpp-python {llama_cpp.__version__}, CPU {cpu_name()}, {args.threads} threads, batch 1; "
+              f"prefill {args.prompt_len} tokens in one batch, decode {args.decode_tokens} tokens after a "
+              f"{args.decode_prompt}-token prompt; median of {args.repeats} after 1 warm-up; KV cache f16")
+    work = Path(tempfile.mkdtemp(prefix="gisp_gguf_speed_", dir=args.out_dir))
+    try:
+        rows = gguf_rows(live.model, live.tokenizer, structure, levels, args, work, run.results())
+    finally:
+        if args.keep:
+            log(f"GGUF files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(header + "\n")
+    print_gguf_table(rows, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", help="a finished gisp run dir (config.yaml, results.json)")
@@ -170,12 +347,20 @@ def main() -> None:
     parser.add_argument("--all-logits", action="store_true", help="prefill computes logits of every position")
     parser.add_argument("--out-dir", help="where the temporary export folder goes (default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the exported folders")
+    parser.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch")
+    parser.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "q8_0"], help="with --engine llama.cpp")
+    parser.add_argument("--flash-attn", nargs="+", default=["off", "on"], choices=["off", "on"],
+                        help="with --engine llama.cpp")
     args = parser.parse_args()
     if (args.run_dir is None) == (args.random_shapes is None):
         parser.error("give either RUN_DIR or --random-shapes")
     if args.layers and not args.random_shapes:
         parser.error("--layers only applies to --random-shapes")
     torch.set_num_threads(args.threads)  # before any model work
+    if args.engine == "llama.cpp":
+        if args.run_dir is None:
+            parser.error("--engine llama.cpp needs a RUN_DIR")
+        return main_llama_cpp(args)
 
     from gisp.compact import GispDecoderForCausalLM
     from gisp.export import export_compact

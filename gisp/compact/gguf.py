@@ -6,10 +6,12 @@ model (the state dict and layout of gisp.compact.slicing, or an exported folder)
 and graph require. Each trap below was read in llama.cpp's source and is tested against a real llama.cpp:
 
 1. Grouped attention: query head i of a layer reads KV head i // (n_head / n_head_kv), so groups must be equal and
-   contiguous. Query-head pruning leaves unequal groups; per layer the cheaper exact fix is taken: PAD each group to
-   the largest with zero-output query heads (zero q rows and o columns: + Q/O work, same KV cache), or DUPLICATE KV
-   heads so every group has gcd-many query heads (+ K/V rows AND KV cache). Both add 2 d_h d parameters per added
-   head; ties go to padding, which leaves the KV cache alone.
+   contiguous. Query-head pruning leaves unequal groups; both exact fixes add 2 d_h d parameters per added head:
+   PAD each group to the largest with zero-output query heads (zero q rows and o columns: + Q/O work, same KV
+   cache), or DUPLICATE KV heads so every group has gcd-many query heads (+ K/V rows AND KV cache). Padding is
+   taken unless duplicating adds fewer heads and keeps the layer within the dense model's KV heads: a KV cache
+   above the dense model's would cost decode memory, and without flash attention llama.cpp pads EVERY layer's V
+   cache to the widest layer.
 2. A layer with query heads but 0 KV heads is deci's "linear attention" block: never written (a kept query head
    always keeps its KV head).
 3. `n_ff == 0` skips the rest of the layer INCLUDING its attention output: a layer that keeps attention (and the
@@ -22,6 +24,12 @@ and graph require. Each trap below was read in llama.cpp's source and is tested 
 
 Output biases (a FLAP level's compensation, or the model's own) go to `attn_output.bias` / `ffn_down.bias`; a layer
 with a bias but no heads (channels) keeps one zero-output head (channel) to carry it.
+
+Speed: llama.cpp's fast CPU matrix kernels (llamafile sgemm; q8_0 blocks of 32) need the reduction length to be a
+multiple of the SIMD width, and ffn_down's reduction length is the layer's MLP width. A ragged width (e.g. 1,100 of
+1,536 channels) falls back to a generic kernel several times slower in prefill, so each MLP is padded with zero
+channels to a multiple of `ffn_multiple` (32 by default: also whole q8_0 blocks); exact, at most 31 x 3 d
+parameters per layer.
 """
 
 from __future__ import annotations
@@ -61,12 +69,13 @@ class DeciLayer:
     fix: str = ""
 
 
-def plan_layer(q_to_kv: list[int], n_kv: int, n_ff: int, need_head: bool = False,
-               need_channel: bool = False) -> DeciLayer:
-    """What one compact layer becomes in deci (pure: the traps 1-4 of the module docstring).
+def plan_layer(q_to_kv: list[int], n_kv: int, n_ff: int, need_head: bool = False, need_channel: bool = False,
+               max_kv: int | None = None, ffn_multiple: int = 1) -> DeciLayer:
+    """What one compact layer becomes in deci (pure: the traps 1-4 and the MLP padding of the module docstring).
 
     `q_to_kv[i]`: the KV head (position among the n_kv kept) of kept query head i; `need_head` / `need_channel`: the
-    layer needs an attention / MLP block even without heads / channels (layer 0, a bias to carry, the last layer)."""
+    layer needs an attention / MLP block even without heads / channels (layer 0, a bias to carry, the last layer);
+    `max_kv`: the dense model's KV heads (duplication may not exceed them); `ffn_multiple`: MLP width alignment."""
     fixes = []
     if not q_to_kv:
         q, kv = ([None], [None]) if need_head else ([], [])
@@ -83,7 +92,7 @@ def plan_layer(q_to_kv: list[int], n_kv: int, n_ff: int, need_head: bool = False
         dup_heads = len(q_to_kv) // unit - n_kv
         if pad_heads == 0:
             q, kv = [i for g in groups for i in g], list(range(n_kv))
-        elif pad_heads <= dup_heads:
+        elif pad_heads <= dup_heads or (max_kv is not None and n_kv + dup_heads > max_kv):
             q = [i for g in groups for i in g + [None] * (max(sizes) - len(g))]
             kv = list(range(n_kv))
             fixes.append(f"pad {pad_heads} zero query heads")
@@ -95,6 +104,8 @@ def plan_layer(q_to_kv: list[int], n_kv: int, n_ff: int, need_head: bool = False
     if not channels and (q or need_channel):
         channels = [None]
         fixes.append("zero channel")
+    elif channels:
+        channels += [None] * (-n_ff % ffn_multiple)
     return DeciLayer(q, kv, channels, ", ".join(fixes))
 
 
@@ -191,7 +202,7 @@ def _layer_tensors(state: dict, p: str, g: str, plan: DeciLayer, d_h: int, h: in
     return out
 
 
-def layer_plans(state: dict[str, torch.Tensor], config) -> list[DeciLayer]:
+def layer_plans(state: dict[str, torch.Tensor], config, ffn_multiple: int = 32) -> list[DeciLayer]:
     n = config.num_hidden_layers
     plans = []
     for i in range(n):
@@ -199,7 +210,8 @@ def layer_plans(state: dict[str, torch.Tensor], config) -> list[DeciLayer]:
         attn_bias = p + "attn_out_bias" in state and bool(state[p + "attn_out_bias"].abs().max() > 0)
         mlp_bias = p + "mlp_out_bias" in state and bool(state[p + "mlp_out_bias"].abs().max() > 0)
         plans.append(plan_layer(config.layer_q_to_kv[i], config.layer_kv_heads[i], config.layer_intermediate_sizes[i],
-                                need_head=attn_bias or i == 0, need_channel=mlp_bias or i == n - 1))
+                                need_head=attn_bias or i == 0, need_channel=mlp_bias or i == n - 1,
+                                max_kv=config.num_key_value_heads, ffn_multiple=ffn_multiple))
     return plans
 
 
@@ -215,7 +227,8 @@ def _encode(name: str, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GG
 
 
 def write_deci_gguf(state: dict[str, torch.Tensor], config, tokenizer, out: str | Path, dtype: str = "f16",
-                    name: str = "gisp", metadata: dict | None = None, pre: str | None = None) -> dict:
+                    name: str = "gisp", metadata: dict | None = None, pre: str | None = None,
+                    ffn_multiple: int = 32) -> dict:
     """Write the compact model (`state`, GispDecoderConfig `config`) as a deci GGUF at the new path `out`
     (atomically). Returns a summary: per-layer counts, fixes, parameters, bytes."""
     out = Path(out)
@@ -224,7 +237,7 @@ def write_deci_gguf(state: dict[str, torch.Tensor], config, tokenizer, out: str 
     if out.exists():
         raise GispError(f"{out} already exists: choose a new output file (export never overwrites)")
     check_deci_compatible(config)
-    plans = layer_plans(state, config)
+    plans = layer_plans(state, config, ffn_multiple)
     tensors = deci_tensors(state, config, plans)
     n_vocab = tensors["token_embd.weight"].shape[0]
     context = config.max_position_embeddings
@@ -266,6 +279,8 @@ def write_deci_gguf(state: dict[str, torch.Tensor], config, tokenizer, out: str 
                "parameters": sum(t.numel() for t in tensors.values()),
                "head_count": [len(p.q) for p in plans], "head_count_kv": [len(p.kv) for p in plans],
                "feed_forward_length": [len(p.channels) for p in plans],
+               "aligned_channels": sum(len(p.channels) - n for p, n in zip(plans, config.layer_intermediate_sizes)
+                                       if n),
                "fixes": {i: p.fix for i, p in enumerate(plans) if p.fix}}
     for i, fix in summary["fixes"].items():
         log.info("layer %d: %s", i, fix)
@@ -273,7 +288,8 @@ def write_deci_gguf(state: dict[str, torch.Tensor], config, tokenizer, out: str 
 
 
 def export_gguf(model: torch.nn.Module, tokenizer, masks, out: str | Path, dtype: str = "f16",
-                structure=None, bias=None, provenance: dict | None = None, pre: str | None = None) -> dict:
+                structure=None, bias=None, provenance: dict | None = None, pre: str | None = None,
+                ffn_multiple: int = 32) -> dict:
     """The masked `model` (a level: masks and FLAP's output bias) as a deci GGUF at `out`: sliced as for the HF
     export (gisp.compact.slicing), then written. Refuses unsupported families before any slicing."""
     from gisp.compact.slicing import compact_config, compact_state_dict
@@ -289,10 +305,11 @@ def export_gguf(model: torch.nn.Module, tokenizer, masks, out: str | Path, dtype
     metadata = {"sparsity": f"{sparsity(masks, structure):.6f}", "gqa_mode": structure.gqa_mode,
                 **({"provenance": provenance} if provenance else {})}
     return write_deci_gguf(state, config, tokenizer, out, dtype, name=str((provenance or {}).get("model", "gisp")),
-                           metadata=metadata, pre=pre)
+                           metadata=metadata, pre=pre, ffn_multiple=ffn_multiple)
 
 
-def export_gguf_from_folder(folder: str | Path, out: str | Path, dtype: str = "f16", pre: str | None = None) -> dict:
+def export_gguf_from_folder(folder: str | Path, out: str | Path, dtype: str = "f16", pre: str | None = None,
+                            ffn_multiple: int = 32) -> dict:
     """A compact HF folder written by gisp (GispDecoderForCausalLM) as a deci GGUF."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -310,4 +327,4 @@ def export_gguf_from_folder(folder: str | Path, out: str | Path, dtype: str = "f
     record = folder / "gisp_export.json"
     metadata = {"provenance": json.loads(record.read_text())} if record.is_file() else {}
     return write_deci_gguf(load_file(str(folder / "model.safetensors")), config, tokenizer, out, dtype,
-                           name=folder.name, metadata=metadata, pre=pre)
+                           name=folder.name, metadata=metadata, pre=pre, ffn_multiple=ffn_multiple)

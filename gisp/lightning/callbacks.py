@@ -91,13 +91,15 @@ class IterativePruning(_TrajectoryCallback):
         level = sparsity(masks, self.structure)
         record = {"structural_ratio": masks.n_pruned / self.structure.n_structures, "scheduled_ratio": ratio,
                   "sparsity": level, "heads_kept": int(masks.heads.sum()), "channels_kept": int(masks.channels.sum()),
-                  "calib_loss": pl_module.calib_loss, "exhausted": n >= prunable}
+                  "calib_loss": pl_module.calib_loss, "exhausted": n >= prunable,
+                  **_throughput(pl_module)}
         self._snapshot(trainer, k, record, masks=masks, order=order[n_current:n].clone())
         log.info("step %d: sparsity %.4f, %d heads and %d channels kept, calibration loss %.4f", k, level,
                  record["heads_kept"], record["channels_kept"], pl_module.calib_loss)
         self._log(trainer, {"prune/sparsity": level, "prune/structural_ratio": record["structural_ratio"],
                             "prune/heads_kept": record["heads_kept"], "prune/channels_kept": record["channels_kept"],
-                            "prune/calib_loss": pl_module.calib_loss}, k)
+                            "prune/calib_loss": pl_module.calib_loss,
+                            **{f"prune/{m}": v for m, v in _throughput(pl_module).items() if v is not None}}, k)
 
 
 class OneShotPruning(_TrajectoryCallback):
@@ -117,16 +119,27 @@ class OneShotPruning(_TrajectoryCallback):
         if pl_module.scores is None:
             raise GispError("the scoring pass produced no scores (empty calibration loader?)")
         means = input_means(pl_module.moments, self.structure) if self.keep_means else {}
-        self.store_scores(trainer, *pl_module.scores, calib_loss=pl_module.calib_loss, extra=means)
+        self.store_scores(trainer, *pl_module.scores, calib_loss=pl_module.calib_loss, extra=means,
+                          throughput=_throughput(pl_module))
 
     def store_scores(self, trainer: L.Trainer, heads: torch.Tensor, channels: torch.Tensor,
-                     calib_loss: float | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+                     calib_loss: float | None = None, extra: dict[str, torch.Tensor] | None = None,
+                     throughput: dict[str, float | None] | None = None) -> None:
         if not self._step_started:
             self._step_started = time.perf_counter()
-        record = {"kind": "scores", "sparsity": self.structure.max_sparsity, "calib_loss": calib_loss}
+        record = {"kind": "scores", "sparsity": self.structure.max_sparsity, "calib_loss": calib_loss,
+                  **(throughput or {})}
+        if throughput:
+            self._log(trainer, {f"prune/{m}": v for m, v in throughput.items() if v is not None}, 1)
         tensors = {"heads": heads.float().contiguous(), "channels": channels.float().contiguous(), **(extra or {})}
         self._snapshot(trainer, 1, record, tensors=tensors)
         log.info("scores of every head and channel stored (one %s pass)", "calibration" if calib_loss else "scoring")
+
+
+def _throughput(pl_module: L.LightningModule) -> dict[str, float | None]:
+    """tokens/s and MFU of the scoring pass (GISPModule.throughput), for the step record and the loggers."""
+    t = getattr(pl_module, "throughput", None) or {}
+    return {"tokens_per_s": t.get("tokens_per_s"), "mfu": t.get("mfu")} if t else {}
 
 
 def input_means(moments: dict, structure) -> dict[str, torch.Tensor]:

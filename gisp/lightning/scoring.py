@@ -3,15 +3,16 @@
 `PASSES` maps a score's signal to the module that computes it: `gradients` (GISPModule, a backward pass),
 `activations` (ActivationModule, a forward pass with input hooks); `weights` scores need no pass.
 
-Lightning runs the validation loop (devices, progress bar, DDP ranks); each validation step computes the
+Lightning runs the validation loop (devices, progress bar, DDP / FSDP ranks); each validation step computes the
 objective with gradients enabled and runs backward, accumulating the signed gradient of the scored weights only.
-At the end of the epoch the summed gradients are all-reduced across processes, so every process computes the same
-scores and the same masks, and turned into per-head and per-channel scores.
+At the end of the epoch the summed gradients are all-reduced across processes (DDP; under FSDP every backward
+reduce-scatters into the shards and only the score vectors are all-reduced, see gisp.lightning.sharding), so every
+process computes the same scores and the same masks. Each pass records its throughput (`throughput`: tokens/s, and
+the MFU on a GPU of known peak) and the bytes its gradients held (`memory`), which gisp.plan predicts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from gisp.errors import GispError
-from gisp.lightning.sharding import decoder_layers, local, shard_model, sharded_scores
+from gisp.lightning.checkpointing import checkpoint_layers, training_layers
+from gisp.lightning.sharding import local, shard_model, sharded_scores
 from gisp.models.families import family_spec
 from gisp.models.structure import LayerModules, ModelStructure
 from gisp.prune.activations import InputMoments, InputRecorder
@@ -81,7 +83,9 @@ class GISPModule(L.LightningModule):
         self._layers_path = family_spec(model.config.model_type).layers
         self._sharded = False
         self._handles: list = []
-        self._accumulated: dict[int, torch.Tensor] = {}
+        self._accumulated: dict[int, torch.Tensor] = {}  # id(weight) -> accumulation buffer
+        self._written: set[int] = set()  # buffers written in this pass (host buffers are reused from pass to pass)
+        self._stage: torch.Tensor | None = None  # pinned staging memory for device -> host copies (CUDA)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._seen = 0
         self._tokens = 0
@@ -111,22 +115,36 @@ class GISPModule(L.LightningModule):
         return self.grad_dtype
 
     def _accumulate(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: add this batch's gradient into the weight's buffer, free `.grad`."""
         g = local(p.grad)
         self._largest_grad = max(self._largest_grad, g.numel() * g.element_size())
         buf = self._accumulated.get(id(p))
         if buf is None:
-            if self.grad_offload:
-                buf = torch.zeros(g.shape, dtype=self.accumulator_dtype, pin_memory=torch.cuda.is_available())
-            else:
-                buf = torch.zeros(g.shape, dtype=self.accumulator_dtype, device=g.device)
+            pin = bool(self.grad_offload) and g.device.type == "cuda"
+            device = "cpu" if self.grad_offload else g.device
+            buf = torch.empty(g.shape, dtype=self.accumulator_dtype, device=device, pin_memory=pin)
             self._accumulated[id(p)] = buf
-        buf.add_(g.to(buf.device) if buf.device != g.device else g)  # float32 (or wider) sum of the batches
+        if buf.device != g.device:
+            g = self._to_host(g)
+        if id(p) in self._written:
+            buf.add_(g)  # float32 (or wider) sum of the batches
+        else:
+            buf.copy_(g)  # the pass's first batch: no zero-fill needed
+            self._written.add(id(p))
         p.grad = None
+
+    def _to_host(self, g: torch.Tensor) -> torch.Tensor:
+        """A device gradient copied into reusable pinned memory (a fast copy; valid until the next call)."""
+        if self._stage is None or self._stage.numel() < g.numel() or self._stage.dtype != g.dtype:
+            self._stage = torch.empty(g.numel(), dtype=g.dtype, pin_memory=True)
+        stage = self._stage[: g.numel()].view(g.shape)
+        stage.copy_(g)  # synchronous: the buffer is added to right after
+        return stage
 
     def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
         """The accumulated gradient of a scored weight on the weight's device (offloaded buffers are copied back
         one weight at a time, as the scores consume them)."""
-        buf = self._accumulated.get(id(p))
+        buf = self._accumulated.get(id(p)) if id(p) in self._written else None
         if buf is None:
             return p.grad
         device = local(p).device
@@ -139,7 +157,7 @@ class GISPModule(L.LightningModule):
             if p.grad is not None:
                 g = local(p.grad)
                 out["grad"] += g.numel() * g.element_size()
-            buf = self._accumulated.get(id(p))
+            buf = self._accumulated.get(id(p)) if id(p) in self._written else None
             if buf is not None:
                 key = "host_buffer" if self.grad_offload else "device_buffer"
                 out[key] += buf.numel() * buf.element_size()
@@ -166,7 +184,7 @@ class GISPModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         for p in self._scored:
             p.grad = None
-        self._accumulated.clear()
+        self._release_buffers()
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._seen = self._tokens = self._largest_grad = 0
         self.scores = None
@@ -188,7 +206,8 @@ class GISPModule(L.LightningModule):
         real = torch.ones(losses.numel(), dtype=torch.bool) if real is None else real.bool().cpu()
         self._seen += int(real.sum())
         mask = batch.get("attention_mask")
-        per_row = mask.sum(dim=1).cpu() if mask is not None else torch.full((real.numel(),), batch["input_ids"].shape[1])
+        width = batch["input_ids"].shape[1]
+        per_row = mask.sum(dim=1).cpu() if mask is not None else torch.full((real.numel(),), width)  # tokens per row
         self._tokens += int(per_row[real].sum())
         show_throughput(self.trainer, self._tokens / max(time.perf_counter() - self._started, 1e-9))
 
@@ -216,41 +235,44 @@ class GISPModule(L.LightningModule):
             reduce = self.trainer.strategy.reduce
             self.scores = sharded_scores(self.layers, self.structure, self.normalization, self.grad_of,
                                          lambda t: reduce(t, reduce_op="sum"), self.device)
-            self._check_finite_scores()
         else:
-            self._check_finite()
             self.scores = self.score_fn(self.grad_of)
+        self._check_finite_scores()
         self.throughput = throughput(tokens, seconds, self.structure, self.model, self.trainer.world_size,
                                      self.device, seq_len=round(tokens / max(seen, 1)))
         for p in self._scored:  # free the gradient memory before evaluation
             p.grad = None
-        self._accumulated.clear()
+        self._release_buffers()
+
+    def _release_buffers(self) -> None:
+        """Device buffers are freed (the device memory is needed for evaluation); pinned host buffers are kept for
+        the next pass (pinning is slow) and only marked unwritten."""
+        self._written.clear()
+        if not self.grad_offload:
+            self._accumulated.clear()
 
     def _reduce_gradients(self) -> None:
         """DDP: sum every scored weight's gradient over the processes, one weight at a time on the device."""
         reduce = self.trainer.strategy.reduce
         for p in self._scored:
             buf = self._accumulated.get(id(p))
-            g = buf if buf is not None else p.grad
-            if g is None:
+            g = buf if id(p) in self._written else p.grad
+            if g is None:  # this process's shard never reached the weight
                 g = torch.zeros_like(p, dtype=self.accumulator_dtype or p.dtype)
             summed = reduce(g.to(self.device), reduce_op="sum")
             if buf is not None:
                 buf.copy_(summed)
+                self._written.add(id(p))
             elif summed.dtype == p.dtype:
                 p.grad = summed
             else:
                 self._accumulated[id(p)] = summed
-
-    def _check_finite(self) -> None:
-        for i in self.structure.unprotected:
-            for p in scored_weights(self.layers[i], self.structure):
-                g = self.grad_of(p)
-                if g is None or not bool(torch.isfinite(g).all()):
-                    raise non_finite(i, p)
+                self._written.add(id(p))
 
     def _check_finite_scores(self) -> None:
-        """Sharded: a non-finite gradient shows as a non-finite score (every process sees the same scores)."""
+        """A non-finite gradient shows as a non-finite score of its layer (|W * g| with g inf or nan); checking the
+        small score vectors instead of every gradient saves a pass over the gradient memory (and, offloaded, a copy
+        back to the device), and under FSDP every process sees the same scores, so all raise together."""
         heads, channels = self.scores
         for i in self.structure.unprotected:
             if not (bool(torch.isfinite(heads[i]).all()) and bool(torch.isfinite(channels[i]).all())):
@@ -265,42 +287,6 @@ def non_finite(layer: int, p: torch.Tensor) -> GispError:
            if dtype in (torch.float16, torch.bfloat16) else "check the model and the data; ")
         + "no masks were written for this step"
     )
-
-
-def checkpoint_layers(model: nn.Module, layers_path: str, enable: bool) -> None:
-    """Activation checkpointing of the decoder layers through the model's own switch (transformers'
-    GradientCheckpointingLayer, non-reentrant torch.utils.checkpoint); it acts only while the layers are in
-    training mode, see `training_layers`."""
-    if not enable:
-        model.gradient_checkpointing_disable()
-        return
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise GispError(f"{type(model).__name__} does not support gradient checkpointing: set "
-                        "prune.checkpointing=false")
-    for module in decoder_layers(model, layers_path).modules():
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            raise GispError("prune.checkpointing runs the decoder layers in training mode, but this model has "
-                            f"dropout (p={module.p}): scores would change; set prune.checkpointing=false")
-    if getattr(model.config, "attention_dropout", 0.0):
-        raise GispError(f"prune.checkpointing runs the decoder layers in training mode, but attention_dropout="
-                        f"{model.config.attention_dropout}: scores would change; set prune.checkpointing=false")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-@contextlib.contextmanager
-def training_layers(model: nn.Module, layers_path: str, enabled: bool):
-    """The decoder layers in training mode for one step (transformers checkpoints only in training mode); the model
-    has no dropout (checked by `checkpoint_layers`), so the outputs are those of evaluation mode."""
-    if not enabled:
-        yield
-        return
-    layers = decoder_layers(model, layers_path)
-    was = layers.training
-    layers.train()
-    try:
-        yield
-    finally:
-        layers.train(was)
 
 
 def throughput(tokens: int, seconds: float, structure: ModelStructure, model: nn.Module, world_size: int,

@@ -84,6 +84,7 @@ def shard_model(model: nn.Module, layers_path: str, mesh, reduce_dtype: torch.dt
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sums: the weighted objective is already a mean
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM; factor 1: no divide)
     log.info("sharded %d %s layers and the root over %d processes", len(layers), layer_class.__name__, mesh.size())
     return True
 
@@ -129,7 +130,7 @@ def partial_layer_scores(layer: LayerModules, structure: ModelStructure, grad_of
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's share of the raw per-unit (n_units,) and per-channel (F,) sums of |W * g| of one layer: summed
     over processes they are gisp.prune.importance.layer_scores."""
-    U, d_h, F = structure.n_units, structure.head_dim, structure.ffn
+    U, d_h = structure.n_units, structure.head_dim
     w = structure.group_size * d_h  # q rows / o columns of one unit
 
     def rows(linear: nn.Linear) -> torch.Tensor:  # (R,): row sums at this shard's rows, zeros elsewhere

@@ -98,6 +98,10 @@ def test_plan_layer_handles_the_traps():
     assert (pad.q, pad.kv) == ([0, None, 1, 2], [0, 1]) and "pad 1" in pad.fix
     dup = plan_layer([0, 0, 0, 0, 1, 1], 2, 3)  # groups of 4 and 2: pad costs 2 heads, duplicating KV 1
     assert (dup.q, dup.kv) == ([0, 1, 2, 3, 4, 5], [0, 0, 1]) and "duplicate 1" in dup.fix
+    capped = plan_layer([0, 0, 0, 0, 1, 1], 2, 3, max_kv=2)  # ... unless that exceeds the dense model's KV heads
+    assert (capped.q, capped.kv) == ([0, 1, 2, 3, 4, 5, None, None], [0, 1]) and "pad 2" in capped.fix
+    aligned = plan_layer([0], 1, 33, ffn_multiple=32)  # MLP widths padded to fast-kernel multiples
+    assert aligned.channels == [*range(33), *[None] * 31] and aligned.fix == ""
     no_mlp = plan_layer([0, 1], 2, 0)  # attention without MLP would be dropped by deci: one zero channel
     assert no_mlp.channels == [None] and "zero channel" in no_mlp.fix
     empty = plan_layer([], 0, 0)
@@ -106,19 +110,32 @@ def test_plan_layer_handles_the_traps():
     assert (first.q, first.kv, first.channels) == ([None], [None], [0, 1, 2, 3])
 
 
-def eight_by_two():
-    """8 query heads in 2 KV groups of 4 (like Llama-3-8B's ratio): where duplicating a KV head is the cheaper fix."""
+def eight_by_four():
+    """8 query heads in 4 KV groups of 2: where duplicating a KV head is the cheaper fix within the dense KV heads."""
     return tiny_config("mistral").__class__(**{**tiny_config("mistral").to_dict(), "num_attention_heads": 8,
-                                               "num_key_value_heads": 2, "head_dim": 8})
+                                               "num_key_value_heads": 4, "head_dim": 8})
 
 
-@pytest.mark.parametrize("case", ["llama", "mistral", "mistral_8x2", "mistral_bias"])
+def rope_scaled(kind: str):
+    """Tiny Llama with Llama-3 rope scaling (written as llama.cpp's rope_freqs) or linear scaling."""
+    config = tiny_config("llama")
+    rope = {"rope_type": kind, "rope_theta": 10000.0, "factor": 4.0}
+    if kind == "llama3":  # with a 64-token original context the low and middle frequencies of d_h = 16 change
+        rope.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    return config.__class__(**{**config.to_dict(), "rope_parameters": rope})
+
+
+CONFIGS = {"mistral_8x4": eight_by_four, "llama3_rope": lambda: rope_scaled("llama3"),
+           "linear_rope": lambda: rope_scaled("linear")}
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "mistral_8x4", "mistral_bias", "llama3_rope", "linear_rope"])
 def test_gguf_equals_masked_model_in_llama_cpp(case, tmp_path):
-    family = "llama" if case == "llama" else "mistral"
-    model, structure, applier = masked(family, eight_by_two() if case == "mistral_8x2" else None)
-    masks = uneven_masks(structure) if case != "mistral_8x2" else Masks.dense(structure)
-    if case == "mistral_8x2":
-        masks.heads[0] = torch.tensor([True, True, True, True, True, True, False, False])  # groups of 4 and 2
+    family = "mistral" if case.startswith("mistral") else "llama"
+    model, structure, applier = masked(family, CONFIGS[case]() if case in CONFIGS else None)
+    masks = uneven_masks(structure) if case != "mistral_8x4" else Masks.dense(structure)
+    if case == "mistral_8x4":
+        masks.heads[0] = torch.tensor([True, True, True, False, True, False, False, False])  # groups of 2, 1, 1
         masks.heads[1] = False
         masks.channels[1, ::3] = False
     bias = None
@@ -130,7 +147,7 @@ def test_gguf_equals_masked_model_in_llama_cpp(case, tmp_path):
     summary = export_gguf(model, byte_level_tokenizer(), masks, out, "f32", structure, bias)
     assert summary["head_count"][1] == (1 if case == "mistral_bias" else 0)  # a zero head carries the bias
     fixes = " ".join(summary["fixes"].values())
-    assert ("duplicate" in fixes) if case == "mistral_8x2" else ("zero channel" in fixes)
+    assert ("duplicate 1 KV heads" in fixes) if case == "mistral_8x4" else ("zero channel" in fixes)
     if case in ("mistral", "mistral_bias"):
         assert "pad 1 zero query heads" in summary["fixes"][0]
     reader = gguf.GGUFReader(out)
@@ -164,8 +181,11 @@ def test_precisions_sizes_and_default_cache(tmp_path):
         llm.close()
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q8_0.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
-    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 63 kept channels: not whole 32-blocks
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # 63 kept channels + 1 zero channel: two whole 32-blocks
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
+    export_gguf(model, None, masks, tmp_path / "ragged.gguf", "q8_0", structure, ffn_multiple=1)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "ragged.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 63: not whole blocks, f16 instead
 
 
 def test_from_compact_folder_and_tokenizer(tmp_path):
