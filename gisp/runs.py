@@ -27,7 +27,7 @@ from gisp.models.families import family_spec
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
 from gisp.prune.levels import Level, read_level
-from gisp.prune.masks import MaskApplier, Masks, OutputBias, sparsity
+from gisp.prune.masks import MaskApplier, Masks, OutputBias, n_pruned, sparsity
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.trajectory import Trajectory, target_key
 
@@ -130,8 +130,9 @@ class RunDir:
         traj = self.trajectory
         if step is not None:
             masks = traj.masks_at(step)
-            return Level(float(traj.step_record(step)["sparsity"]), masks, float(traj.step_record(step)["sparsity"]),
-                         int(step), None)
+            level = float(traj.step_record(step)["sparsity"])
+            return Level(level, masks, level, int(step), None,
+                         structural_ratio=n_pruned(masks, self.structure) / self.structure.n_structures)
         saved = self.path / "levels" / f"level_{target_key(target)}.safetensors"
         if saved.is_file():
             masks = Masks.load(saved)
@@ -139,7 +140,8 @@ class RunDir:
             bias = OutputBias.load(bias_file) if bias_file.is_file() else None
             entry = ((self.results() or {}).get("targets") or {}).get(target_key(target)) or {}
             return Level(target, masks, sparsity(masks, self.structure), int(entry.get("step", 0)),
-                         entry.get("prefix"), bias)
+                         entry.get("prefix"), bias,
+                         structural_ratio=n_pruned(masks, self.structure) / self.structure.n_structures)
         return read_level(traj, self.pruner, self.structure, live.layers if live else None, target)
 
 

@@ -139,7 +139,7 @@ def _permute_rope(w: torch.Tensor, n: int, d: int) -> torch.Tensor:
 
 def _pick(w: torch.Tensor, idx: list[int | None], size: int) -> torch.Tensor:
     """Blocks of `size` rows of `w` in the order of idx; None = a zero block. (len(idx) * size, cols)"""
-    blocks = [w[i * size:(i + 1) * size] if i is not None else torch.zeros(size, w.shape[1], dtype=w.dtype)
+    blocks = [w[i * size:(i + 1) * size] if i is not None else w.new_zeros(size, w.shape[1])
               for i in idx]
     return torch.cat(blocks) if blocks else w[:0]
 
@@ -158,7 +158,7 @@ def _rope_factors(config) -> torch.Tensor | None:
 
 
 def deci_tensors(state: dict[str, torch.Tensor], config, plans: list[DeciLayer]) -> dict[str, torch.Tensor]:
-    """GGUF tensor name -> float32 tensor (HF layout: (out, in)) for every layer plan."""
+    """GGUF tensor name -> tensor (HF layout: (out, in), the model's dtype) for every layer plan."""
     d_h, h = config.head_dim, config.hidden_size
     out = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
     if not config.tie_word_embeddings:
@@ -168,7 +168,7 @@ def deci_tensors(state: dict[str, torch.Tensor], config, plans: list[DeciLayer])
         out["rope_freqs.weight"] = factors
     for i, plan in enumerate(plans):
         out.update(_layer_tensors(state, f"model.layers.{i}.", f"blk.{i}.", plan, d_h, h))
-    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+    return {k: v.detach() for k, v in out.items()}
 
 
 def _layer_tensors(state: dict, p: str, g: str, plan: DeciLayer, d_h: int, h: int) -> dict[str, torch.Tensor]:
@@ -218,7 +218,7 @@ def layer_plans(state: dict[str, torch.Tensor], config, ffn_multiple: int = 32) 
 def _encode(name: str, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """One tensor in the file's precision: 1-D tensors (norms, biases, rope factors) stay f32; q8_0 needs rows
     that are whole 32-value blocks, other rows fall back to f16 (as llama.cpp's converter does)."""
-    a = t.numpy()
+    a = t.float().cpu().contiguous().numpy()  # one tensor at a time: no float32 copy of a whole bf16 model
     if a.ndim == 1 or dtype == "f32":
         return a.astype(np.float32), gguf.GGMLQuantizationType.F32
     if dtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
@@ -268,8 +268,8 @@ def write_deci_gguf(state: dict[str, torch.Tensor], config, tokenizer, out: str 
         vocab = add_tokenizer(w, tokenizer, n_vocab, pre)
         for key, value in (metadata or {}).items():
             w.add_string(f"gisp.{key}", value if isinstance(value, str) else json.dumps(value))
-        for tname, t in tensors.items():
-            data, qtype = _encode(tname, t, dtype)
+        for tname in list(tensors):
+            data, qtype = _encode(tname, tensors[tname], dtype)
             w.add_tensor(tname, data, raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -17,8 +17,7 @@ import lightning as L
 import torch
 
 from gisp.errors import GispError
-from gisp.prune.levels import masks_from_flat
-from gisp.prune.masks import MaskApplier, Masks, sparsity
+from gisp.prune.masks import MaskApplier, Masks, masks_from_flat, n_pruned, sparsity
 from gisp.prune.ranking import global_order
 from gisp.prune.schedule import ratio_at, structures_to_prune
 from gisp.prune.trajectory import Trajectory
@@ -82,14 +81,15 @@ class IterativePruning(_TrajectoryCallback):
         current = self.applier.masks
         order = global_order(heads, channels, current)  # already pruned first, then ascending score, ties by index
         prunable = int(torch.isfinite(torch.cat([heads.flatten(), channels.flatten()])).sum())
-        n_current = current.n_pruned
+        n_current = n_pruned(current, self.structure)  # head units (query heads or KV groups) + channels
         n = min(max(structures_to_prune(ratio, self.structure.n_structures), n_current), prunable)
         pruned = torch.zeros(order.numel(), dtype=torch.bool)
         pruned[order[:n]] = True
         masks = masks_from_flat(pruned, self.structure)
         self.applier.set(masks)
         level = sparsity(masks, self.structure)
-        record = {"structural_ratio": masks.n_pruned / self.structure.n_structures, "scheduled_ratio": ratio,
+        record = {"structural_ratio": n_pruned(masks, self.structure) / self.structure.n_structures,
+                  "scheduled_ratio": ratio,
                   "sparsity": level, "heads_kept": int(masks.heads.sum()), "channels_kept": int(masks.channels.sum()),
                   "calib_loss": pl_module.calib_loss, "exhausted": n >= prunable,
                   **_throughput(pl_module)}

@@ -16,7 +16,7 @@ import torch
 
 from gisp.errors import GispError
 from gisp.models.structure import LayerModules, ModelStructure
-from gisp.prune.masks import Masks, OutputBias, sparsity
+from gisp.prune.masks import Masks, OutputBias, flat_pruned, masks_from_flat, n_pruned, sparsity
 from gisp.prune.methods import PrunerSpec, flap_bias
 from gisp.prune.ranking import RANKINGS
 from gisp.prune.trajectory import Trajectory
@@ -32,25 +32,16 @@ class Level:
     step: int  # the step whose order (or scores) the level is cut from; 0 = dense
     prefix: int | None = None  # how many structures of that step's order are pruned (iterative)
     bias: OutputBias | None = None
-
-    @property
-    def structural_ratio(self) -> float:
-        return self.masks.n_pruned / (self.masks.heads.numel() + self.masks.channels.numel())
+    structural_ratio: float = 0.0  # pruned head units + channels / all of them
 
     def record(self) -> dict:
         return {"sparsity": self.sparsity, "step": self.step, "prefix": self.prefix,
                 "structural_ratio": self.structural_ratio}
 
 
-def masks_from_flat(pruned: torch.Tensor, structure: ModelStructure) -> Masks:
-    """Keep-masks from a flat (L*H + L*F,) pruned vector, heads first."""
-    L, H = structure.n_layers, structure.n_heads
-    return Masks(~pruned[: L * H].view(L, H), ~pruned[L * H:].view(L, structure.ffn))
-
-
 def structure_costs(order: torch.Tensor, structure: ModelStructure) -> torch.Tensor:
     """Parameters pruned by each structure of a flat order (a head or a channel)."""
-    is_head = order < structure.n_layers * structure.n_heads
+    is_head = order < structure.n_layers * structure.n_units
     return torch.where(is_head, structure.head_params, structure.channel_params).to(torch.long)
 
 
@@ -72,10 +63,11 @@ def iterative_level(traj: Trajectory, structure: ModelStructure, target: float) 
         if rec["sparsity"] >= target:
             order = traj.order_at(rec["step"])
             m = closest_prefix(previous, order, structure, target)
-            pruned = previous.flat_pruned().clone()
+            pruned = flat_pruned(previous, structure).clone()
             pruned[order[:m]] = True
             masks = masks_from_flat(pruned, structure)
-            return Level(target, masks, sparsity(masks, structure), rec["step"], m)
+            return Level(target, masks, sparsity(masks, structure), rec["step"], m,
+                         structural_ratio=n_pruned(masks, structure) / structure.n_structures)
         previous = traj.masks_at(rec["step"])
     raise GispError(f"sparsity {target} is beyond the trajectory {traj.directory} (it reaches {traj.reached:.4f} "
                     f"after {traj.last_step} steps): prune further with gisp.run (sparsity=[...,{target}])")
@@ -93,7 +85,8 @@ def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float,
         return Level(target, Masks.dense(structure), 0.0, 0, None)
     masks = plan(tensors["heads"], tensors["channels"], Masks.dense(structure), structure, target).masks
     level_bias = bias(masks, tensors) if bias is not None else None
-    return Level(target, masks, sparsity(masks, structure), step, None, level_bias)
+    return Level(target, masks, sparsity(masks, structure), step, None, level_bias,
+                 structural_ratio=n_pruned(masks, structure) / structure.n_structures)
 
 
 def read_level(traj: Trajectory, pruner: PrunerSpec, structure: ModelStructure, layers: list[LayerModules] | None,

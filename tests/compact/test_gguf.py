@@ -9,6 +9,7 @@ permutation or bias can fail it. With llama.cpp's default f16 KV cache the diffe
 
 from __future__ import annotations
 
+import json
 import os
 
 import gguf
@@ -188,6 +189,23 @@ def test_precisions_sizes_and_default_cache(tmp_path):
     assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 63: not whole blocks, f16 instead
 
 
+def test_bfloat16_model_exports(tmp_path):
+    """A bf16 model (as on GPU nodes) is converted tensor by tensor; its GGUF matches the bf16 model's logits."""
+    model, structure, applier = masked("mistral")
+    model.to(torch.bfloat16)
+    masks = uneven_masks(structure)
+    applier.set(masks)
+    export_gguf(model, None, masks, tmp_path / "bf16.gguf", "f32", structure)
+    ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():  # the bf16 weights computed in float32; HF's RoPE table went through bf16 too, hence 5e-3
+        ref = model.float()(torch.tensor([ids])).logits[0].numpy()
+    llm = load_gguf(tmp_path / "bf16.gguf")
+    got = cpp_logits(llm, ids)
+    assert_logits_close(got, ref, 5e-3)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    llm.close()
+
+
 def test_from_compact_folder_and_tokenizer(tmp_path):
     model, structure, applier = masked("mistral")
     masks = uneven_masks(structure)
@@ -201,6 +219,50 @@ def test_from_compact_folder_and_tokenizer(tmp_path):
     ids = tok(text).input_ids
     with torch.no_grad():
         assert_logits_close(cpp_logits(llm, ids), model(torch.tensor([ids])).logits[0].numpy())
+    llm.close()
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2 / Mistral style tokenizer.json, trained here: '▁'-prefixed words, BPE with byte fallback, the byte
+    tokens <0x00>..<0xFF> in the vocabulary (no hub access needed)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+            "want of a wife. Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy "
+            "disposition, seemed to unite some of the best blessings of existence. ") * 20
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = normalizer
+    learner.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    learner.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"],
+                                                             show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizer
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # BOS
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_tokenizes_like_hf(tmp_path):
+    """Llama-2 / Mistral tokenizers become llama.cpp's `llama` (SPM) model with merge-rank scores: same ids as HF,
+    byte fallback for unseen characters included."""
+    tok = sentencepiece_style_tokenizer()
+    config = tiny_config("mistral")
+    model, structure, _ = masked("mistral", config.__class__(**{**config.to_dict(), "vocab_size": len(tok)}))
+    summary = export_gguf(model, tok, Masks.dense(structure), tmp_path / "spm.gguf", "f32", structure)
+    assert summary["vocab"]["model"] == "llama"
+    llm = load_gguf(tmp_path / "spm.gguf")
+    for text in ["Emma Woodhouse, handsome, clever", "  two spaces, naïve café 東京 1816!", "Mr. Knightley's"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text).input_ids, text
+    assert tok("a").input_ids[0] == tok.bos_token_id and llm.metadata["tokenizer.ggml.add_bos_token"] == "true"
     llm.close()
 
 
