@@ -18,7 +18,7 @@ install:
 	$(BIN)/python -c "import torch; assert '+cpu' in torch.__version__ or torch.cuda.is_available(), torch.__version__"
 
 install-llama: install
-	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || echo "building llama-cpp-python (once per machine, ~10 min)"
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || echo "installing llama-cpp-python (first time on a machine: compiles llama.cpp, ~8 min)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[llama]'
 
 demo: install

@@ -61,11 +61,10 @@ def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
     run_dir = Path(run_dir)
     claim_dir = claim(run_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext(run_dir)
     with claim_dir:
-        status = "failed"
+        status, results = "failed", None
         try:
             results = _run(settings, run_dir, started)
             status = "stopped" if results is None else "complete"
-            return results
         except GispError:
             status = "refused"  # a refused command leaves the run dir as it found it: no record either
             raise
@@ -75,6 +74,8 @@ def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
         finally:
             if rank_zero_only.rank == 0 and status != "refused" and (run_dir / "trajectory.json").exists():
                 record_invocation(run_dir, started_at, time.perf_counter() - started, status)
+        # the time of every invocation is in results.json now
+        return read_json(run_dir / "results.json") if results is not None and rank_zero_only.rank == 0 else results
 
 
 def record_invocation(run_dir: Path, started_at: str, seconds: float, status: str) -> None:
