@@ -32,7 +32,7 @@ def margin_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("margin")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny_llama", "model.config.max_position_embeddings=512",
+        cfg = compose("config", overrides=["model=tiny_llama", "model.config.max_position_embeddings=1024",
                                            "sparsity=[0.2,0.4]", "logger=csv", "progress=false",
                                            "threads=1", f"cache_dir={tmp / 'cache'}", f"store_dir={tmp / 'store'}",
                                            *MARGIN, *SUITE])
@@ -47,7 +47,7 @@ def test_results_hold_both_perplexities_and_every_task(margin_run):
         assert all(0.0 <= metrics[m] <= 1.0 for m in CMQA_METRICS)
     evaluation = results["evaluation"]
     assert evaluation["wikitext2_ppl"]["seq_len"] == 64
-    assert evaluation["wikitext2_ppl_2048"]["seq_len"] == 512  # capped at the model's 512 positions
+    assert evaluation["wikitext2_ppl_2048"]["seq_len"] == 1024  # capped at the model's 1024 positions
     assert "wikitext-2-raw-v1" in evaluation["wikitext2_ppl"]["variant"]
     assert all(t["n_evaluated"] == 2 and t["part"] == "evaluation" for t in evaluation["cmqa"]["tasks"].values())
     calib = results["calibration"]
