@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import logging.handlers
 import shlex
 import signal
 import sys
@@ -108,3 +109,49 @@ def hydra_sweep_name() -> str | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return Path(HydraConfig.get().sweep.dir).name
+
+
+class RunRecord:
+    """Hydra's own record of a job (.hydra/config.yaml, hydra.yaml, overrides.yaml and the log file) is written into
+    the run dir before the command starts, so a refused command would change it. gisp.run switches both off
+    (hydra.output_subdir=null, hydra/job_logging=gisp) and writes them here once the run dir is claimed and every
+    check passed: `start(run_dir)`. Log lines from before are kept in memory and written first."""
+
+    FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.file: logging.Handler | None = None
+        self.buffer = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+        self.buffer.setLevel(logging.INFO)
+        logging.getLogger().addHandler(self.buffer)
+
+    def start(self, run_dir: Path) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from gisp.io import write_text_atomic
+
+        folder = Path(run_dir) / ".hydra"
+        write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(self.cfg))
+        if HydraConfig.initialized():
+            hydra_cfg = HydraConfig.get()
+            write_text_atomic(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+            write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(
+                list(hydra_cfg.overrides.task))))
+        self.file = logging.FileHandler(Path(run_dir) / "run.log", encoding="utf-8")  # appends: a resume adds on
+        self.file.setFormatter(logging.Formatter(self.FORMAT))
+        self.file.setLevel(logging.INFO)
+        self.buffer.setTarget(self.file)
+        self.buffer.flush()
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        root.addHandler(self.file)
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        self.buffer.buffer.clear()
+        if self.file is not None:
+            root.removeHandler(self.file)
+            self.file.close()

@@ -194,9 +194,12 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
     if not isinstance(prune.checkpointing, bool):
         raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
     trainer = plain(cfg.trainer) or {}
-    if trainer.get("strategy") == "gisp_fsdp" and evaluation:
-        raise GispError("trainer=fsdp shards the model over the processes, and gisp.run evaluates on rank 0 alone: "
-                        "set eval=none, then evaluate the run dir with `python -m gisp.evaluate run_dir=...`")
+    whole_model = [t.name for t in evaluation if t.kind != "perplexity"]
+    if trainer.get("strategy") == "gisp_fsdp" and whole_model:
+        raise GispError(f"trainer=fsdp shards the model over the processes: perplexity is evaluated over all of them, "
+                        f"but the lm-eval / GSM8K tasks {whole_model} need the whole model in one process. Use a "
+                        "perplexity eval (eval=wikitext2) or eval=none here, then `python -m gisp.evaluate "
+                        "run_dir=...` on a node that holds the model (or on the exported model)")
     resolved = plain(cfg)
     loggers = _with_wandb_group(plain(cfg.get("logger")) or {}, sweep, resolved, targets)
     return RunSettings(

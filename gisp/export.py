@@ -11,9 +11,11 @@ module finds the level and the model. A FLAP level exports with its output bias 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from gisp.cli import user_errors
@@ -21,21 +23,48 @@ from gisp.compact.gguf import DTYPES, check_deci_compatible, export_gguf, export
 from gisp.compact.slicing import export_compact
 from gisp.config import model_spec
 from gisp.errors import GispError
+from gisp.io import remove_stale_temps
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+from gisp.plan import meta_structure, model_config
 from gisp.prune.masks import Masks
 from gisp.runs import RunDir
 
 FORMATS = ("hf", "gguf")
 
 
-def _check_request(out: str | Path, fmt: str, dtype: str) -> None:
+def _check_request(out: str | Path | None, fmt: str, dtype: str) -> None:
     """Everything about the output that can be refused before a model is loaded."""
-    if Path(out).exists():
+    if out is None or str(out).strip() in ("", "???"):
+        raise GispError("no output path: add out=PATH (a new folder for format=hf, a .gguf file for format=gguf)")
+    out = Path(out).expanduser()
+    if out.exists():
         raise GispError(f"{out} already exists: choose a new output path (export never overwrites)")
     if fmt not in FORMATS:
         raise GispError(f"format={fmt!r} is not one of {FORMATS}: hf (a Hugging Face folder) or gguf (llama.cpp)")
     if fmt == "gguf" and dtype not in DTYPES:
         raise GispError(f"dtype={dtype!r} is not one of {sorted(DTYPES)} (the GGUF file's precision)")
+    existing = out.parent.absolute()
+    while not existing.exists():  # the folders export will create: the first existing one must be writable
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise GispError(f"cannot write {out}: {existing} is not a writable folder; choose an output path in a "
+                        "folder you can write")
+    remove_stale_temps(out)  # what an export killed before it finished left next to `out`
+
+
+def _check_masks_fit(masks: Masks, spec: ModelSpec, masks_file: str | Path) -> None:
+    """The masks' shape against the model's config (built on the meta device): refused before loading weights."""
+    try:
+        config = model_config(spec)
+    except GispError:
+        return  # no config without loading (an unknown hub model offline): load_model_and_tokenizer reports
+    structure, _ = meta_structure(config, torch.float32, {}, "query")  # shapes only: nothing is allocated
+    want = (structure.n_layers, structure.n_heads, structure.ffn)
+    got = (masks.heads.shape[0], masks.heads.shape[1], masks.channels.shape[1])
+    if got != want:
+        raise GispError(f"{masks_file} holds masks for {got[0]} layers x {got[1]} heads x {got[2]} MLP channels, but "
+                        f"model={spec.name} has {want[0]} x {want[1]} x {want[2]}: give the model the masks were "
+                        "computed for (the run's config.yaml names it), or export from the run dir (run_dir=...)")
 
 
 def _write(fmt: str, model, tokenizer, masks, out, provenance, structure=None, bias=None, dtype: str = "f16") -> Path:
@@ -58,10 +87,14 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
         raise GispError(f"the trajectory of {run.path} never reached sparsity {target:g} (it reaches "
                         f"{run.trajectory.reached:.4f}); extend it with gisp.run (sparsity=[...,{target:g}]), or "
                         f"export any step with step=N, 1..{run.trajectory.last_step}")
+    # The level is read before the weights are loaded (a damaged masks file is named at once), except a FLAP level
+    # not saved yet, whose output bias is computed from the weights.
+    needs_weights = run.pruner.bias_compensation and step is None and not run.saved_level(target)
+    level = None if needs_weights else run.level(target=target, step=step)
     live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
     if format == "gguf":
         check_deci_compatible(live.model.config)
-    level = run.level(target=target, step=step, live=live)
+    level = level or run.level(target=target, step=step, live=live)
     entry = ((run.results() or {}).get("targets") or {}).get(f"{target:g}", {}) if target is not None else {}
     provenance = {"run_dir": str(run.path.resolve()), "model": run.model_spec().name, "step": level.step,
                   "prefix": level.prefix, "target": target, "sparsity": level.sparsity,
@@ -74,6 +107,7 @@ def export_from_masks(masks_file: str | Path, spec: ModelSpec, out: str | Path, 
     """Export a base model (a conf/model entry) under a masks file, e.g. one copied from another machine."""
     _check_request(out, format, dtype)
     masks = Masks.load(masks_file)
+    _check_masks_fit(masks, spec, masks_file)
     model, tokenizer = load_model_and_tokenizer(spec, Path(cache_dir).expanduser())
     return _write(format, model, tokenizer, masks, out, {"masks": str(Path(masks_file).resolve())}, dtype=dtype)
 

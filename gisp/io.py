@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -31,13 +32,53 @@ def _umask() -> int:
     return umask
 
 
+# Temporary siblings are named .<name>.<pid>-<host tag>.<random>: a process killed mid-write (SIGKILL, power loss)
+# leaves one behind, and the next write to the same path removes those whose writer is gone (same host, dead pid).
+
+
+@cache
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-{_host_tag()}."
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of `path` left by writers on this host that are no longer running; returns
+    what was removed. Temporaries of live writers (another export to the same place right now) are kept."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    pattern = re.compile(r"(\d+)-([0-9a-f]{8})\.")
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        if not p.name.startswith(prefix):
+            continue
+        m = pattern.match(p.name[len(prefix):])
+        if m is None or m.group(2) != _host_tag() or _pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        _log.info("removed %s, left by an interrupted write (pid %s)", p, m.group(1))
+        removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; when the block succeeds it is renamed over `path`, otherwise
     removed. For writers that want a file name (safetensors, savefig)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -54,7 +95,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     not exist), otherwise removed. Files get the usual permissions (mkdtemp makes the folder private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
         yield tmp
         for p in [tmp, *tmp.rglob("*")]:

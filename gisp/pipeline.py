@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from gisp.io import read_json, write_json_atomic, write_text_atomic
 from gisp.lightning.callbacks import IterativePruning, OneShotPruning
 from gisp.lightning.datamodule import CalibrationData
 from gisp.lightning.scoring import PASSES, ActivationModule
+from gisp.lightning.sharding import STRATEGY_NAME
 from gisp.models.families import family_spec
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
@@ -51,19 +53,21 @@ def check_targets(targets: tuple[float, ...], structure: ModelStructure) -> None
         )
 
 
-def run(settings: RunSettings, run_dir: str | Path) -> dict[str, Any] | None:
+def run(settings: RunSettings, run_dir: str | Path, on_start: Callable[[Path], None] | None = None
+        ) -> dict[str, Any] | None:
     """Reach every target of `settings` on the stored trajectory (computing only the missing steps), evaluate
     the levels, write results.json; returns the results (None when stopped early by prune.max_steps_per_run).
 
     The run dir is claimed first (one command at a time); every check runs before the first write, so a refused
-    command leaves the run dir as it found it."""
+    command leaves the run dir as it found it. `on_start(run_dir)` is called (on rank zero) when the checks have
+    passed and the run starts writing: the command line's own records (Hydra's config, the log file) go there."""
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
     run_dir = Path(run_dir)
     claim_dir = claim(run_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext(run_dir)
     with claim_dir:
         status, results = "failed", None
         try:
-            results = _run(settings, run_dir, started)
+            results = _run(settings, run_dir, started, on_start)
             status = "stopped" if results is None else "complete"
         except GispError:
             status = "refused"  # a refused command leaves the run dir as it found it: no record either
@@ -101,7 +105,8 @@ def _check_positions(calib, model: torch.nn.Module) -> None:
                         f"data.seq_len (or the data's length cap) to at most {limit}")
 
 
-def _run(s: RunSettings, run_dir: Path, started: float) -> dict[str, Any] | None:
+def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path], None] | None
+         ) -> dict[str, Any] | None:
     if not s.resume and (run_dir / "results.json").exists():
         raise GispError(f"{run_dir} already holds results and resume=false: choose a new run dir (hydra.run.dir=...)")
     if s.threads:
@@ -144,6 +149,8 @@ def _run(s: RunSettings, run_dir: Path, started: float) -> dict[str, Any] | None
         with lock:
             traj = store.open(definition, meta)
             if trainer.is_global_zero:
+                if on_start is not None:
+                    on_start(run_dir)
                 write_text_atomic(run_dir / "config.yaml", s.config_yaml())  # for export / evaluation
                 write_json_atomic(pointer, {"id": traj.id, "path": str(traj.directory)})
             reused = traj.last_step
@@ -151,13 +158,22 @@ def _run(s: RunSettings, run_dir: Path, started: float) -> dict[str, Any] | None
         for logger in trainer.loggers:  # reusing jobs link to the trajectory (its per-step curves are logged once)
             logger.log_hyperparams({"trajectory": {"id": traj.id, "path": str(traj.directory),
                                                    "computed_steps": computed or [], "reused_steps": reused}})
-        if computed is None or not trainer.is_global_zero:
+        if computed is None:
             status = "success"
             return None
         model.to(trainer.strategy.root_device)
+        shared = {}
+        if trainer.world_size > 1 and evaluator is not None and evaluator.perplexity_metrics:
+            trainer.strategy.barrier()  # rank 0 has written every step: the others read the same trajectory
+            shared = split_perplexities(trainer, run_dir, s, Trajectory.load(traj.directory), model, structure,
+                                        layers, applier, evaluator)
+        if not trainer.is_global_zero:  # lm-eval suites and the results are rank 0's alone
+            status = "success"
+            return None
         results = evaluate_levels(run_dir, s, traj, model, structure, layers, applier, evaluator, calib.record,
                                   reused=list(range(1, min(reused, traj.last_step) + 1)), computed=computed,
-                                  loggers=trainer.loggers, seconds_before=time.perf_counter() - started)
+                                  loggers=trainer.loggers, seconds_before=time.perf_counter() - started,
+                                  perplexities=shared)
         status = "success"
         return results
     finally:
@@ -229,12 +245,59 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
     return callback.computed
 
 
+def split_perplexities(trainer: L.Trainer, run_dir: Path, s: RunSettings, traj: Trajectory, model: torch.nn.Module,
+                       structure: ModelStructure, layers: list[LayerModules], applier: MaskApplier, evaluator
+                       ) -> dict[str, dict[str, float]]:
+    """Several processes (DDP, FSDP): every process scores its share of each level's perplexity windows and the
+    summed log-likelihoods are reduced, so each level costs 1/world of a single process's time. Rank 0 decides
+    which levels need it (and refuses mixed protocols) and tells the others, so all run the same collectives; under
+    FSDP every forward is a collective, so the processes run in lockstep. Returns {level key: perplexities}."""
+    strategy, rank, world = trainer.strategy, trainer.global_rank, trainer.world_size
+    todo = {"dense": None, **{target_key(t): t for t in s.targets}}
+    plan: tuple[list[str], str | None] = ([], None)
+    if trainer.is_global_zero:
+        previous = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else {}
+        described = evaluator.describe()
+        ppl = {m: described[m] for m in evaluator.perplexity_metrics}
+        levels = {"dense": previous.get("dense") or {}, **(previous.get("targets") or {})}
+        try:
+            check_protocols(previous, described, list(todo), run_dir)
+            plan = ([k for k in todo if needs_evaluation(levels.get(k) or {}, ppl)], None)
+        except GispError as e:
+            plan = ([], str(e))
+    keys, error = strategy.broadcast(plan, src=0)
+    if error:
+        raise GispError(error)
+    lockstep = s.trainer.get("strategy") == STRATEGY_NAME
+    device = strategy.root_device
+
+    def reduce_fn(t: torch.Tensor) -> torch.Tensor:
+        return strategy.reduce(t.to(device), reduce_op="sum").cpu()
+
+    out = {}
+    for key in keys:
+        if todo[key] is None:
+            applier.set(Masks.dense(structure))
+        else:
+            level = read_level(traj, s.pruner, structure, layers, todo[key])
+            applier.set(level.masks, level.bias)
+        if trainer.is_global_zero:
+            log.info("perplexity at %s over %d processes (each scores 1/%d of the windows)", key, world, world)
+        out[key] = evaluator.perplexities(model, progress=s.progress and trainer.is_global_zero, rank=rank,
+                                          world_size=world, reduce_fn=reduce_fn, lockstep=lockstep)
+    applier.set(Masks.dense(structure))
+    return out
+
+
 def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torch.nn.Module,
                     structure: ModelStructure, layers: list[LayerModules], applier: MaskApplier, evaluator,
                     calibration: dict, reused: list[int], computed: list[int], loggers: list,
-                    seconds_before: float) -> dict[str, Any]:
+                    seconds_before: float, perplexities: dict[str, dict[str, float]] | None = None
+                    ) -> dict[str, Any]:
     """Read out every target, write its masks under levels/, evaluate dense + levels, merge into results.json
-    after each level (marked complete only at the end: a killed job never leaves results that look complete)."""
+    after each level (marked complete only at the end: a killed job never leaves results that look complete).
+    `perplexities`: a level's perplexity metrics already computed over several processes (split_perplexities);
+    the level then runs only the suites here."""
     results_path = run_dir / "results.json"
     previous = read_json(results_path) if results_path.exists() else {}
     started = time.perf_counter()
@@ -253,7 +316,10 @@ def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torc
                 applier.set(Masks.dense(structure))
             else:
                 applier.set(level.masks, level.bias)
-            metrics = evaluator(model, progress=s.progress)
+            if key in (perplexities or {}):
+                metrics = evaluator.merge(perplexities[key], evaluator.suite_metrics(model, progress=s.progress))
+            else:
+                metrics = evaluator(model, progress=s.progress)
             descriptions = evaluator.describe()  # items evaluated are known now
             record_metrics(results, entry, metrics, descriptions)
             log.info("evaluation at %s: %s", key, metrics)

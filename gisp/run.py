@@ -8,8 +8,9 @@ import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from gisp.cli import hydra_output_dir, hydra_overrides, hydra_sweep_name, user_errors
+from gisp.cli import RunRecord, hydra_output_dir, hydra_overrides, hydra_sweep_name, user_errors
 from gisp.config import load_settings
+from gisp.errors import GispError
 from gisp.pipeline import run
 
 # conf/hydra/launcher/gpu_node.yaml: job n of a sweep sees GPU n modulo the node's GPUs.
@@ -24,7 +25,17 @@ OmegaConf.register_new_resolver("gisp_unique", lambda: _UNIQUE, replace=True)
 @user_errors
 def main(cfg: DictConfig) -> None:
     run_dir = hydra_output_dir()
-    results = run(load_settings(cfg, overrides=hydra_overrides(), sweep=hydra_sweep_name()), run_dir)
+    created = not any(run_dir.iterdir())  # Hydra makes the run dir before any check: removed again when refused
+    record = RunRecord(cfg)  # .hydra/ and run.log: written once the checks passed
+    try:
+        results = run(load_settings(cfg, overrides=hydra_overrides(), sweep=hydra_sweep_name()), run_dir,
+                      on_start=record.start)
+    except GispError:
+        if created and rank_zero_only.rank == 0 and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+    finally:
+        record.close()
     if results is not None and rank_zero_only.rank == 0:
         print(f"gisp: results in {run_dir / 'results.json'}")
 

@@ -122,6 +122,11 @@ class RunDir:
         layers = layer_modules(model, family_spec(model.config.model_type))
         return LiveModel(model, tokenizer, structure, layers, MaskApplier(layers, structure))
 
+    def saved_level(self, target: float) -> Path | None:
+        """levels/level_<t>.safetensors when this level was evaluated or exported before."""
+        saved = self.path / "levels" / f"level_{target_key(target)}.safetensors"
+        return saved if saved.is_file() else None
+
     def level(self, target: float | None = None, step: int | None = None, live: LiveModel | None = None) -> Level:
         """A level of the run: `target=t` (its saved masks under levels/, else an exact read-out of the trajectory)
         or `step=N` (the masks after step N of an iterative trajectory). FLAP levels not saved yet need `live`."""
@@ -133,8 +138,8 @@ class RunDir:
             level = float(traj.step_record(step)["sparsity"])
             return Level(level, masks, level, int(step), None,
                          structural_ratio=n_pruned(masks, self.structure) / self.structure.n_structures)
-        saved = self.path / "levels" / f"level_{target_key(target)}.safetensors"
-        if saved.is_file():
+        saved = self.saved_level(target)
+        if saved is not None:
             masks = Masks.load(saved)
             bias_file = saved.with_name(f"level_{target_key(target)}.bias.safetensors")
             bias = OutputBias.load(bias_file) if bias_file.is_file() else None

@@ -214,6 +214,14 @@ def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
     assert [s for s, _ in single] == [s for s, _ in ddp]
     for (_, a), (_, b) in zip(single, ddp):
         assert a.heads.equal(b.heads) and a.channels.equal(b.channels)
+    # Evaluation is split too: each process scores half of the windows; the reduced perplexities are the single
+    # process's (up to float32 rounding: other batch compositions)
+    assert "over 2 processes" in proc.stdout + proc.stderr
+    split, whole = read_json(tmp_path / "ddp" / "results.json"), mistral_run[2]
+    for key in ("0.3", "0.5"):
+        assert split["targets"][key]["metrics"] == pytest.approx(whole["targets"][key]["metrics"], rel=1e-5)
+    assert split["dense"]["metrics"] == pytest.approx(whole["dense"]["metrics"], rel=1e-5)
+    assert split["evaluation"] == whole["evaluation"]  # the same protocol: comparable with one-process results
 
 
 def test_export_from_run_dir(mistral_run, tmp_path):

@@ -175,3 +175,68 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_masks(tmp_
         a, b = killed.masks_at(s["step"]), clean.masks_at(s["step"])
         assert a.heads.equal(b.heads) and a.channels.equal(b.channels)
     assert read_json(tmp_path / "run" / "results.json")["complete"]
+
+
+def test_cli_refusals_leave_no_trace(finished, tmp_path):
+    """Through the command line too: Hydra's own records (.hydra/, run.log) are written only once the checks
+    passed, so a refused gisp.run changes nothing in an existing run dir and leaves no new one behind."""
+    tmp, run_dir, _ = finished
+    common = [sys.executable, "-m", "gisp.run", *SMOKE, "logger=none", f"cache_dir={tmp / 'cache'}",
+              f"store_dir={tmp / 'store'}"]
+    before = _snapshot(run_dir)
+    other = subprocess.run([*common, "sparsity=[0.3,0.5]", "schedule.steps=5", f"hydra.run.dir={run_dir}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert other.returncode == 2 and "another configuration" in other.stdout + other.stderr
+    assert _snapshot(run_dir) == before and not (run_dir / ".hydra").exists()
+    typo = subprocess.run([*common, "sparsity=0.9", f"hydra.run.dir={tmp_path / 'new'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert typo.returncode == 2 and "not reachable" in typo.stdout + typo.stderr
+    assert not (tmp_path / "new").exists()
+    fresh = subprocess.run([*common, "sparsity=0.3", "eval=none", f"hydra.run.dir={tmp_path / 'ok'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    overrides = (tmp_path / "ok" / ".hydra" / "overrides.yaml").read_text()
+    assert "sparsity=0.3" in overrides and (tmp_path / "ok" / ".hydra" / "config.yaml").is_file()
+    log = (tmp_path / "ok" / "run.log").read_text()
+    assert "memory plan: tiny_mistral" in log and "trajectory" in log  # lines from before the checks passed too
+
+
+def test_export_checks_before_loading_weights(finished, tmp_path, monkeypatch):
+    """Masks of another model, a missing or unwritable output path: refused before any weight is loaded."""
+    import gisp.export as export
+    from gisp.config import model_spec
+
+    tmp, run_dir, _ = finished
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the checks")
+
+    monkeypatch.setattr(export, "load_model_and_tokenizer", no_loading)
+    masks = RunDir(run_dir).trajectory.directory / RunDir(run_dir).trajectory.steps[0]["masks"]
+    bigger = model_spec(_cfg(tmp, "model=tiny_llama", "model.config.num_hidden_layers=2").model)
+    with pytest.raises(GispError, match=r"holds masks for 4 layers .* has 2 x 4 x 128"):
+        export.export_from_masks(masks, bigger, tmp_path / "out", tmp / "cache")
+    with pytest.raises(GispError, match="add out=PATH"):
+        export.export_from_masks(masks, bigger, None, tmp / "cache")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GispError, match="not a writable folder"):
+        export.export_from_masks(masks, bigger, tmp_path / "file" / "out", tmp / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_export_removes_what_a_killed_export_left(finished, tmp_path):
+    """A temp folder of a writer that is gone (SIGKILL mid-export) is removed by the next export to the same place;
+    one of a live writer is kept."""
+    from gisp.export import export_from_run
+    from gisp.io import _temp_prefix
+
+    tmp, run_dir, _ = finished
+    out = tmp_path / "compact"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / _temp_prefix(out).replace(f".{os.getpid()}-", f".{int(dead.stdout)}-")
+    (stale.with_name(stale.name + "abc123")).mkdir()
+    (stale.with_name(stale.name + "abc123") / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / (_temp_prefix(out) + "xyz789")
+    live.mkdir()
+    export_from_run(run_dir, out, target=0.3, cache_dir=tmp / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["compact", live.name])

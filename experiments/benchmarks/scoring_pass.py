@@ -14,9 +14,10 @@ peak memory is its own:
   checkpoint  + prune.checkpointing=true
 Printed per mode: seconds per pass (the best of --repeats passes after a warm-up, including Lightning's setup and the
 scores), tokens/s, the ratio to a bare pass timed in the same process, alternating with the mode's passes (so
-both see the same machine load), peak memory (CPU: peak RSS minus RSS before loading the model; GPU: peak
-allocated), weight bytes, peak / weights, the gradient bytes kept (device / host) and the memory plan's total; on a
-GPU of known peak also the MFU.
+both see the same machine load), the same in CPU seconds (process time: robust when other jobs share the cores;
+use --threads 1, as idle OpenMP threads spin), peak memory (CPU: the weights + the rise of the RSS during the
+passes; GPU: peak allocated), weight bytes, peak / weights, the gradient bytes kept (device / host) and the memory
+plan's total (without its 1 GiB reserve); on a GPU of known peak also the MFU.
 """
 
 from __future__ import annotations
@@ -85,11 +86,22 @@ def reset_peak(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_bytes(device: torch.device, rss_base_kb: int) -> int:
-    """GPU: peak allocated; CPU: peak RSS during the passes minus the RSS before the model was loaded."""
+def peak_bytes(device: torch.device, rss_loaded_kb: int, weight_bytes: int) -> int:
+    """GPU: peak allocated. CPU: the weights + how far the RSS rose above its level after loading during the passes
+    (what loading left in the allocator is not counted)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return (_status_kb("VmHWM") - rss_base_kb) * 1024
+    return weight_bytes + (_status_kb("VmHWM") - rss_loaded_kb) * 1024
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(started: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds since `started` (CPU: this process's time, all threads)."""
+    wall, cpu = clock()
+    return wall - started[0], cpu - started[1]
 
 
 def one_mode(mode: str, args) -> dict:
@@ -107,7 +119,6 @@ def one_mode(mode: str, args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    rss_base = _status_kb("VmRSS")
     model, tok = load(args.model, args.layers, dtype)
     structure = describe(model)
     layers = layer_modules(model, family_spec(model.config.model_type))
@@ -125,8 +136,8 @@ def one_mode(mode: str, args) -> dict:
         """Forward + HF loss + backward per batch, gradients summed over the batches as `.backward()` would (the
         first batch's tensors kept, the others added), but through torch.autograd.grad so that no `.grad` and no
         accumulation hook of the mode's pass is touched: the reference each mode is timed against in its own
-        process. Returns the seconds and the bytes of the summed gradients."""
-        started = time.perf_counter()
+        process. Returns (wall, CPU) seconds and the bytes of the summed gradients."""
+        started = clock()
         sums = None
         for i in range(0, args.samples, args.batch):
             ids = windows[i : i + args.batch].to(device)  # (b, T)
@@ -139,8 +150,9 @@ def one_mode(mode: str, args) -> dict:
                     total.add_(g)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - started, sum(g.numel() * g.element_size() for g in sums)
+        return elapsed(started), sum(g.numel() * g.element_size() for g in sums)
 
+    rss_loaded = _status_kb("VmRSS")
     reset_peak(device)
     times, bare_times, memory = [], [], {}
     if mode == "bare":
@@ -157,13 +169,15 @@ def one_mode(mode: str, args) -> dict:
         data = CalibrationData(from_windows(windows, OBJECTIVES["ppl"]), args.batch)
         for _ in range(args.repeats + 1):  # alternate, so that both see the same machine load
             bare_times.append(bare_pass()[0])
-            started = time.perf_counter()
+            started = clock()
             trainer.validate(module, datamodule=data, verbose=False)
-            times.append(time.perf_counter() - started)
+            times.append(elapsed(started))
         m = module.memory
         memory = {"device": m["grad"] + m["device_buffer"], "host": m["host_buffer"]}
-    seconds = min(times[1:])  # the first pass warms up allocators and kernels
-    bare_seconds = min(bare_times[1:])
+    # The first pass warms up allocators and kernels; the best of the others. CPU seconds (process time, all threads)
+    # barely change when other jobs share the cores, wall seconds do.
+    seconds, cpu_seconds = (min(t[k] for t in times[1:]) for k in (0, 1))
+    bare_seconds, bare_cpu = (min(t[k] for t in bare_times[1:]) for k in (0, 1))
     inputs = PlanInputs("single", 1, 1, args.dtype, "float32" if mode == "fp32" else None, mode == "offload",
                         mode == "checkpoint", args.batch, args.seq_len)
     plan = build_plan(args.model, *meta_structure(model.config, dtype, {}, "query"), inputs)
@@ -173,8 +187,9 @@ def one_mode(mode: str, args) -> dict:
         peak = peak_flops(torch.cuda.get_device_name(device), dtype)
         if peak:
             mfu = tokens_per_s * scoring_flops_per_token(structure, model.config.vocab_size, args.seq_len) / peak
-    peak_mem = peak_bytes(device, rss_base)
-    return {"mode": mode, "seconds": seconds, "over_bare": seconds / bare_seconds, "tokens_per_s": tokens_per_s,
+    peak_mem = peak_bytes(device, rss_loaded, weight_bytes)
+    return {"mode": mode, "seconds": seconds, "over_bare": seconds / bare_seconds, "cpu_seconds": cpu_seconds,
+            "cpu_over_bare": cpu_seconds / bare_cpu, "tokens_per_s": tokens_per_s,
             "peak_gb": peak_mem / 1e9,
             "weights_gb": weight_bytes / 1e9, "peak_over_weights": peak_mem / weight_bytes,
             "grad_device_gb": memory["device"] / 1e9, "grad_host_gb": memory["host"] / 1e9,
@@ -215,12 +230,13 @@ def main() -> None:
         shape = f", {args.layers} layers" if model != "smollm2_135m" else ""
         print(f"\n{model}{shape} {dtype} on {args.device}, {args.samples} x {args.seq_len} tokens, batch "
               f"{args.batch}, {args.threads} threads, best of {args.repeats}\n")
-        print("| mode | s / pass | tokens/s | / bare | peak GB | weights GB | peak / weights | grad device GB | "
-              "grad host GB | plan GB | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| mode | s / pass | tokens/s | / bare | CPU s / pass | CPU / bare | peak GB | weights GB | peak / "
+              "weights | grad device GB | grad host GB | plan GB | MFU |\n" + "|---" * 13 + "|")
         for r in rows:
             ratio = f"{r['over_bare']:.3f}"
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-            print(f"| {r['mode']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_gb']:.2f} | "
+            print(f"| {r['mode']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | {r['cpu_seconds']:.2f} | "
+                  f"{r['cpu_over_bare']:.3f} | {r['peak_gb']:.2f} | "
                   f"{r['weights_gb']:.2f} | {r['peak_over_weights']:.2f} | {r['grad_device_gb']:.3f} | "
                   f"{r['grad_host_gb']:.3f} | {r['plan_gb']:.2f} | {mfu} |")
 

@@ -80,17 +80,34 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module, progress: bool = True) -> dict[str, float]:
         """Every metric of ``model`` as it is now (masks included): perplexities, then the suites' metrics."""
-        metrics = {
-            t.metric: perplexity(model, self.windows[t.metric], t.batch_size, progress=progress, desc=t.metric)
-            for t in self.tasks
-        }
+        return self.merge(self.perplexities(model, progress), self.suite_metrics(model, progress))
+
+    def perplexities(self, model: torch.nn.Module, progress: bool = True, rank: int = 0, world_size: int = 1,
+                     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, lockstep: bool = False
+                     ) -> dict[str, float]:
+        """The perplexity metrics; over several processes each scores its share of the windows (see
+        gisp.eval.perplexity.perplexity) and every process gets the single-process values."""
+        return {t.metric: perplexity(model, self.windows[t.metric], t.batch_size, progress=progress, desc=t.metric,
+                                     rank=rank, world_size=world_size, reduce_fn=reduce_fn, lockstep=lockstep)
+                for t in self.tasks}
+
+    def suite_metrics(self, model: torch.nn.Module, progress: bool = True) -> dict[str, float]:
+        """The metrics of the suites (lm-eval tasks, GSM8K): one process, the whole model."""
+        metrics: dict[str, float] = {}
         for name, suite in self.suites.items():
-            out = suite(model, self.tokenizer, progress=progress)
-            clash = sorted(set(out) & set(metrics))
-            if clash:
-                raise GispError(f"evaluation suite {name!r} reports metrics {clash} that another task reports too")
-            metrics.update(out)
+            metrics = self.merge(metrics, suite(model, self.tokenizer, progress=progress), name)
         return metrics
+
+    @staticmethod
+    def merge(metrics: dict[str, float], more: dict[str, float], name: str = "") -> dict[str, float]:
+        clash = sorted(set(more) & set(metrics))
+        if clash:
+            raise GispError(f"evaluation suite {name!r} reports metrics {clash} that another task reports too")
+        return {**metrics, **more}
+
+    @property
+    def perplexity_metrics(self) -> list[str]:
+        return [t.metric for t in self.tasks]
 
     def describe(self) -> dict:
         """Per perplexity metric: dataset provenance, seq_len, n_windows, n_tokens, subset (max_windows cut it);

@@ -66,10 +66,13 @@ def sequence_nll(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     """Mean next-token cross-entropy of each sequence, (B,); label -100 marks tokens that are not scored."""
     labels = input_ids if labels is None else labels
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")  # (B, T-1)
-    counts = (shift_labels != -100).sum(dim=1)  # (B,)
+    # The labels are shifted, not the logits: position t predicts label t+1, the last position predicts nothing
+    # (-100). Slicing the logits instead would copy the largest activation (B, T, V) and its gradient.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+    B, T, V = logits.shape
+    nll = F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), ignore_index=-100,
+                          reduction="none").view(B, T)  # (B, T), 0 where not scored
+    counts = (targets != -100).sum(dim=1)  # (B,)
     if bool((counts == 0).any()):
         raise GispError("a calibration sequence has no scored token (all labels are -100): check the data recipe")
     return nll.sum(dim=1) / counts

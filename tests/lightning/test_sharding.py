@@ -13,6 +13,7 @@ from conftest import REPO, SMOKE, tiny_model
 
 from gisp.config import load_settings
 from gisp.errors import GispError
+from gisp.io import read_json
 from gisp.lightning.datamodule import PaddedDataset, ShardSampler
 from gisp.lightning.sharding import partial_layer_scores
 from gisp.models.families import family_spec
@@ -121,16 +122,16 @@ def test_equal_batches_under_fsdp_pad_with_weightless_items():
 
 def fsdp_run(tmp_path, model: str, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "gisp.run", f"model={model}", "sparsity=0.3", "trainer=fsdp",
-            "trainer.accelerator=cpu", "trainer.devices=2", "eval=none", "logger=none", "progress=false", "threads=1",
+            "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "progress=false", "threads=1",
             f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'fsdp_store'}",
             f"hydra.run.dir={tmp_path / 'fsdp'}", *SMOKE, *extra]
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
 
 
-@pytest.mark.parametrize("model,extra", [("tiny_llama", ["data.n_samples=9"]), ("tiny_mistral", [])],
-                         ids=["llama-9-samples-padded", "mistral"])
+@pytest.mark.parametrize("model,extra", [("tiny_llama", ["data.n_samples=9", "eval=none"]), ("tiny_mistral", [])],
+                         ids=["llama-9-samples-padded", "mistral-evaluated"])
 def test_fsdp_two_cpu_processes_give_the_single_process_masks(compose_cfg, tmp_path, model, extra):
-    single = run(load_settings(compose_cfg(*SMOKE, f"model={model}", "eval=none", "sparsity=0.3", *extra)),
+    single = run(load_settings(compose_cfg(*SMOKE, f"model={model}", "sparsity=0.3", *extra)),
                  run_dir=tmp_path / "single")
     proc = fsdp_run(tmp_path, model, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,11 +144,17 @@ def test_fsdp_two_cpu_processes_give_the_single_process_masks(compose_cfg, tmp_p
         ma, mb = a.masks_at(step["step"]), b.masks_at(step["step"])
         assert ma.heads.equal(mb.heads) and ma.channels.equal(mb.channels), step
     assert b.steps[0]["calib_loss"] == pytest.approx(a.steps[0]["calib_loss"], rel=1e-6)
+    if "eval=none" not in extra:  # perplexity of the sharded model, each process scoring half of the windows
+        sharded = read_json(tmp_path / "fsdp" / "results.json")
+        assert "over 2 processes" in log
+        for got, want in ((sharded["dense"], single["dense"]), (sharded["targets"]["0.3"], single["targets"]["0.3"])):
+            assert got["metrics"] == pytest.approx(want["metrics"], rel=1e-5)
 
 
 def test_fsdp_refusals(compose_cfg):
-    with pytest.raises(GispError, match="eval=none"):
-        load_settings(compose_cfg(*SMOKE, "trainer=fsdp"))
+    load_settings(compose_cfg(*SMOKE, "trainer=fsdp"))  # perplexity: evaluated over the processes
+    with pytest.raises(GispError, match="whole model in one process"):
+        load_settings(compose_cfg(*SMOKE, "trainer=fsdp", "eval=cmqa"))
     settings = load_settings(compose_cfg(*SMOKE, "trainer=fsdp", "eval=none", "pruner=wanda_sp"))
     from gisp.lightning.scoring import PASSES
 
