@@ -240,3 +240,20 @@ def test_export_removes_what_a_killed_export_left(finished, tmp_path):
     live.mkdir()
     export_from_run(run_dir, out, target=0.3, cache_dir=tmp / "cache")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["compact", live.name])
+
+
+def test_csv_log_of_a_resumed_run_is_one_file(tmp_path):
+    """Lightning's CSVLogger would start a new version folder per invocation (or delete the file on reuse): gisp's
+    appends, so the curves of all invocations and the evaluation are in one metrics.csv."""
+    import csv
+
+    overrides = ["logger=csv", "sparsity=0.4", "prune.max_steps_per_run=2"]
+    assert run(load_settings(_cfg(tmp_path, *overrides)), tmp_path / "run") is None  # stopped after 2 steps
+    results = run(load_settings(_cfg(tmp_path, *overrides[:2])), tmp_path / "run")
+    files = list((tmp_path / "run").rglob("metrics.csv"))
+    assert files == [tmp_path / "run" / "csv" / "metrics.csv"]
+    rows = list(csv.DictReader(files[0].open()))
+    steps = {int(r["step"]) for r in rows}
+    last = RunDir(tmp_path / "run").trajectory.last_step
+    assert {1, 2, last} <= steps and last > 2
+    assert any(r.get("eval/wikitext2_ppl") for r in rows) and results["complete"]
