@@ -5,7 +5,8 @@ The public API (imported lazily, so `import gisp` stays fast):
     gisp.run_pruning(settings, run_dir)    prune along the trajectory (settings: gisp.load_settings(cfg));
                                            `gisp.run` is the command-line module, hence the longer name
     gisp.evaluate_run(run_dir, tasks, ...)  evaluate saved levels ("deploy many")
-    gisp.export_from_run(run_dir, out, target=0.4)   a physically smaller Hugging Face folder
+    gisp.export_from_run(run_dir, out, target=0.4)   a physically smaller Hugging Face folder (format="gguf":
+                                           a llama.cpp file; gisp.export_gguf for a live model and masks)
     gisp.RunDir(path)                       reopen a run: config, trajectory, results, model, levels
     gisp.Masks, gisp.MaskApplier            keep-masks and their reversible application to a live model
 """
@@ -25,6 +26,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "export_from_run": "gisp.export",
     "export_from_masks": "gisp.export",
     "export_compact": "gisp.compact.slicing",
+    "export_gguf": "gisp.compact.gguf",
     "RunDir": "gisp.runs",
     "Masks": "gisp.prune.masks",
     "MaskApplier": "gisp.prune.masks",
@@ -32,7 +34,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "EvalTaskSpec": "gisp.eval.suite",
 }
 __all__ = ["EvalTaskSpec", "GispError", "MaskApplier", "Masks", "RunDir", "RunSettings", "evaluate_run",
-           "export_compact", "export_from_masks", "export_from_run", "load_settings", "run_pruning"]
+           "export_compact", "export_from_masks", "export_gguf", "export_from_run", "load_settings", "run_pruning"]
 
 
 def __getattr__(name: str) -> Any:

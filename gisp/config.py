@@ -21,6 +21,7 @@ from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
 from gisp.eval.suite import EvalTaskSpec, eval_task_spec
 from gisp.models.loading import ModelSpec
+from gisp.models.structure import GQA_MODES
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.objectives import Objective, get_objective
 from gisp.prune.schedule import structural_ratios
@@ -191,6 +192,9 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
     _int_or_none(prune.max_steps_per_run, "prune.max_steps_per_run", 1)
     if prune.grad_offload not in (None, "cpu"):
         raise GispError(f"prune.grad_offload must be null or cpu, got {prune.grad_offload!r}")
+    if prune.gqa_mode not in GQA_MODES:
+        raise GispError(f"prune.gqa_mode={prune.gqa_mode!r} is not one of {GQA_MODES}: query prunes query heads (the "
+                        "reference), group prunes whole KV groups")
     if not isinstance(prune.checkpointing, bool):
         raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
     trainer = plain(cfg.trainer) or {}

@@ -118,7 +118,13 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
         if rank_zero_only.rank == 0:
             log.info("%s", plan.table())
         check_fits(plan, visible_device_memory(s.trainer))
-    model, tokenizer = load_model_and_tokenizer(s.model, s.cache_dir)
+    # trainer=fsdp: only rank 0 reads the weights; the other processes build the model on the meta device and
+    # receive their shards from rank 0 (one copy of the model in host memory per node, not one per process).
+    empty = rank_zero_only.rank != 0 and s.trainer.get("strategy") == STRATEGY_NAME and s.pruner.signal == "gradients"
+    model, tokenizer = load_model_and_tokenizer(s.model, s.cache_dir, empty=empty)
+    if empty and next(model.parameters()).is_meta:
+        log.info("rank %d: model built on the meta device (no weights read): its shards come from rank 0",
+                 rank_zero_only.rank)
     structure = describe(model, explicit=list(s.prune.protect_layers) if s.prune.protect_layers is not None else None,
                          first_fraction=s.prune.protect_first_fraction, last=s.prune.protect_last,
                          gqa_mode=s.prune.gqa_mode)
@@ -163,7 +169,10 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
             return None
         model.to(trainer.strategy.root_device)
         shared = {}
-        if trainer.world_size > 1 and evaluator is not None and evaluator.perplexity_metrics:
+        # Split only when the other processes exist: Lightning starts them at the first scoring pass, so a run that
+        # only reuses a finished trajectory is one process, which evaluates everything itself.
+        started_processes = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if started_processes and trainer.world_size > 1 and evaluator is not None and evaluator.perplexity_metrics:
             trainer.strategy.barrier()  # rank 0 has written every step: the others read the same trajectory
             shared = split_perplexities(trainer, run_dir, s, Trajectory.load(traj.directory), model, structure,
                                         layers, applier, evaluator)

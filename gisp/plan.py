@@ -229,13 +229,16 @@ def build_plan(name: str, structure: ModelStructure, counts: dict[str, int], inp
         device["activations"] = tokens * per_layer * backprop_layers
     device["logits"] = tokens * counts["vocab"] * (w + 12)
     device["reserve"] = RESERVE
-    host = {"model load": i.devices_per_node * counts["params"] * w}
+    # FSDP: rank 0 reads the weights and broadcasts the shards (the other processes build an empty model), so a node
+    # holds one copy; DDP: every process loads the whole model before moving it to its device.
+    loaders = 1 if i.strategy == "fsdp" else i.devices_per_node
+    host = {"model load": loaders * counts["params"] * w}
     if i.grad_offload:
         host["gradient buffers"] = i.devices_per_node * scored * acc
     notes = []
-    if i.devices_per_node > 1:
-        notes.append(f"each of the {i.devices_per_node} processes of a node loads the whole model into host memory "
-                     "before it moves or shards it")
+    if loaders > 1:
+        notes.append(f"each of the {loaders} processes of a node loads the whole model into host memory before it "
+                     "moves it to its device (trainer=fsdp loads it once, on rank 0)")
     if i.seq_len_source != "data.seq_len":
         notes.append(f"sequence length {i.seq_len}: {i.seq_len_source}")
     counts = {**counts, "backprop_layers": backprop_layers, "activation_bytes_per_token_layer": per_layer}

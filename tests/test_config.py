@@ -57,6 +57,8 @@ def test_deprecated_prune_keys_reach_the_pruner(caplog):
     (["eval.tasks.wikitext2_ppl.kind=nosuch"], "unknown kind"),
     (["+eval.tasks.wikitext2_ppl.nosuch=1"], "nosuch"),
     (["schedule.steps=0"], "schedule.steps"),
+    (["prune.gqa_mode=kv"], "gqa_mode"),
+    (["trainer=fsdp", "eval=cmqa"], "whole model in one process"),
     (["data=local_text"], "local_files"),
 ])
 def test_bad_settings_fail_before_loading(overrides, match):

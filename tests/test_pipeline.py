@@ -149,8 +149,8 @@ def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
 
     real_loader = pipeline.load_model_and_tokenizer
 
-    def poisoned(spec, cache_dir):
-        model, tok = real_loader(spec, cache_dir)
+    def poisoned(spec, cache_dir, **kwargs):
+        model, tok = real_loader(spec, cache_dir, **kwargs)
         with torch.no_grad():
             model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
         return model, tok
@@ -222,6 +222,14 @@ def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
         assert split["targets"][key]["metrics"] == pytest.approx(whole["targets"][key]["metrics"], rel=1e-5)
     assert split["dense"]["metrics"] == pytest.approx(whole["dense"]["metrics"], rel=1e-5)
     assert split["evaluation"] == whole["evaluation"]  # the same protocol: comparable with one-process results
+    # The trajectory is complete now: a second DDP job reuses it without a scoring pass, so Lightning never starts
+    # the other process and the one process evaluates every window itself
+    reuse = [a.replace(str(tmp_path / "ddp"), str(tmp_path / "ddp_reuse")) for a in args]
+    proc = subprocess.run(reuse, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reused = read_json(tmp_path / "ddp_reuse" / "results.json")
+    assert reused["trajectory"]["computed_steps"] == [] and "over 2 processes" not in proc.stdout + proc.stderr
+    assert reused["targets"]["0.5"]["metrics"] == pytest.approx(whole["targets"]["0.5"]["metrics"], rel=1e-5)
 
 
 def test_export_from_run_dir(mistral_run, tmp_path):

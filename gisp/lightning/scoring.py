@@ -23,7 +23,14 @@ from torch import nn
 
 from gisp.errors import GispError
 from gisp.lightning.checkpointing import checkpoint_layers, training_layers
-from gisp.lightning.sharding import local, shard_model, sharded_scores
+from gisp.lightning.sharding import (
+    full_state_on_rank0,
+    load_shards_from_rank0,
+    local,
+    materialize_empty,
+    shard_model,
+    sharded_scores,
+)
 from gisp.models.families import family_spec
 from gisp.models.structure import LayerModules, ModelStructure
 from gisp.prune.activations import InputMoments, InputRecorder
@@ -82,6 +89,7 @@ class GISPModule(L.LightningModule):
         self.checkpointing = checkpointing
         self._layers_path = family_spec(model.config.model_type).layers
         self._sharded = False
+        self._full_state: dict[str, torch.Tensor] | None = None  # rank 0's weights until broadcast (trainer=fsdp)
         self._handles: list = []
         self._accumulated: dict[int, torch.Tensor] = {}  # id(weight) -> accumulation buffer
         self._written: set[int] = set()  # buffers written in this pass (host buffers are reused from pass to pass)
@@ -175,9 +183,19 @@ class GISPModule(L.LightningModule):
             raise GispError("trainer=fsdp scores from sharded gradients with the taylor score (pruner=gisp, oneshot, "
                             "llm_pruner); use trainer=ddp or one device for this pruner")
         reduce_dtype = self.grad_dtype if self.grad_dtype in (torch.float32, torch.float64) else None
+        # The weights come from rank 0 (the others may hold an empty model, built on the meta device: one copy of
+        # the model in host memory per node, not one per process): rank 0 keeps its full tensors until they are
+        # broadcast in on_validation_start, after Lightning has placed the shards on the devices.
+        self._full_state = full_state_on_rank0(self.model, self.trainer.global_rank)
         shard_model(self.model, self._layers_path, mesh["data_parallel"], reduce_dtype=reduce_dtype)
+        materialize_empty(self.model, self.trainer.strategy.root_device)
         self._sharded = True
         self._collect_scored()
+
+    def on_validation_start(self) -> None:
+        if self._full_state is not None:
+            load_shards_from_rank0(self.model, self._full_state)
+            self._full_state = None
 
     # -- the pass -------------------------------------------------------------------------------------------------
 

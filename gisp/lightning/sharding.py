@@ -89,6 +89,34 @@ def shard_model(model: nn.Module, layers_path: str, mesh, reduce_dtype: torch.dt
     return True
 
 
+def full_state_on_rank0(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Rank 0's full weights, kept (by reference, no copy) across sharding; the other ranks keep nothing."""
+    return dict(model.state_dict()) if rank == 0 else {}
+
+
+def materialize_empty(model: nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialized) memory for the shards of a model built on the meta device, before Lightning would:
+    its `reset_parameters` draws random DTensor values, a collective that only the empty processes would enter
+    (rank 0 holds real weights), and the values are overwritten from rank 0 anyway."""
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+
+
+def load_shards_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+    """Every process's shards from rank 0's full weights, one tensor at a time (torch.distributed.checkpoint's
+    broadcast_from_rank0), then every buffer (rotary frequencies are not in the state dict; a process that built
+    its model on the meta device holds uninitialized memory there)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        full_state = {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    log.info("shards of the weights received from rank 0")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a (possibly sharded) tensor."""
     from torch.distributed.tensor import DTensor

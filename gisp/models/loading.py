@@ -9,6 +9,8 @@ that says how to fix it instead of a 46 s retry loop ending in a library traceba
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,18 +57,26 @@ class ModelSpec:
     attn_implementation: str | None = None
 
 
-def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool = False
+                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build the model (in eval mode) and its tokenizer (with a pad token) described by ``spec``.
 
     ``cache_dir`` holds the dequantized GGUF conversions (``cache_dir/models/{name}-{sha16}``); other
-    sources do not write to it.
+    sources do not write to it. ``empty``: the model on the meta device (shapes, no weights read), for the
+    processes of a sharded run that receive their shards from rank 0 (gisp.lightning.sharding); sources without a
+    config-only path (gguf_package) load the weights anyway.
     """
     if spec.source not in MODEL_SOURCES:
         raise GispError(
             f"Model '{spec.name}': unknown source '{spec.source}'. Valid sources: {', '.join(MODEL_SOURCES)} "
             f"(set model.source=...)."
         )
-    model, tokenizer = MODEL_SOURCES[spec.source](spec, Path(cache_dir), _torch_dtype(spec.dtype))
+    if empty and spec.source in EMPTY_SOURCES:
+        config, tokenizer = EMPTY_SOURCES[spec.source](spec)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **_model_kwargs(spec, _torch_dtype(spec.dtype)))
+    else:
+        model, tokenizer = MODEL_SOURCES[spec.source](spec, Path(cache_dir), _torch_dtype(spec.dtype))
     if tokenizer.pad_token is None:
         # Batching needs a pad id; padded positions are masked out, so reusing EOS is harmless.
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,22 +115,34 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 def _load_hub(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a hub model; in offline mode resolve it from the local HF cache only, so a miss fails at once."""
-    if not spec.path:
-        raise GispError(f"Model '{spec.name}': source=hub needs model.path=ORG/NAME.")
-    location = spec.path
-    try:
-        if hub_offline():
-            from huggingface_hub import snapshot_download
-
-            # from_pretrained(local_files_only=True) still probes the network for adapter files; a cached
-            # snapshot folder avoids the network entirely.
-            location = snapshot_download(spec.path, revision=spec.revision, local_files_only=True)
+    with _hub_access(spec):
+        location = _hub_location(spec)
         tokenizer = AutoTokenizer.from_pretrained(
             location, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(
             location, revision=spec.revision, **_model_kwargs(spec, torch_dtype)
         )
+    return model, tokenizer
+
+
+def _hub_location(spec: ModelSpec) -> str:
+    if not spec.path:
+        raise GispError(f"Model '{spec.name}': source=hub needs model.path=ORG/NAME.")
+    if hub_offline():
+        from huggingface_hub import snapshot_download
+
+        # from_pretrained(local_files_only=True) still probes the network for adapter files; a cached
+        # snapshot folder avoids the network entirely.
+        return snapshot_download(spec.path, revision=spec.revision, local_files_only=True)
+    return spec.path
+
+
+@contextmanager
+def _hub_access(spec: ModelSpec) -> Iterator[None]:
+    """Hub failures (network, offline miss, gated or wrong name) as one GispError naming the fixes."""
+    try:
+        yield
     except _hub_errors() as exc:
         raise GispError(
             f"Model '{spec.name}': could not load '{spec.path}' from the Hugging Face hub: the hub is unreachable "
@@ -129,7 +151,6 @@ def _load_hub(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
             f"and set HF_TOKEN; or use the offline default `model=smollm2_135m`, or a local folder via "
             f"`model.source=local model.path=DIR`."
         ) from exc
-    return model, tokenizer
 
 
 def _load_local(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
@@ -182,6 +203,14 @@ def _build_random(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
     The global RNG is forked so building a model neither depends on nor disturbs the caller's random state:
     the same spec always gives the same weights.
     """
+    config, tokenizer = _random_config(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, **_model_kwargs(spec, torch_dtype))
+    return model, tokenizer
+
+
+def _random_config(spec: ModelSpec):
     if spec.model_type not in FAMILIES:
         raise GispError(
             f"Model '{spec.name}': source=random needs model.model_type in {', '.join(FAMILIES)} (the model families), "
@@ -201,10 +230,7 @@ def _build_random(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
         raise GispError(
             f"Model '{spec.name}': vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})."
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, **_model_kwargs(spec, torch_dtype))
-    return model, tokenizer
+    return config, tokenizer
 
 
 def _load_gguf_package(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype):
@@ -215,3 +241,26 @@ def _load_gguf_package(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtyp
 
 MODEL_SOURCES = {"hub": _load_hub, "local": _load_local, "gguf_package": _load_gguf_package, "random": _build_random}
 """model.source -> loader(spec, cache_dir, torch_dtype) -> (model, tokenizer)."""
+
+
+def _hub_config(spec: ModelSpec):
+    with _hub_access(spec):
+        location = _hub_location(spec)
+        config = AutoConfig.from_pretrained(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=spec.revision,
+                                                  trust_remote_code=spec.trust_remote_code)
+    return config, tokenizer
+
+
+def _local_config(spec: ModelSpec):
+    folder = Path(spec.path or "").expanduser()
+    if not (folder / "config.json").is_file():
+        raise GispError(f"Model '{spec.name}': no config.json in '{folder}': set model.path to a save_pretrained folder")
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=spec.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                              trust_remote_code=spec.trust_remote_code)
+    return config, tokenizer
+
+
+EMPTY_SOURCES = {"hub": _hub_config, "local": _local_config, "random": _random_config}
+"""model.source -> (config, tokenizer) without reading weights: the model is then built on the meta device."""

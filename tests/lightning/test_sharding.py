@@ -137,6 +137,8 @@ def test_fsdp_two_cpu_processes_give_the_single_process_masks(compose_cfg, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "GLOBAL_RANK: 1" in log and "sharded 4" in log
+    # rank 1 read no weights: an empty model on the meta device, its shards broadcast from rank 0
+    assert "rank 1: model built on the meta device" in log and "received from rank 0" in log
     a, b = RunDir(tmp_path / "single").trajectory, RunDir(tmp_path / "fsdp").trajectory
     assert a.id == b.id == single["trajectory"]["id"]
     assert [s["step"] for s in a.steps] == [s["step"] for s in b.steps] and len(a.steps) > 3

@@ -204,6 +204,20 @@ def test_local_folder_round_trip(tmp_path: Path) -> None:
     assert tok2.decode(tok2(TEXT)["input_ids"]) == TEXT
 
 
+def test_empty_models_read_no_weights(tmp_path: Path) -> None:
+    """The other processes of an FSDP run build the model on the meta device: the same shapes and names, the same
+    tokenizer, no weights read (their shards come from rank 0)."""
+    model, tok = load_model_and_tokenizer(TINY_MISTRAL, tmp_path)
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "model.safetensors").unlink()  # no weights to read: an empty model needs none
+    for spec in (TINY_MISTRAL, ModelSpec(name="mine", source="local", path=str(tmp_path / "saved"))):
+        empty, tok2 = load_model_and_tokenizer(spec, tmp_path, empty=True)
+        assert all(p.is_meta for p in empty.parameters())
+        assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+        assert tok2(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+
+
 def test_bad_source_and_dtype(tmp_path: Path) -> None:
     with pytest.raises(GispError, match="gguf_package"):
         load_model_and_tokenizer(ModelSpec(name="x", source="ftp"), tmp_path)
