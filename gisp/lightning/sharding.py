@@ -31,6 +31,7 @@ from torch import nn
 from gisp.errors import GispError
 from gisp.models.families import get_submodule
 from gisp.models.structure import LayerModules, ModelStructure
+from gisp.prune.importance import taylor_sums
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +146,6 @@ def row_range(p: torch.Tensor) -> tuple[int, int]:
 GradOf = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
-def _taylor_local(weight: torch.Tensor, grad_of: GradOf) -> torch.Tensor:
-    """|W * g| of this process's rows, float32, (rows, columns)."""
-    g = grad_of(weight)
-    if g is None:
-        raise GispError("a scored weight has no gradient: the scoring pass did not run backward through it")
-    w = local(weight).detach()
-    return (w.float() * local(g).to(w.device).float()).abs()
-
-
 def partial_layer_scores(layer: LayerModules, structure: ModelStructure, grad_of: GradOf
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's share of the raw per-unit (n_units,) and per-channel (F,) sums of |W * g| of one layer: summed
@@ -161,15 +153,19 @@ def partial_layer_scores(layer: LayerModules, structure: ModelStructure, grad_of
     U, d_h = structure.n_units, structure.head_dim
     w = structure.group_size * d_h  # q rows / o columns of one unit
 
+    def sums(linear: nn.Linear, dim: int) -> torch.Tensor:  # |W * g| of this process's rows, summed over `dim`
+        g = grad_of(linear.weight)
+        return taylor_sums(local(linear.weight), None if g is None else local(g), dim)
+
     def rows(linear: nn.Linear) -> torch.Tensor:  # (R,): row sums at this shard's rows, zeros elsewhere
-        s = _taylor_local(linear.weight, grad_of).sum(dim=1)
+        s = sums(linear, 1)
         start, n = row_range(linear.weight)
         out = torch.zeros(linear.weight.shape[0], dtype=torch.float32, device=s.device)
         out[start:start + n] = s
         return out
 
     def cols(linear: nn.Linear) -> torch.Tensor:  # (C,): column sums over this shard's rows
-        return _taylor_local(linear.weight, grad_of).sum(dim=0)
+        return sums(linear, 0)
 
     heads = rows(layer.q).view(U, w).sum(dim=1) + cols(layer.o).view(U, w).sum(dim=1)
     if structure.kv_in_unit:

@@ -41,10 +41,27 @@ def scored_weights(layer: LayerModules, structure: ModelStructure) -> list[nn.Pa
     return weights
 
 
-def _taylor(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+# Rows per piece of |W * g|: the float32 product is made in pieces of about 4M elements (16 MB) rather than as one
+# full-size temporary, which on CPU cuts the time of a 7B layer's scores 2.5x (memory traffic, not arithmetic).
+_PIECE = 1 << 22
+
+
+def taylor_sums(weight: torch.Tensor, grad: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Sums of |W * g| in float32 over `dim` of a (rows, columns) weight: dim=1 gives (rows,), dim=0 (columns,)."""
     if grad is None:
         raise GispError("a scored weight has no gradient: the scoring pass did not run backward through it")
-    return (weight.detach().float() * grad.float()).abs()
+    w = weight.detach()
+    rows = max(1, _PIECE // max(w.shape[1], 1))
+    out = torch.zeros(w.shape[1 - dim], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], rows):
+        # a float32 copy (never `.float()`, which for a float32 weight is the weight itself), then in place
+        piece = w[start:start + rows].to(torch.float32, copy=True)
+        piece.mul_(grad[start:start + rows].to(w.device, torch.float32)).abs_()
+        if dim == 1:
+            out[start:start + rows] = piece.sum(dim=1)
+        else:
+            out += piece.sum(dim=0)
+    return out
 
 
 def _own_grad(weight: torch.Tensor) -> torch.Tensor | None:
@@ -54,20 +71,21 @@ def _own_grad(weight: torch.Tensor) -> torch.Tensor | None:
 def layer_scores(layer: LayerModules, structure: ModelStructure, grad_of: GradOf = _own_grad
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw per-unit (n_units,) and per-channel (F,) sums of |W * g| for one layer; g = grad_of(W) is g_bar."""
-    U, d_h, d, F = structure.n_units, structure.head_dim, structure.hidden, structure.ffn
+    U, d_h = structure.n_units, structure.head_dim
     w = structure.group_size * d_h  # q rows / o columns of one unit
 
-    def taylor(linear: nn.Linear) -> torch.Tensor:
-        return _taylor(linear.weight, grad_of(linear.weight))
+    def rows(linear: nn.Linear) -> torch.Tensor:  # (out_features,)
+        return taylor_sums(linear.weight, grad_of(linear.weight), dim=1)
 
-    heads = taylor(layer.q).view(U, w, d).sum(dim=(1, 2))
-    heads += taylor(layer.o).view(d, U, w).sum(dim=(0, 2))
+    def cols(linear: nn.Linear) -> torch.Tensor:  # (in_features,)
+        return taylor_sums(linear.weight, grad_of(linear.weight), dim=0)
+
+    heads = rows(layer.q).view(U, w).sum(dim=1)
+    heads += cols(layer.o).view(U, w).sum(dim=1)
     if structure.kv_in_unit:
-        heads += taylor(layer.k).view(U, d_h, d).sum(dim=(1, 2))
-        heads += taylor(layer.v).view(U, d_h, d).sum(dim=(1, 2))
-    channels = taylor(layer.gate).sum(dim=1)  # (F,)
-    channels += taylor(layer.up).sum(dim=1)
-    channels += taylor(layer.down).view(d, F).sum(dim=0)
+        heads += rows(layer.k).view(U, d_h).sum(dim=1)
+        heads += rows(layer.v).view(U, d_h).sum(dim=1)
+    channels = rows(layer.gate) + rows(layer.up) + cols(layer.down)  # (F,)
     return heads.cpu(), channels.cpu()
 
 

@@ -125,3 +125,20 @@ def test_float32_accumulation_for_a_bf16_model():
     torch.testing.assert_close(module.scores[0], ref[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(module.scores[1], ref[1], rtol=1e-6, atol=0)
     assert all(p.grad is None for p in model.parameters()) and not module._accumulated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_taylor_sums_in_pieces_leave_the_weights_alone(dtype, monkeypatch):
+    """|W * g| is summed in row pieces (float32 copies): the sums equal the whole product's, and the weights are
+    never written (for a float32 weight `.float()` is the weight itself)."""
+    from gisp.prune import importance
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 29, generator=g).to(dtype)
+    grad = torch.randn(37, 29, generator=g).to(dtype)
+    before = weight.clone()
+    whole = (weight.float() * grad.float()).abs()
+    monkeypatch.setattr(importance, "_PIECE", 100)  # 3 rows per piece: 13 pieces, the last one shorter
+    torch.testing.assert_close(importance.taylor_sums(weight, grad, 1), whole.sum(dim=1))
+    torch.testing.assert_close(importance.taylor_sums(weight, grad, 0), whole.sum(dim=0))
+    assert torch.equal(weight, before)
