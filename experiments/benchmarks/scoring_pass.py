@@ -56,6 +56,9 @@ def load(model: str, layers: int, dtype: torch.dtype):
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    # to_empty leaves the buffers uninitialized too: the rotary frequencies are computed again (garbage there gave
+    # occasional NaN gradients)
+    m.model.rotary_emb = type(m.model.rotary_emb)(config=m.config)  # built outside the meta context: on the CPU
     return m.eval(), None
 
 
