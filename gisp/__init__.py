@@ -33,8 +33,21 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "GispError": "gisp.errors",
     "EvalTaskSpec": "gisp.eval.suite",
 }
-__all__ = ["EvalTaskSpec", "GispError", "MaskApplier", "Masks", "RunDir", "RunSettings", "evaluate_run",
-           "export_compact", "export_from_masks", "export_gguf", "export_from_run", "load_settings", "run_pruning"]
+__all__ = [
+    "EvalTaskSpec",
+    "GispError",
+    "MaskApplier",
+    "Masks",
+    "RunDir",
+    "RunSettings",
+    "evaluate_run",
+    "export_compact",
+    "export_from_masks",
+    "export_from_run",
+    "export_gguf",
+    "load_settings",
+    "run_pruning",
+]
 
 
 def __getattr__(name: str) -> Any:

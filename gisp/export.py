@@ -23,7 +23,6 @@ from gisp.compact.gguf import DTYPES, check_deci_compatible, export_gguf, export
 from gisp.compact.slicing import export_compact
 from gisp.config import model_spec
 from gisp.errors import GispError
-from gisp.io import remove_stale_temps
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.plan import meta_structure, model_config
 from gisp.prune.masks import Masks
@@ -49,7 +48,6 @@ def _check_request(out: str | Path | None, fmt: str, dtype: str) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise GispError(f"cannot write {out}: {existing} is not a writable folder; choose an output path in a "
                         "folder you can write")
-    remove_stale_temps(out)  # what an export killed before it finished left next to `out`
 
 
 def _check_masks_fit(masks: Masks, spec: ModelSpec, masks_file: str | Path) -> None:

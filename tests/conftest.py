@@ -70,3 +70,19 @@ def conf_text_source(config: str, *path: str):
     for key in path:
         node = node[key]
     return text_source(node)
+
+
+def saved_tensor_bytes(model: torch.nn.Module, forward) -> int:
+    """Bytes of the tensors autograd keeps for backward while `forward()` runs (saved-tensor hooks): each storage
+    counted once, the model's weights not at all. The activation memory that gisp.plan estimates."""
+    params = {p.data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(kept.values())

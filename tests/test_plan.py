@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import SMOKE
+from conftest import SMOKE, saved_tensor_bytes
 
 from gisp import pipeline
 from gisp.config import load_settings
@@ -116,18 +116,9 @@ def test_activation_estimate_matches_the_saved_tensors(family, dtype):
     for i in structure.unprotected:
         for p in scored_weights(layers[i], structure):
             p.requires_grad_(True)
-    params = {p.data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
     B, T = 2, 64
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.randint(0, 1000, (B, T)), use_cache=False)
+    kept = saved_tensor_bytes(model, lambda: model(torch.randint(0, 1000, (B, T)), use_cache=False))
     _, counts = meta_structure(config, dtype, {}, "query")
     dtype_name = "float32" if dtype == torch.float32 else "bfloat16"
     plan = build_plan(family, structure, counts, PlanInputs("single", 1, 1, dtype_name, None, False, False, B, T))
-    assert 0.9 <= sum(kept.values()) / plan.device["activations"] <= 1.0
+    assert 0.9 <= kept / plan.device["activations"] <= 1.0

@@ -203,7 +203,7 @@ def test_cli_refusals_leave_no_trace(finished, tmp_path):
 
 def test_export_checks_before_loading_weights(finished, tmp_path, monkeypatch):
     """Masks of another model, a missing or unwritable output path: refused before any weight is loaded."""
-    import gisp.export as export
+    from gisp import export
     from gisp.config import model_spec
 
     tmp, run_dir, _ = finished
@@ -232,7 +232,8 @@ def test_export_removes_what_a_killed_export_left(finished, tmp_path):
 
     tmp, run_dir, _ = finished
     out = tmp_path / "compact"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     stale = tmp_path / _temp_prefix(out).replace(f".{os.getpid()}-", f".{int(dead.stdout)}-")
     (stale.with_name(stale.name + "abc123")).mkdir()
     (stale.with_name(stale.name + "abc123") / "model.safetensors").write_bytes(b"partial")

@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -105,6 +106,20 @@ def decode_tps(model, batch: int, args, vocab: int, device: torch.device) -> flo
             cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
     return batch * args.decode_tokens / median_time(steps, args.repeats, device, setup)
+
+
+@contextmanager
+def work_folder(args, prefix: str, what: str):
+    """A temporary folder for the exported files: removed at the end unless --keep."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=args.out_dir))
+    log(f"temporary folder {work}")
+    try:
+        yield work
+    finally:
+        if args.keep:
+            log(f"{what} kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -318,14 +333,8 @@ def main_llama_cpp(args) -> None:
               f"(deci), llama-cpp-python {llama_cpp.__version__}, CPU {cpu_name()}, {args.threads} threads, batch 1; "
               f"prefill {args.prompt_len} tokens in one batch, decode {args.decode_tokens} tokens after a "
               f"{args.decode_prompt}-token prompt; median of {args.repeats} after 1 warm-up; KV cache f16")
-    work = Path(tempfile.mkdtemp(prefix="gisp_gguf_speed_", dir=args.out_dir))
-    try:
+    with work_folder(args, "gisp_gguf_speed_", "GGUF files") as work:
         rows = gguf_rows(live.model, live.tokenizer, structure, levels, args, work, run.results())
-    finally:
-        if args.keep:
-            log(f"GGUF files kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     print(header + "\n")
     print_gguf_table(rows, args)
 
@@ -383,10 +392,8 @@ def main() -> None:
               f"({'all' if args.all_logits else 'last-position'} logits), decode {args.decode_tokens} tokens after a "
               f"{args.decode_prompt}-token prompt; median of {args.repeats} after 1 warm-up")
 
-    work = Path(tempfile.mkdtemp(prefix="gisp_export_speed_", dir=args.out_dir))
-    log(f"temporary folder {work}")
     rows = []
-    try:
+    with work_folder(args, "gisp_export_speed_", "exported folders") as work:
         log("saving the dense model (for its size on disk)")
         model.save_pretrained(work / "dense", safe_serialization=True)
         dense_bytes = folder_bytes(work / "dense")
@@ -412,11 +419,6 @@ def main() -> None:
             gc.collect()
             if not args.keep:
                 shutil.rmtree(out)
-    finally:
-        if args.keep:
-            log(f"exported folders kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     print(header + "\n")
     print_table(rows, args, cuda)
 

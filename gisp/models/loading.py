@@ -155,7 +155,11 @@ def _hub_access(spec: ModelSpec) -> Iterator[None]:
 
 def _load_local(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a saved HF folder; check it exists first so a typo never turns into a hub lookup."""
+    return load_folder(spec, _local_folder(spec), torch_dtype)
+
+
+def _local_folder(spec: ModelSpec) -> Path:
+    """The saved HF folder of a local model; checked first so a typo never turns into a hub lookup."""
     if not spec.path:
         raise GispError(f"Model '{spec.name}': source=local needs model.path=DIR (a save_pretrained folder).")
     folder = Path(spec.path).expanduser()
@@ -164,27 +168,33 @@ def _load_local(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
             f"Model '{spec.name}': local model folder '{folder}' does not exist. Fix: set model.path to a folder "
             f"written by save_pretrained (with config.json), or use `model=smollm2_135m`."
         )
-    return load_folder(spec, folder, torch_dtype)
+    return folder
 
 
 def load_folder(
     spec: ModelSpec, folder: Path, torch_dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer from a local folder, turning an unreadable folder into a GispError."""
-    try:
+    with _folder_errors(spec, folder):
         tokenizer = AutoTokenizer.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=spec.trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, **_model_kwargs(spec, torch_dtype)
         )
+    return model, tokenizer
+
+
+@contextmanager
+def _folder_errors(spec: ModelSpec, folder: Path) -> Iterator[None]:
+    try:
+        yield
     except (OSError, ValueError) as exc:
         raise GispError(
             f"Model '{spec.name}': could not load a model from '{folder}' ({type(exc).__name__}: "
             f"{first_line(exc)}). Fix: the folder needs config.json, weights and tokenizer files as written by "
             f"save_pretrained; delete it if it is a broken gisp cache entry."
         ) from exc
-    return model, tokenizer
 
 
 def first_line(exc: BaseException) -> str:
@@ -253,12 +263,12 @@ def _hub_config(spec: ModelSpec):
 
 
 def _local_config(spec: ModelSpec):
-    folder = Path(spec.path or "").expanduser()
-    if not (folder / "config.json").is_file():
-        raise GispError(f"Model '{spec.name}': no config.json in '{folder}': set model.path to a save_pretrained folder")
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=spec.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                              trust_remote_code=spec.trust_remote_code)
+    folder = _local_folder(spec)
+    with _folder_errors(spec, folder):
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                            trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                  trust_remote_code=spec.trust_remote_code)
     return config, tokenizer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import SMOKE, tiny_config, tiny_model
+from conftest import SMOKE, saved_tensor_bytes, tiny_config, tiny_model
 
 from gisp.config import load_settings
 from gisp.data.calibration import from_windows
@@ -101,24 +101,14 @@ def saved_bytes(model, ids, checkpointing: bool) -> int:
     """Bytes of the tensors autograd keeps for backward in one forward (weights excluded)."""
     from gisp.lightning.checkpointing import checkpoint_layers, training_layers
 
-    params = {p.data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
     model.requires_grad_(True)
     if checkpointing:
         checkpoint_layers(model, "model.layers", True)
     try:
-        with training_layers(model, "model.layers", checkpointing), torch.autograd.graph.saved_tensors_hooks(
-                pack, lambda t: t):
-            model(ids, use_cache=False)
+        with training_layers(model, "model.layers", checkpointing):
+            return saved_tensor_bytes(model, lambda: model(ids, use_cache=False))
     finally:
         checkpoint_layers(model, "model.layers", False)
-    return sum(storages.values())
 
 
 def test_checkpointing_keeps_only_layer_inputs():

@@ -214,7 +214,8 @@ def test_empty_models_read_no_weights(tmp_path: Path) -> None:
     for spec in (TINY_MISTRAL, ModelSpec(name="mine", source="local", path=str(tmp_path / "saved"))):
         empty, tok2 = load_model_and_tokenizer(spec, tmp_path, empty=True)
         assert all(p.is_meta for p in empty.parameters())
-        assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+        shapes = {k: v.shape for k, v in empty.state_dict().items()}
+        assert shapes == {k: v.shape for k, v in model.state_dict().items()}
         assert tok2(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
 
 
