@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gisp.eval.report import runs_pivot, runs_table
+from gisp.eval.report import protocol_notes, runs_pivot, runs_table
 
 
 def load_runs(specs: list[str]) -> list[tuple[str, dict]]:
@@ -37,6 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     runs = load_runs(args.runs)
     print(runs_pivot(runs, args.pivot, args.percent) if args.pivot else runs_table(runs, args.metrics, args.percent))
+    for note in protocol_notes(runs):  # stale values of an unfinished re-evaluation, protocols that differ
+        print(f"\n> note: {note}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the command that resumes it."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import logging.handlers
 import shlex
@@ -14,6 +15,8 @@ import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from gisp.errors import GispError
 
@@ -51,23 +54,58 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def resume_command() -> str:
-    """The command line that continues this one (the same command: finished steps and levels are kept)."""
+def same_command(add_run_dir: bool = False) -> str:
+    """This command line again (`add_run_dir`: with its Hydra run dir, so that it continues in the same folder)."""
     module = (sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None)
               else sys.argv[0])
     args = list(sys.argv[1:])
-    try:
-        run_dir = hydra_output_dir()
-        if not any(a.startswith("hydra.run.dir=") for a in args) and "-m" not in args and "--multirun" not in args:
-            args.append(f"hydra.run.dir={run_dir}")
-    except GispError:
-        pass
+    if add_run_dir:
+        try:
+            run_dir = hydra_output_dir()
+            if not any(a.startswith("hydra.run.dir=") for a in args) and "-m" not in args and "--multirun" not in args:
+                args.append(f"hydra.run.dir={run_dir}")
+        except GispError:
+            pass
     return shlex.join(["python", "-m", module, *args])
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Decorate a command's body: a GispError (a user error whose message names the fix) exits with code 2; a stop
-    signal exits with 128 + its number after saying how to resume."""
+def resume_command() -> str:
+    """The command line that continues this gisp.run (the same command: finished steps and levels are kept)."""
+    return same_command(add_run_dir=True)
+
+
+def run_stop_message(signal_name: str) -> str:
+    """What a stopped gisp.run left: results.json may already be complete when the signal lands after it."""
+    try:
+        results = hydra_output_dir() / "results.json"
+        complete = results.is_file() and bool(json.loads(results.read_text()).get("complete"))
+    except (GispError, OSError, ValueError):
+        complete = False
+    if complete:
+        return (f"stopped by {signal_name} after {results} was complete (only the figure or the loggers' last "
+                "records may be missing); running the same command again redoes those")
+    return (f"stopped by {signal_name}: the trajectory keeps its last complete step and results.json is not marked "
+            f"complete. Resume with:\n  {resume_command()}")
+
+
+def _distributed_failure(e: BaseException) -> bool:
+    """A collective failed because another process of the run is gone (killed, crashed, out of memory)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(s in text for s in (
+            "Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "Broken pipe")))
+
+
+def user_errors(fn: Callable | None = None, *, stop_message: Callable[[str], str] = run_stop_message,
+                resumable: bool = True) -> Callable:
+    """Decorate a command's body: a GispError (a user error whose message names the fix) exits with code 2 and one
+    message; a stop signal exits with 128 + its number after `stop_message(signal name)` says what was kept and
+    how to go on. A collective that fails because another process of a multi-process run died is one message with
+    the command that continues (exit code 2), not gloo's traceback."""
+    if fn is None:
+        return functools.partial(user_errors, stop_message=stop_message, resumable=resumable)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -78,9 +116,17 @@ def user_errors(fn: Callable) -> Callable:
             log.error("%s", e)
             sys.exit(USER_ERROR_EXIT)
         except Interrupted as e:
-            log.error("stopped by %s: the trajectory keeps its last complete step and no results were marked "
-                      "complete. Resume with:\n  %s", e, resume_command())
+            log.error("%s", stop_message(str(e)))
             sys.exit(128 + e.signum)
+        except Exception as e:
+            if not _distributed_failure(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.error("another process of this multi-process run stopped (%s): the trajectory keeps its last "
+                      "complete step. Check the other processes' logs, then %s:\n  %s", first[:300],
+                      "resume with" if resumable else "run the same command again",
+                      resume_command() if resumable else same_command())
+            sys.exit(USER_ERROR_EXIT)
 
     return wrapper
 
@@ -155,3 +201,55 @@ class RunRecord:
         if self.file is not None:
             root.removeHandler(self.file)
             self.file.close()
+
+
+class Preflight(Callback):
+    """Checks that must run before Hydra does anything, as a Hydra callback that ends the command with one line naming
+    the problem and the fix (exit code 2) before anything is written:
+
+    - Hydra makes the command's output folder (hydra.run.dir; hydra.sweep.dir of a multirun) first, and fails there
+      with a traceback when it cannot: a file in the way, a folder under a file, a read-only file system.
+    - `run_dir_key`: the config key of the run dir a command works on (gisp.evaluate writes its log folder inside
+      it): it must be a gisp run dir whose folders stay inside it.
+    - A multirun with one job per GPU (hydra/launcher=gpu_node sets each job's CUDA_VISIBLE_DEVICES) on a machine
+      without GPUs would start every job on the CPU at once."""
+
+    def __init__(self, run_dir_key: str | None = None) -> None:
+        self.run_dir_key = run_dir_key
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config, "hydra.sweep.dir")
+        if "CUDA_VISIBLE_DEVICES" in (config.hydra.job.get("env_set") or {}):
+            import torch
+
+            if torch.cuda.device_count() == 0:
+                log.error("hydra/launcher=gpu_node runs one job per GPU, but no GPU is visible here: run the sweep on "
+                          "a GPU node, or use hydra/launcher=parallel (GISP_JOBS jobs at a time on the CPU) or the "
+                          "basic launcher (leave hydra/launcher out)")
+                sys.exit(USER_ERROR_EXIT)
+
+    def _check(self, config, key: str) -> None:
+        from omegaconf import OmegaConf
+
+        from gisp.io import check_writable
+        from gisp.runs import check_run_dir
+
+        try:
+            if self.run_dir_key is not None:
+                run_dir = OmegaConf.select(config, self.run_dir_key, throw_on_missing=False)
+                if run_dir in (None, "???"):
+                    raise GispError(f"{self.run_dir_key} must be set: {self.run_dir_key}=DIR, a run dir of gisp.run")
+                if not (Path(run_dir) / "trajectory.json").is_file():
+                    raise GispError(f"{run_dir} is not a gisp run dir (no trajectory.json): check {self.run_dir_key}="
+                                    "... (a folder that gisp.run wrote, holding config.yaml, trajectory.json and "
+                                    "results.json)")
+                check_run_dir(Path(run_dir))
+            folder = Path(str(OmegaConf.select(config, key)))
+            check_run_dir(folder)
+            check_writable(folder, "output folder", f"choose another one ({key}=...)")
+        except GispError as e:
+            log.error("%s", e)
+            sys.exit(USER_ERROR_EXIT)

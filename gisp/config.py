@@ -163,6 +163,19 @@ def _check_split_seeds(calibration: Any, evaluation: tuple[EvalTaskSpec, ...]) -
             )
 
 
+def _check_devices(trainer: dict) -> None:
+    """Several devices with `accelerator: auto` mean GPUs: on a machine without one, Lightning would start that many
+    CPU processes instead (each holding the whole model): refused, naming the setting that does it on purpose."""
+    devices = trainer.get("devices")
+    if trainer.get("accelerator", "auto") != "auto" or not isinstance(devices, int) or devices <= 1:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GispError(f"trainer.devices={devices} asks for {devices} GPUs, but no GPU is visible here: run it on a "
+                        f"GPU node, or set trainer.accelerator=cpu to run {devices} CPU processes on purpose")
+
+
 def _int_or_none(value: Any, name: str, minimum: int) -> int | None:
     if value is None:
         return None
@@ -171,9 +184,11 @@ def _int_or_none(value: Any, name: str, minimum: int) -> int | None:
     return value
 
 
-def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: str | None = None) -> RunSettings:
+def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: str | None = None,
+                  here: bool = True) -> RunSettings:
     """Check a composed `gisp.run` config and turn it into RunSettings (raises GispError naming the fix). `sweep`:
-    the multirun this job belongs to (its wandb group)."""
+    the multirun this job belongs to (its wandb group). `here`: the run is for this machine (its devices are
+    checked); gisp.plan plans for another one."""
     targets = parse_targets(cfg.sparsity)
     pruner = _pruner(cfg)
     objective = get_objective(cfg.objective.name)
@@ -198,6 +213,8 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
     if not isinstance(prune.checkpointing, bool):
         raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
     trainer = plain(cfg.trainer) or {}
+    if here:
+        _check_devices(trainer)
     whole_model = [t.name for t in evaluation if t.kind != "perplexity"]
     if trainer.get("strategy") == "gisp_fsdp" and whole_model:
         raise GispError(f"trainer=fsdp shards the model over the processes: perplexity is evaluated over all of them, "
@@ -249,3 +266,12 @@ def build_loggers(loggers: dict, save_dir: Path, hyperparameters: dict) -> list:
         out.append(logger)
         log.info("logging to %s (%s)", name, type(logger).__name__)
     return out
+
+
+def finalize_loggers(loggers: list, status: str) -> None:
+    """End every logger's run: Lightning's `finalize`, and wandb's `finish` (otherwise wandb ends its run at exit and
+    its lines would follow the results table a command prints last)."""
+    for logger in loggers:
+        logger.finalize(status)
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish(exit_code=0 if status == "success" else 1)

@@ -11,7 +11,6 @@ drawn in RUN_DIR/metrics.png.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gisp.cli import hydra_output_dir, user_errors
-from gisp.config import build_loggers, eval_tasks, parse_targets, plain
+from gisp.cli import hydra_output_dir, same_command, user_errors
+from gisp.config import build_loggers, eval_tasks, finalize_loggers, parse_targets, plain
 from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
-from gisp.eval.report import log_results_table, plot_results
-from gisp.eval.suite import EvalTaskSpec, build_evaluator
+from gisp.eval.protocols import mark_mixed
+from gisp.eval.report import levels_text, log_results_table, plot_results
+from gisp.eval.suite import EvalTaskSpec, build_evaluator, build_suites
 from gisp.io import write_json_atomic
 from gisp.pipeline import save_level
 from gisp.prune.trajectory import target_key
@@ -42,7 +42,8 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
     run = RunDir(run_dir)
     with claim(run.path):
         results = run.results()
-        if results is None or not results.get("complete", True):
+        # a re-evaluation that was stopped half-way (mixed_protocols) is continued by running it again
+        if results is None or not (results.get("complete", True) or results.get("mixed_protocols")):
             raise GispError(f"no complete {run.results_path}: the run did not finish; finish it first with gisp.run "
                             f"(the same command with hydra.run.dir={run.path} resumes it)")
         if not tasks:
@@ -58,9 +59,13 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
             raise GispError(f"split_seed={split_seed} differs from the run's split_seed={run_split_seed}: the local "
                             f"evaluation half could overlap the calibration half; use split_seed={run_split_seed}")
         data_dir = resolve_data_dir(data_dir if data_dir is not None else run.config.get("data_dir"))
+        for target in targets:  # every level's masks checked against the trajectory before anything is evaluated
+            run.level(target=target, masks_only=True)
+        suites = build_suites(tasks, data_dir, work_dir=run.path / "eval_data")  # refused before loading, if at all
         live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
         evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
-                                    max_positions=getattr(live.model.config, "max_position_embeddings", None))
+                                    max_positions=getattr(live.model.config, "max_position_embeddings", None),
+                                    suites=suites)
         descriptions = evaluator.describe()
         plan = ([None] if dense else []) + list(targets)
         check_protocols(results, descriptions, ["dense" if t is None else target_key(t) for t in plan], run.path)
@@ -80,10 +85,12 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
             metrics = evaluator(live.model, progress=progress)
             log.info("%s: %s", label, metrics)
             descriptions = evaluator.describe()  # items evaluated are known now
-            record_metrics(results, entry, metrics, descriptions)
+            record_metrics(results, entry, metrics, descriptions, evaluator.metric_tasks)
             write_json_atomic(run.results_path, results)
             for logger in loggers or []:
                 logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=level.step if level else 0)
+        if not mark_mixed(results):  # every level is measured with one protocol per task again
+            results["complete"] = True
         write_json_atomic(run.results_path, results)
         live.applier.remove()
         plot_results(results, run.path / "metrics.png")
@@ -91,14 +98,16 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
         return results
 
 
+def stop_message(signal_name: str) -> str:
+    return (f"stopped by {signal_name}: the levels evaluated so far are in the run's results.json (while levels of "
+            "two evaluation protocols are mixed it is marked incomplete and says which); run the same command to "
+            f"evaluate the rest:\n  {same_command()}")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-@user_errors
+@user_errors(stop_message=stop_message, resumable=False)
 def main(cfg: DictConfig) -> None:
-    run_dir = Path(cfg.run_dir)
-    if not (run_dir / "trajectory.json").is_file():
-        _remove_own_output(run_dir)
-        raise GispError(f"{run_dir} is not a gisp run dir (no trajectory.json): check run_dir=... (a folder that "
-                        "gisp.run wrote, holding config.yaml, trajectory.json and results.json)")
+    # run_dir is checked by gisp.cli.OutputDirCheck before Hydra makes the log folder inside it
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     targets = parse_targets(cfg.targets) if cfg.targets is not None else None
@@ -106,28 +115,13 @@ def main(cfg: DictConfig) -> None:
     loggers = build_loggers(plain(cfg.logger), hydra_output_dir(), plain(cfg))
     status = "failed"
     try:
-        evaluate_run(cfg.run_dir, tasks, targets, dense=cfg.dense,
-                     data_dir=cfg.get("data_dir"), cache_dir=cfg.get("cache_dir"), progress=cfg.progress,
-                     split_seed=cfg.split_seed, loggers=loggers, trust_remote_code=bool(cfg.get("trust_remote_code")))
+        results = evaluate_run(cfg.run_dir, tasks, targets, dense=cfg.dense, data_dir=cfg.get("data_dir"),
+                               cache_dir=cfg.get("cache_dir"), progress=cfg.progress, split_seed=cfg.split_seed,
+                               loggers=loggers, trust_remote_code=bool(cfg.get("trust_remote_code")))
         status = "success"
     finally:
-        for logger in loggers:
-            logger.finalize(status)
-    print(f"gisp: results in {Path(cfg.run_dir) / 'results.json'}")
-
-
-
-def _remove_own_output(run_dir: Path) -> None:
-    """Hydra made RUN_DIR/evaluate/<time>/ for this command's log before it started; for a wrong run_dir, take it
-    back (and the folders it created) so a typo leaves nothing behind."""
-    out = hydra_output_dir()
-    if run_dir.resolve() not in out.resolve().parents:
-        return
-    shutil.rmtree(out, ignore_errors=True)
-    for folder in [out.parent, *out.parent.parents]:
-        if folder.resolve() == run_dir.resolve().parent or any(folder.iterdir()):
-            break
-        folder.rmdir()
+        finalize_loggers(loggers, status)
+    print(f"gisp: results in {Path(cfg.run_dir) / 'results.json'}\n{levels_text(results)}")
 
 
 if __name__ == "__main__":

@@ -11,18 +11,19 @@ module finds the level and the model. A FLAP level exports with its output bias 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from gisp.cli import user_errors
+from gisp.cli import same_command, user_errors
 from gisp.compact.gguf import DTYPES, check_deci_compatible, export_gguf, export_gguf_from_folder
 from gisp.compact.slicing import export_compact
 from gisp.config import model_spec
 from gisp.errors import GispError
+from gisp.eval.protocols import current_metrics
+from gisp.io import check_writable
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.plan import meta_structure, model_config
 from gisp.prune.masks import Masks
@@ -42,12 +43,8 @@ def _check_request(out: str | Path | None, fmt: str, dtype: str) -> None:
         raise GispError(f"format={fmt!r} is not one of {FORMATS}: hf (a Hugging Face folder) or gguf (llama.cpp)")
     if fmt == "gguf" and dtype not in DTYPES:
         raise GispError(f"dtype={dtype!r} is not one of {sorted(DTYPES)} (the GGUF file's precision)")
-    existing = out.parent.absolute()
-    while not existing.exists():  # the folders export will create: the first existing one must be writable
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise GispError(f"cannot write {out}: {existing} is not a writable folder; choose an output path in a "
-                        "folder you can write")
+    # the folders export will create: the first existing one must take a new entry (probed, nothing left behind)
+    check_writable(out.parent, "output folder", "choose an output path (out=...) in a folder you can write")
 
 
 def _check_masks_fit(masks: Masks, spec: ModelSpec, masks_file: str | Path) -> None:
@@ -66,10 +63,20 @@ def _check_masks_fit(masks: Masks, spec: ModelSpec, masks_file: str | Path) -> N
 
 
 def _write(fmt: str, model, tokenizer, masks, out, provenance, structure=None, bias=None, dtype: str = "f16") -> Path:
-    if fmt == "gguf":
-        export_gguf(model, tokenizer, masks, out, dtype, structure, bias, provenance)
-        return Path(out)
-    return export_compact(model, tokenizer, masks, out, provenance, structure, bias)
+    """Write the export (atomically: a temporary sibling renamed at the end); a failed write is one message."""
+    try:
+        if fmt == "gguf":
+            export_gguf(model, tokenizer, masks, out, dtype, structure, bias, provenance)
+            return Path(out)
+        return export_compact(model, tokenizer, masks, out, provenance, structure, bias)
+    except OSError as e:
+        raise GispError(f"writing {out} failed ({e.strerror or e}): nothing was exported (no partial output is "
+                        "left); free space or choose another out=...") from None
+
+
+def stop_message(signal_name: str) -> str:
+    return (f"stopped by {signal_name}: nothing was exported (the output is written under a temporary name and "
+            f"renamed at the end); run the same command again:\n  {same_command()}")
 
 
 def export_from_run(run_dir: str | Path, out: str | Path, target: float | None = None, step: int | None = None,
@@ -85,18 +92,19 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
         raise GispError(f"the trajectory of {run.path} never reached sparsity {target:g} (it reaches "
                         f"{run.trajectory.reached:.4f}); extend it with gisp.run (sparsity=[...,{target:g}]), or "
                         f"export any step with step=N, 1..{run.trajectory.last_step}")
-    # The level is read before the weights are loaded (a damaged masks file is named at once), except a FLAP level
-    # not saved yet, whose output bias is computed from the weights.
-    needs_weights = run.pruner.bias_compensation and step is None and not run.saved_level(target)
-    level = None if needs_weights else run.level(target=target, step=step)
+    # The level's masks are read (and checked against the trajectory) before the weights are loaded, so a damaged
+    # file is named at once; a FLAP level's output bias is computed from the weights afterwards.
+    flap = run.pruner.bias_compensation and step is None
+    level = run.level(target=target, step=step, masks_only=flap)
     live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
     if format == "gguf":
         check_deci_compatible(live.model.config)
-    level = level or run.level(target=target, step=step, live=live)
+    if flap:
+        level = run.level(target=target, live=live)
     entry = ((run.results() or {}).get("targets") or {}).get(f"{target:g}", {}) if target is not None else {}
     provenance = {"run_dir": str(run.path.resolve()), "model": run.model_spec().name, "step": level.step,
                   "prefix": level.prefix, "target": target, "sparsity": level.sparsity,
-                  "metrics": entry.get("metrics")}
+                  "metrics": current_metrics(run.results() or {}, entry) if entry else None}
     return _write(format, live.model, live.tokenizer, level.masks, out, provenance, live.structure, level.bias, dtype)
 
 
@@ -118,7 +126,7 @@ def export_folder_to_gguf(folder: str | Path, out: str | Path, dtype: str = "f16
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-@user_errors
+@user_errors(stop_message=stop_message, resumable=False)
 def main(cfg: DictConfig) -> None:
     trust = bool(cfg.get("trust_remote_code"))
     fmt, dtype = str(cfg.format), str(cfg.dtype)

@@ -107,6 +107,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(path: str | Path, what: str, fix: str) -> Path:
+    """Refuse (GispError naming `what`, the folder at fault and `fix`) a path that cannot be written: a file where a
+    folder is needed, a folder under a file, a read-only or pseudo file system. Probed by making and removing a
+    temporary folder in the first existing folder on the way, so nothing is left behind; returns that folder."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GispError(f"{what} {path} cannot be written: {existing} is a file, not a folder; {fix}")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".gisp-write-check-"))
+    except OSError as e:
+        raise GispError(f"{what} {path} cannot be written ({existing}: {e.strerror}); {fix}") from None
+    return existing
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
@@ -138,8 +155,9 @@ def read_json(path: str | Path, fix: str = "") -> Any:
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = (), hint: str = "") -> list[dict]:
-    """The records of a jsonl file (blank lines skipped); a record without a ``required`` field, a line that is not
-    JSON or a binary file is a GispError naming the file, the line, the fields it has and ``hint`` (how to fix it)."""
+    """The records of a jsonl file (blank lines skipped). A line that is not a JSON object, or a binary file, is a
+    GispError naming the file and the line; a record without a ``required`` field names the fields it has and adds
+    ``hint`` (how to choose the field)."""
     records = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in _lines(fh, path):
@@ -148,9 +166,11 @@ def read_jsonl(path: str | Path, required: Sequence[str] = (), hint: str = "") -
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise GispError(f"{path}:{lineno} is not a JSON record ({e}){hint}") from None
+                raise GispError(f"{path}:{lineno} is not a JSON record ({e}): fix or remove that line (a .jsonl file "
+                                "holds one JSON object per line)") from None
             if not isinstance(rec, dict):
-                raise GispError(f"{path}:{lineno} is not a JSON object{hint}")
+                raise GispError(f"{path}:{lineno} is not a JSON object: fix or remove that line (a .jsonl file holds "
+                                "one JSON object per line)")
             missing = [f for f in required if f not in rec]
             if missing:
                 raise GispError(f"{path}:{lineno} lacks field(s) {missing} (fields: {sorted(rec)}){hint}")
@@ -177,26 +197,34 @@ def file_sha256(path: str | Path, cached: bool = True) -> str:
     return _cached_sha256(str(path)) if cached else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-class FileLock:
-    """An exclusive lock on `path` (fcntl.flock): held for the `with` block, released on exit, on an exception and,
-    by the operating system, when the holder dies (so a crashed job never blocks the next one).
+class FolderLock:
+    """An exclusive lock on a folder: held for the `with` block, released on exit, on an exception and, by the
+    operating system, when the holder dies (so a crashed job never blocks the next one).
 
-    While another process holds it, `__enter__` waits and logs every `log_every` seconds who holds it (pid, host,
-    since when); a lock left by a holder that is gone is taken over with a message. The lock file itself is never
-    written: who holds it is in a sibling `<name>.holder` file that exists only while it is held, so taking and
-    releasing the lock leaves the folder as it was.
+    The lock is taken on the folder itself (flock on the folder's descriptor), not on a file inside it: a cleanup
+    script that deletes lock files cannot let a second writer in. Who holds it (pid, host, since when) is written to
+    `<folder>/.gisp.lock`, a file that exists only while the lock is held: deleting it loses only that information.
+    Where a file system cannot lock folders (flock over NFS needs a file open for writing), the lock falls back to
+    `<folder>/.gisp.flock`, re-checked after locking to be the file at that path (a lock on a file that was deleted
+    meanwhile is dropped and taken again); that fallback is logged once.
+
+    While another process holds it, `acquire` waits and logs every `log_every` seconds who holds it; a holder that is
+    gone without releasing is named when the lock is taken over.
     """
 
-    def __init__(self, path: str | Path, what: str = "", poll: float = 0.5, log_every: float = 30.0,
+    HOLDER = ".gisp.lock"
+    FALLBACK = ".gisp.flock"
+
+    def __init__(self, folder: str | Path, what: str = "", poll: float = 0.5, log_every: float = 30.0,
                  timeout: float | None = None):
-        self.path = Path(path)
-        self.what = what or str(self.path)
+        self.folder = Path(folder)
+        self.what = what or str(self.folder)
         self.poll, self.log_every, self.timeout = poll, log_every, timeout
         self._fd: int | None = None
 
     @property
     def holder_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".holder")
+        return self.folder / self.HOLDER
 
     def holder(self) -> dict:
         try:
@@ -204,15 +232,34 @@ class FileLock:
         except (OSError, ValueError):
             return {}
 
+    def _open(self) -> tuple[int, Path | None]:
+        """A descriptor to lock: the folder's own, or (file systems that cannot flock folders) the fallback file's."""
+        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # probe: can this file system lock a folder at all?
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return fd, None
+        except BlockingIOError:
+            return fd, None  # held exclusively by someone else: folder locks work here
+        except OSError:
+            os.close(fd)
+            _warn_fallback(self.folder)
+            path = self.folder / self.FALLBACK
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), path
+
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock (waiting while `blocking`, up to `timeout`); False when it was not taken."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        self.folder.mkdir(parents=True, exist_ok=True)
         started, next_log = time.monotonic(), 0.0
+        fd, file = self._open()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if file is None or _same_file(fd, file):
+                    break
+                os.close(fd)  # the fallback file was deleted or replaced while we waited: lock the one there now
+                fd, file = self._open()
+                continue
             except BlockingIOError:
                 waited = time.monotonic() - started
                 if not blocking or (self.timeout is not None and waited > self.timeout):
@@ -228,10 +275,14 @@ class FileLock:
         host = socket.gethostname()
         if previous.get("pid") and previous.get("host") == host and not _pid_alive(int(previous["pid"])):
             _log.warning("%s: the previous holder (pid %s) is gone without releasing it; taking it over", self.what,
-                        previous["pid"])
+                         previous["pid"])
         info = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "job": os.environ.get("SLURM_JOB_ID")}
-        self.holder_path.write_text(json.dumps(info))
+        try:
+            self.holder_path.write_text(json.dumps(info))
+        except OSError:
+            os.close(fd)
+            raise
         self._fd = fd
         return True
 
@@ -242,12 +293,31 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def __enter__(self) -> Self:
         self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@cache
+def _warn_fallback(folder: Path) -> None:
+    _log.warning("%s: this file system cannot lock folders; locking the file %s inside it instead (deleting that "
+                 "file while a command runs would let a second command in)", folder, FolderLock.FALLBACK)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _pid_alive(pid: int) -> bool:

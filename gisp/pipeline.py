@@ -20,13 +20,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from gisp.config import RunSettings, build_loggers
+from gisp.config import RunSettings, build_loggers, finalize_loggers
 from gisp.errors import GispError
+from gisp.eval.protocols import mark_mixed
 from gisp.eval.report import log_results_table, plot_results
-from gisp.eval.suite import build_evaluator
-from gisp.io import read_json, write_json_atomic, write_text_atomic
+from gisp.eval.suite import build_evaluator, build_suites
+from gisp.io import check_writable, read_json, write_json_atomic, write_text_atomic
 from gisp.lightning.callbacks import IterativePruning, OneShotPruning
 from gisp.lightning.datamodule import CalibrationData
+from gisp.lightning.progress import ScoringProgressBar
 from gisp.lightning.scoring import PASSES, ActivationModule
 from gisp.lightning.sharding import STRATEGY_NAME
 from gisp.models.families import family_spec
@@ -63,6 +65,7 @@ def run(settings: RunSettings, run_dir: str | Path, on_start: Callable[[Path], N
     passed and the run starts writing: the command line's own records (Hydra's config, the log file) go there."""
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
     run_dir = Path(run_dir)
+    check_writable(settings.store_dir, "store_dir", "set store_dir=... (or GISP_STORE) to a folder you can write")
     claim_dir = claim(run_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext(run_dir)
     with claim_dir:
         status, results = "failed", None
@@ -118,6 +121,8 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
         if rank_zero_only.rank == 0:
             log.info("%s", plan.table())
         check_fits(plan, visible_device_memory(s.trainer))
+    # evaluation suites (lm-eval tasks, GSM8K) are checked before any weight is read: an offline hub task is refused
+    suites = build_suites(s.evaluation, s.data_dir, work_dir=run_dir / "eval_data")
     # trainer=fsdp: only rank 0 reads the weights; the other processes build the model on the meta device and
     # receive their shards from rank 0 (one copy of the model in host memory per node, not one per process).
     empty = rank_zero_only.rank != 0 and s.trainer.get("strategy") == STRATEGY_NAME and s.pruner.signal == "gradients"
@@ -130,7 +135,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
                          gqa_mode=s.prune.gqa_mode)
     check_targets(s.targets, structure)
     evaluator = build_evaluator(s.evaluation, tokenizer, s.data_dir, work_dir=run_dir / "eval_data",
-                                max_positions=getattr(model.config, "max_position_embeddings", None))
+                                max_positions=getattr(model.config, "max_position_embeddings", None), suites=suites)
     calib = s.calibration.build(s.objective, tokenizer, s.data_dir)
     _check_positions(calib, model)
     definition = s.definition(calib.content_sha256())
@@ -147,7 +152,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
     trainer = L.Trainer(**s.trainer, logger=build_loggers(s.loggers, run_dir, s.resolved), plugins=_plugins(s),
                         default_root_dir=str(run_dir), enable_checkpointing=False, inference_mode=False,
                         num_sanity_val_steps=0, use_distributed_sampler=False, enable_model_summary=False,
-                        enable_progress_bar=s.progress)
+                        enable_progress_bar=s.progress, callbacks=[ScoringProgressBar()] if s.progress else None)
     status = "failed"
     try:
         # One job computes a trajectory at a time (the others wait, then reuse); DDP ranks > 0 follow rank 0.
@@ -186,8 +191,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
         status = "success"
         return results
     finally:
-        for logger in trainer.loggers:
-            logger.finalize(status)
+        finalize_loggers(trainer.loggers, status)
 
 
 def _differences(pointer: Path, definition: dict) -> str:
@@ -330,14 +334,14 @@ def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torc
             else:
                 metrics = evaluator(model, progress=s.progress)
             descriptions = evaluator.describe()  # items evaluated are known now
-            record_metrics(results, entry, metrics, descriptions)
+            record_metrics(results, entry, metrics, descriptions, evaluator.metric_tasks)
             log.info("evaluation at %s: %s", key, metrics)
             for logger in loggers:
                 logger.log_metrics({f"eval/{m}": v for m, v in metrics.items()}, step=level.step if level else 0)
         entry.setdefault("metrics", {})
         write_json_atomic(results_path, results)
     applier.set(Masks.dense(structure))
-    results["complete"] = True
+    results["complete"] = not mark_mixed(results)  # levels of an older protocol left (refused above): never
     results["seconds"] = round(seconds_before + time.perf_counter() - started, 1)  # all invocations: at exit
     write_json_atomic(results_path, results)
     log.info("results: %s", results_path)

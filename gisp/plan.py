@@ -408,12 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     from gisp.cli import user_errors
     from gisp.config import load_settings
 
-    @user_errors
+    @user_errors(stop_message=lambda sig: f"stopped by {sig}: a plan loads and writes nothing", resumable=False)
     def body(args: list[str]) -> None:
         overrides, gb = _split_memory_arg(args)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # gisp.run's config
             # evaluation plays no part in the plan (and trainer=fsdp refuses it in gisp.run)
-            settings = load_settings(compose("config", overrides=[*overrides, "eval=none"]))
+            settings = load_settings(compose("config", overrides=[*overrides, "eval=none"]), here=False)
         plan = plan_for_run(settings)
         if plan is None:
             raise GispError(f"no memory plan for model {settings.model.name} with pruner {settings.pruner.name} "

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from gisp.cli import RunRecord, hydra_output_dir, hydra_overrides, hydra_sweep_name, user_errors
 from gisp.config import load_settings
 from gisp.errors import GispError
+from gisp.eval.report import levels_text
 from gisp.pipeline import run
 
 # conf/hydra/launcher/gpu_node.yaml: job n of a sweep sees GPU n modulo the node's GPUs.
@@ -37,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     finally:
         record.close()
     if results is not None and rank_zero_only.rank == 0:
-        print(f"gisp: results in {run_dir / 'results.json'}")
+        print(f"gisp: results in {run_dir / 'results.json'}\n{levels_text(results)}")
 
 
 if __name__ == "__main__":

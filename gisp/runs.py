@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,12 +21,13 @@ from typing import Any
 import yaml
 
 from gisp.errors import GispError
-from gisp.io import FileLock, read_json
+from gisp.eval.protocols import level_entries, mark_mixed, protocol, protocol_hash
+from gisp.io import FolderLock, read_json
 from gisp.models.families import family_spec
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
 from gisp.prune.levels import Level, read_level
-from gisp.prune.masks import MaskApplier, Masks, OutputBias, n_pruned, sparsity
+from gisp.prune.masks import MaskApplier, Masks, OutputBias, n_pruned
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.trajectory import Trajectory, target_key
 
@@ -85,21 +85,29 @@ class RunDir:
 
     @cached_property
     def trajectory(self) -> Trajectory:
-        """The run's trajectory in the store (named by trajectory.json, written when the run started)."""
+        """The run's trajectory in the store (named by trajectory.json, written when the run started), verified:
+        intact files, nested steps, records that match their masks."""
         pointer = self.path / "trajectory.json"
         if not pointer.is_file():
             if (self.path / "trajectory" / "manifest.json").is_file():
                 raise GispError(f"{self.path} was made by gisp 0.1 (trajectory inside the run dir, steps capped at "
                                 "the targets): run the same command with this gisp to compute it in the store")
             raise GispError(f"no {pointer}: is {self.path} a gisp run dir (did gisp.run get past its checks)?")
-        return Trajectory.load(read_json(pointer)["path"])
+        named = read_json(pointer)
+        if not isinstance(named, dict) or not isinstance(named.get("path"), str):
+            raise GispError(f"{pointer} does not name a trajectory (id and path): the file is damaged; run the run's "
+                            "gisp.run command again to rewrite it")
+        traj = Trajectory.load(named["path"])
+        if traj.id != named.get("id"):
+            raise GispError(f"{pointer} names trajectory {named.get('id')}, but {traj.path} holds {traj.id}: run the "
+                            "run's gisp.run command again to rewrite it")
+        traj.verify()
+        return traj
 
-    @cached_property
+    @property
     def structure(self) -> ModelStructure:
         """The model's structure as the trajectory recorded it (no model needed)."""
-        meta = dict(self.trajectory.manifest["meta"]["structure"])
-        meta["protected"] = tuple(meta["protected"])
-        return ModelStructure(**meta)
+        return self.trajectory.structure
 
     @cached_property
     def pruner(self) -> PrunerSpec:
@@ -119,6 +127,10 @@ class RunDir:
         model, tokenizer = load_model_and_tokenizer(self.model_spec(trust_remote_code), cache)
         gqa_mode = (self.config.get("prune") or {}).get("gqa_mode") or "query"
         structure = describe(model, protected=self.protected, gqa_mode=gqa_mode)
+        if structure != self.structure:
+            raise GispError(f"the model {self.model_spec().name} loaded for {self.path} has another structure than its "
+                            f"trajectory recorded ({structure} vs {self.structure}): its weights or config changed "
+                            "since the run; use the model the run pruned")
         layers = layer_modules(model, family_spec(model.config.model_type))
         return LiveModel(model, tokenizer, structure, layers, MaskApplier(layers, structure))
 
@@ -127,9 +139,11 @@ class RunDir:
         saved = self.path / "levels" / f"level_{target_key(target)}.safetensors"
         return saved if saved.is_file() else None
 
-    def level(self, target: float | None = None, step: int | None = None, live: LiveModel | None = None) -> Level:
-        """A level of the run: `target=t` (its saved masks under levels/, else an exact read-out of the trajectory)
-        or `step=N` (the masks after step N of an iterative trajectory). FLAP levels not saved yet need `live`."""
+    def level(self, target: float | None = None, step: int | None = None, live: LiveModel | None = None,
+              masks_only: bool = False) -> Level:
+        """A level of the run: `target=t` (an exact read-out of the trajectory; a saved levels/ file must hold the
+        same masks) or `step=N` (the masks after step N of an iterative trajectory). A FLAP level's output bias
+        comes from the model (`live`) or, without it, from its saved file (`masks_only`: no bias)."""
         if (target is None) == (step is None):
             raise GispError("give exactly one of target=0.4 (a sparsity level) or step=N")
         traj = self.trajectory
@@ -138,46 +152,70 @@ class RunDir:
             level = float(traj.step_record(step)["sparsity"])
             return Level(level, masks, level, int(step), None,
                          structural_ratio=n_pruned(masks, self.structure) / self.structure.n_structures)
+        with_bias = live is not None
+        level = read_level(traj, self.pruner, self.structure, live.layers if live else None, target, with_bias)
         saved = self.saved_level(target)
-        if saved is not None:
-            masks = Masks.load(saved)
-            bias_file = saved.with_name(f"level_{target_key(target)}.bias.safetensors")
-            bias = OutputBias.load(bias_file) if bias_file.is_file() else None
-            entry = ((self.results() or {}).get("targets") or {}).get(target_key(target)) or {}
-            return Level(target, masks, sparsity(masks, self.structure), int(entry.get("step", 0)),
-                         entry.get("prefix"), bias,
-                         structural_ratio=n_pruned(masks, self.structure) / self.structure.n_structures)
-        return read_level(traj, self.pruner, self.structure, live.layers if live else None, target)
+        if saved is not None and not Masks.load(saved).equal(level.masks):
+            raise GispError(f"{saved} does not hold the masks the trajectory gives at {target_key(target)}: it was "
+                            f"edited or damaged; delete it (gisp writes it again from the trajectory)")
+        if self.pruner.bias_compensation and not with_bias and not masks_only:
+            bias_file = self.path / "levels" / f"level_{target_key(target)}.bias.safetensors"
+            if saved is None or not bias_file.is_file():
+                raise GispError(f"level {target_key(target)} of {self.path} has no saved output bias yet: load the "
+                                "model (run.level(target, live=run.load_model())) to compute it")
+            level.bias = OutputBias.load(bias_file)
+        return level
 
 
 @contextmanager
 def claim(run_dir: str | Path, command: str = "gisp") -> Iterator[Path]:
-    """Hold a run dir for one command: an exclusive lock taken before anything is written (a second command on the
-    same run dir is refused at once, naming who holds it), released on exit, on signals and when the process dies.
-    When the block fails with a GispError, the run dir is left as it was found: a run dir or lock file this claim
-    created is removed again."""
+    """Hold a run dir for one command: an exclusive lock on the folder itself, taken before anything is written (a
+    second command on the same run dir is refused at once, naming who holds it; deleting files cannot let it in),
+    released on exit, on signals and when the process dies. When the block fails before writing anything, the run
+    dir is left as it was found: a run dir this claim created is removed again."""
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     created_dir = not run_dir.exists()
-    lock_path = run_dir / ".gisp.lock"
-    created_lock = not lock_path.exists()  # the lock file is created once and never written (see FileLock)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path, what=f"run dir {run_dir}")
-    if not lock.acquire(blocking=False):
+    lock = FolderLock(run_dir, what=f"run dir {run_dir}")
+    try:
+        taken = lock.acquire(blocking=False)
+    except OSError as e:
+        raise GispError(f"cannot use {run_dir} as a run dir ({e.strerror}): choose a run dir in a folder you can "
+                        "write (hydra.run.dir=...)") from None
+    if not taken:
         h = lock.holder()
         raise GispError(f"{run_dir} is in use by another gisp command (pid {h.get('pid', '?')} on {h.get('host', '?')} "
                         f"since {h.get('since', '?')}): wait for it to finish, or choose another run dir "
                         "(hydra.run.dir=...)")
     try:
         yield run_dir
-    except GispError:
+    except BaseException:
         lock.release()
-        if created_lock:
-            lock_path.unlink(missing_ok=True)
-        if created_dir and not any(run_dir.iterdir()):
+        if created_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
         raise
     finally:
         lock.release()
+
+
+# The folders gisp writes inside a run dir: a symbolic link among them must not lead writes out of the run dir.
+WRITTEN_FOLDERS = ("levels", "eval_data", ".hydra", "csv", "evaluate", "recovered")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run dir is a folder (or does not exist yet) and the folders gisp writes inside it stay inside it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GispError(f"{run_dir} is a file, not a run dir: choose a folder (hydra.run.dir=... or run_dir=...)")
+    ancestor = run_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise GispError(f"{run_dir} cannot be made: {ancestor} is a file, not a folder; choose another run dir")
+    for name in WRITTEN_FOLDERS:
+        inner = run_dir / name
+        if inner.is_symlink() and run_dir.resolve() not in inner.resolve().parents:
+            raise GispError(f"{inner} is a link to {inner.resolve()}, outside the run dir: gisp never writes through "
+                            f"a link out of a run dir; remove the link (rm {inner}) or use another run dir")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,38 +224,40 @@ def claim(run_dir: str | Path, command: str = "gisp") -> Iterator[Path]:
 # never presented as one.
 
 
-def protocol(description: Any) -> Any:
-    """An evaluation task's description without what is only known after evaluating (items evaluated)."""
-    if isinstance(description, dict):
-        return {k: protocol(v) for k, v in description.items() if k not in ("n_evaluated",)}
-    return description
-
-
-def protocol_hash(description: Any) -> str:
-    return hashlib.sha256(json.dumps(protocol(description), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _levels(results: dict) -> dict[str, dict]:
-    return {"dense": results.setdefault("dense", {}), **results.setdefault("targets", {})}
-
-
 def check_protocols(results: dict, descriptions: dict[str, dict], evaluating: list[str], run_dir: Path) -> None:
     """Refuse to record a task under a new protocol while levels that this command does not re-evaluate keep the
-    task's values of the old one (they would be presented as one series)."""
+    task's values of the old one (they would be presented as one series). The refusal names the command that
+    re-evaluates every level holding the task, so following it works."""
     recorded = results.get("evaluation") or {}
+    levels = level_entries(results)
     for task, description in descriptions.items():
         new = protocol_hash(description)
-        stale = sorted(key for key, entry in _levels(results).items() if key not in evaluating
+        stale = sorted(key for key, entry in levels.items() if key not in evaluating
                        and (entry.get("evaluated") or {}).get(task) not in (None, new))
         if stale:
             old = protocol(recorded.get(task) or {})
             changed = sorted(k for k in set(old) | set(protocol(description))
                              if old.get(k) != protocol(description).get(k))
+            holders = {key for key, entry in levels.items() if task in (entry.get("evaluated") or {})}
+            every = sorted((holders | set(evaluating)) - {"dense"}, key=float)
+            command = shlex.join(["python", "-m", "gisp.evaluate", f"run_dir={run_dir}",
+                                  f"targets=[{','.join(every)}]", "dense=true", *_evaluation_overrides()])
             raise GispError(
                 f"{run_dir / 'results.json'} holds {task} of levels {stale} measured with other settings ("
                 f"{', '.join(changed) or 'another protocol'} differ); metrics of different protocols are never "
-                f"mixed. Evaluate with the recorded settings, or re-evaluate every level with the new ones "
-                f"(gisp.evaluate run_dir={run_dir} targets=[{', '.join(k for k in stale if k != 'dense')}] ...)")
+                f"mixed. Evaluate with the recorded settings, or re-evaluate every level with the new ones:\n  "
+                f"{command}")
+
+
+def _evaluation_overrides() -> list[str]:
+    """This command's evaluation settings (eval=..., eval.tasks...., split_seed, data_dir), to repeat them in a
+    suggested command; empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ["eval=..."]
+    keys = ("eval", "split_seed", "data_dir")
+    return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] in keys]
 
 
 def needs_evaluation(entry: dict, descriptions: dict[str, dict]) -> bool:
@@ -225,8 +265,12 @@ def needs_evaluation(entry: dict, descriptions: dict[str, dict]) -> bool:
     return any(done.get(task) != protocol_hash(d) for task, d in descriptions.items())
 
 
-def record_metrics(results: dict, entry: dict, metrics: dict, descriptions: dict[str, dict]) -> None:
-    """Merge a level's new metrics, remember each task's protocol for the level and in results["evaluation"]."""
+def record_metrics(results: dict, entry: dict, metrics: dict, descriptions: dict[str, dict],
+                   metric_tasks: dict[str, str]) -> None:
+    """Merge a level's new metrics, remember each task's protocol for the level (and which task measured each
+    metric) and in results["evaluation"]; results.json says whether its levels now mix protocols."""
     entry.setdefault("metrics", {}).update(metrics)
+    entry.setdefault("metric_tasks", {}).update({m: metric_tasks.get(m, m) for m in metrics})
     entry.setdefault("evaluated", {}).update({task: protocol_hash(d) for task, d in descriptions.items()})
     results.setdefault("evaluation", {}).update(descriptions)
+    mark_mixed(results)

@@ -14,7 +14,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from gisp.eval.report import plot_runs, runs_table
+from gisp.eval.report import plot_runs, protocol_notes, runs_table
 from gisp.io import read_json, write_text_atomic
 
 log = logging.getLogger("gisp")
@@ -33,7 +33,7 @@ def collect(sweep_dir: Path) -> list[tuple[str, dict]]:
     runs = []
     for path in sorted(sweep_dir.glob("*/results.json")):
         results = read_json(path)
-        if results.get("complete"):
+        if results.get("complete") or results.get("mixed_protocols"):  # mixed: its current values are shown
             runs.append((job_label(results), results, path.parent.name))
     groups: dict[str, list[tuple[str, dict]]] = {}
     for label, results, job in runs:
@@ -52,7 +52,8 @@ def write_summary(sweep_dir: str | Path) -> Path | None:
         log.warning("sweep %s: no complete job results to summarize", sweep_dir)
         return None
     table = runs_table(runs)
-    write_text_atomic(sweep_dir / "summary.md", f"# Sweep {sweep_dir.name}\n\n{table}\n")
+    notes = "".join(f"\n> note: {n}\n" for n in protocol_notes(runs))
+    write_text_atomic(sweep_dir / "summary.md", f"# Sweep {sweep_dir.name}\n\n{table}\n{notes}")
     plot_runs(runs, sweep_dir / "summary.png", title=f"sweep {sweep_dir.name}")
     log.info("sweep summary: %s and %s", sweep_dir / "summary.md", sweep_dir / "summary.png")
     return sweep_dir / "summary.md"

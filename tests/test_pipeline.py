@@ -162,27 +162,11 @@ def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
     assert not list((tmp_path / "store").rglob("step_*"))
 
 
-def test_cli_multirun_and_unknown_model(tmp_path):
-    """The README's multirun command: two run dirs, nested masks, each on its target; bad names exit non-zero."""
-    env_args = [f"hydra.sweep.dir={tmp_path / 'multi'}", "logger=none", "progress=false", "threads=1",
-                f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'store'}", *SMOKE]
-    proc = subprocess.run([sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=0.3,0.5", *env_args,
-                           "-m"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted((tmp_path / "multi").glob("*/results.json"))
-    assert len(results) == 2
-    computed = []
-    for path, target in zip(results, ("0.3", "0.5")):
-        data = read_json(path)
-        assert abs(data["targets"][target]["sparsity"] - float(target)) < 0.005
-        computed += data["trajectory"]["computed_steps"]
-        steps = masks_of(path.parent)
-        assert all(b.is_nested_in(a) for (_, a), (_, b) in itertools.pairwise(steps))
-    assert sorted(computed) == list(range(1, len(steps) + 1))  # one trajectory for the sweep, each step once
-    assert (tmp_path / "multi" / "summary.md").exists() and (tmp_path / "multi" / "summary.png").exists()
-    bad = subprocess.run([sys.executable, "-m", "gisp.run", "model=no_such_model", *env_args[1:]], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, check=False)
+def test_an_unknown_model_is_refused_on_the_command_line(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "gisp.run", "model=no_such_model", f"hydra.run.dir={tmp_path / 'r'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode != 0 and "no_such_model" in bad.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
@@ -198,38 +182,6 @@ def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
     assert {row[3] for row in table["data"]} == {"wikitext2_ppl", "wikitext2_ppl_2048"}
     assert {row[0] for row in table["data"]} == {"dense", "0.2"}
     assert (tmp_path / "metrics.png").exists()
-
-
-def test_ddp_two_cpu_processes_give_the_same_masks(mistral_run, tmp_path):
-    """Lightning's DDP strategy (gloo, 2 processes, each scoring a shard): all-reduced gradients give exactly the
-    single-process trajectory."""
-    args = [sys.executable, "-m", "gisp.run", "model=tiny_mistral", "sparsity=[0.3,0.5]", "trainer=ddp",
-            "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "progress=false", "threads=1",
-            f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'ddp'}",
-            *SMOKE]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr
-    single, ddp = masks_of(mistral_run[1]), masks_of(tmp_path / "ddp")
-    assert [s for s, _ in single] == [s for s, _ in ddp]
-    for (_, a), (_, b) in zip(single, ddp):
-        assert a.heads.equal(b.heads) and a.channels.equal(b.channels)
-    # Evaluation is split too: each process scores half of the windows; the reduced perplexities are the single
-    # process's (up to float32 rounding: other batch compositions)
-    assert "over 2 processes" in proc.stdout + proc.stderr
-    split, whole = read_json(tmp_path / "ddp" / "results.json"), mistral_run[2]
-    for key in ("0.3", "0.5"):
-        assert split["targets"][key]["metrics"] == pytest.approx(whole["targets"][key]["metrics"], rel=1e-5)
-    assert split["dense"]["metrics"] == pytest.approx(whole["dense"]["metrics"], rel=1e-5)
-    assert split["evaluation"] == whole["evaluation"]  # the same protocol: comparable with one-process results
-    # The trajectory is complete now: a second DDP job reuses it without a scoring pass, so Lightning never starts
-    # the other process and the one process evaluates every window itself
-    reuse = [a.replace(str(tmp_path / "ddp"), str(tmp_path / "ddp_reuse")) for a in args]
-    proc = subprocess.run(reuse, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reused = read_json(tmp_path / "ddp_reuse" / "results.json")
-    assert reused["trajectory"]["computed_steps"] == [] and "over 2 processes" not in proc.stdout + proc.stderr
-    assert reused["targets"]["0.5"]["metrics"] == pytest.approx(whole["targets"]["0.5"]["metrics"], rel=1e-5)
 
 
 def test_export_from_run_dir(mistral_run, tmp_path):

@@ -64,7 +64,8 @@ def test_a_70b_is_refused_on_one_80gb_gpu_before_loading(compose_cfg, tmp_path, 
     with pytest.raises(GispError, match=r"(?s)needs 254\.\d GiB per device.*trainer=fsdp trainer\.devices=8") as e:
         pipeline.run(settings, run_dir=tmp_path / "run")
     assert "nothing was loaded" in str(e.value) and not (tmp_path / "run" / "results.json").exists()
-    fsdp = load_settings(compose_cfg("model=llama2_70b", "data=c4", "eval=none", "trainer=fsdp", "trainer.devices=8"))
+    fsdp = load_settings(compose_cfg("model=llama2_70b", "data=c4", "eval=none", "trainer=fsdp", "trainer.devices=8"),
+                         here=False)  # a plan for a GPU node, made here
     plan = plan_for_run(fsdp)
     assert plan.inputs.strategy == "fsdp" and plan.inputs.devices == 8
     check_fits(plan, 80 * 10**9)  # fits: no error

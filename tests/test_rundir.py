@@ -44,8 +44,8 @@ def finished(tmp_path_factory):
 
 def test_a_second_command_on_a_run_dir_is_refused_at_once(finished):
     tmp, run_dir, _ = finished
-    script = ("import signal, sys, time\nfrom gisp.io import FileLock\n"
-              f"lock = FileLock({str(run_dir / '.gisp.lock')!r})\nlock.acquire()\n"
+    script = ("import signal, sys, time\nfrom gisp.io import FolderLock\n"
+              f"lock = FolderLock({str(run_dir)!r})\nlock.acquire()\n"
               "signal.signal(signal.SIGTERM, lambda *a: (lock.release(), sys.exit(0)))\n"
               "print('held', flush=True)\ntime.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -219,7 +219,7 @@ def test_export_checks_before_loading_weights(finished, tmp_path, monkeypatch):
     with pytest.raises(GispError, match="add out=PATH"):
         export.export_from_masks(masks, bigger, None, tmp / "cache")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(GispError, match="not a writable folder"):
+    with pytest.raises(GispError, match="is a file, not a folder"):
         export.export_from_masks(masks, bigger, tmp_path / "file" / "out", tmp / "cache")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from gisp.config import eval_tasks, load_settings
 from gisp.errors import GispError
 from gisp.evaluate import evaluate_run
-from gisp.io import FileLock, read_json
+from gisp.io import FolderLock, read_json
 from gisp.pipeline import run
 from gisp.prune.masks import Masks
 from gisp.prune.trajectory import Trajectory
@@ -156,19 +156,19 @@ def test_lock_waits_for_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog
     import logging
 
     caplog.set_level(logging.INFO, logger="gisp")
-    path = tmp_path / "x.lock"
-    script = (f"import time\nfrom gisp.io import FileLock\nlock = FileLock({str(path)!r})\nlock.acquire()\n"
+    path = tmp_path / "trajectory"
+    script = (f"import time\nfrom gisp.io import FolderLock\nlock = FolderLock({str(path)!r})\nlock.acquire()\n"
               "print('held', flush=True)\ntime.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        assert not FileLock(path, timeout=1.0, poll=0.1).acquire()  # a live holder: wait, then give up
+        assert not FolderLock(path, timeout=1.0, poll=0.1).acquire()  # a live holder: wait, then give up
         assert time.monotonic() - started >= 1.0 and "held by pid" in caplog.text
     finally:
         holder.kill()
         holder.wait()
-    lock = FileLock(path, timeout=5)  # the holder died without releasing: the OS freed the lock
+    lock = FolderLock(path, timeout=5)  # the holder died without releasing: the OS freed the lock
     assert lock.acquire()
     assert "gone without releasing" in caplog.text
     lock.release()

@@ -20,6 +20,7 @@ import torch
 from gisp.errors import GispError
 from gisp.hub import OFFLINE_VARS, hub_offline, load_hub_dataset  # load_hub_dataset: also re-exported from here
 from gisp.io import read_jsonl, read_text
+from gisp.models.byte_tokenizer import byte_level_fingerprint, encode_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -212,13 +213,18 @@ def tokenize_stream(text: str, tokenizer, add_special_tokens: bool) -> torch.Ten
 
     The last few streams are kept in memory, keyed by the text's and the tokenizer's content: the jobs of a sweep
     run in one process (and the tests) tokenize the same 4 M characters of calibration text once, not per job."""
-    key = (_sha256(text), _tokenizer_sha256(tokenizer), add_special_tokens)
+    fingerprint = _tokenizer_sha256(tokenizer)
+    key = (_sha256(text), fingerprint, add_special_tokens)
     if key not in _STREAMS:
-        # verbose=False: silences "sequence length is longer than the maximum" (we cut windows ourselves).
-        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt", verbose=False)
+        # the tiny models' byte-level tokenizer: its ids are the text's bytes (the tests check it is exact)
+        ids = encode_bytes(text) if fingerprint == byte_level_fingerprint() else None
+        if ids is None:
+            # verbose=False: silences "sequence length is longer than the maximum" (we cut windows ourselves).
+            ids = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt", verbose=False)[
+                "input_ids"][0].to(torch.int64)
         while len(_STREAMS) >= _STREAMS_KEPT:
             _STREAMS.pop(next(iter(_STREAMS)))
-        _STREAMS[key] = enc["input_ids"][0].to(torch.int64)  # (n_tokens,)
+        _STREAMS[key] = ids  # (n_tokens,)
     return _STREAMS[key].clone()
 
 

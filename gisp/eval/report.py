@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from gisp.eval.protocols import current_metrics, protocol_hash
 from gisp.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -15,12 +16,31 @@ TABLE_COLUMNS = ["level", "sparsity", "step", "metric", "value"]
 
 
 def result_rows(results: dict[str, Any]) -> list[list]:
-    """[level, sparsity, step, metric, value] for the dense model and every target of a results.json."""
-    rows = [["dense", 0.0, 0, m, v] for m, v in sorted((results.get("dense", {}).get("metrics") or {}).items())]
+    """[level, sparsity, step, metric, value] for the dense model and every target of a results.json (metrics of an
+    older evaluation protocol left out)."""
+    dense = results.get("dense") or {}
+    rows = [["dense", 0.0, 0, m, v] for m, v in sorted(current_metrics(results, dense).items())]
     for key, entry in sorted(results.get("targets", {}).items(), key=lambda kv: float(kv[0])):
-        for m, v in sorted((entry.get("metrics") or {}).items()):
+        for m, v in sorted(current_metrics(results, entry).items()):
             rows.append([key, entry["sparsity"], entry["step"], m, v])
     return rows
+
+
+def levels_text(results: dict[str, Any]) -> str:
+    """Every level of a results.json as a plain-text table (level, sparsity, step, one column per metric): what a
+    command prints last."""
+    metrics = sorted({m for _, _, ms in levels(results) for m in ms})
+    rows = [["level", "sparsity", "step", *metrics]]
+    steps = {key: entry.get("step") for key, entry in (results.get("targets") or {}).items()}
+    for key, sparsity, ms in levels(results):
+        step = 0 if key == "dense" else steps.get(key)
+        rows.append([key, f"{sparsity:.4f}", "-" if step is None else str(step), *(fmt(m, ms.get(m)) for m in metrics)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    mixed = results.get("mixed_protocols")
+    if mixed:
+        lines.append(f"(not shown: metrics of an older evaluation protocol at {mixed}; re-evaluate those levels)")
+    return "\n".join(lines)
 
 
 def plot_results(results: dict[str, Any], path: str | Path) -> Path | None:
@@ -74,10 +94,12 @@ def log_results_table(loggers: list, results: dict[str, Any], key: str = "result
 
 
 def levels(results: dict[str, Any]) -> list[tuple[str, float, dict]]:
-    """(level label, measured sparsity, metrics) for dense and every target, by sparsity."""
-    out = [("dense", 0.0, (results.get("dense") or {}).get("metrics") or {})]
+    """(level label, measured sparsity, metrics) for dense and every target, by sparsity. Only metrics measured with
+    the run's current evaluation protocol (gisp.eval.protocols): a level left with values of an older protocol by an
+    unfinished re-evaluation shows none of them."""
+    out = [("dense", 0.0, current_metrics(results, results.get("dense") or {}))]
     for key, entry in sorted((results.get("targets") or {}).items(), key=lambda kv: float(kv[0])):
-        out.append((key, entry["sparsity"], entry.get("metrics") or {}))
+        out.append((key, entry["sparsity"], current_metrics(results, entry)))
     return out
 
 
@@ -99,6 +121,25 @@ def runs_table(runs: list[tuple[str, dict]], metrics: list[str] | None = None, p
             cells = " | ".join(fmt(m, ms.get(m), percent) for m in metrics)
             lines.append(f"| {label} | {level} | {sparsity:.4f} | {cells} |")
     return "\n".join(lines)
+
+
+def protocol_notes(runs: list[tuple[str, dict]]) -> list[str]:
+    """Warnings for a table of several runs: a run whose levels mix evaluation protocols (its stale values are left
+    out), and a task measured with different protocols in different runs (their values are not comparable)."""
+    notes = []
+    by_task: dict[str, dict[str, list[str]]] = {}
+    for label, results in runs:
+        if results.get("mixed_protocols"):
+            notes.append(f"{label}: an unfinished re-evaluation left levels {results['mixed_protocols']} with an older "
+                         "protocol; their values are not shown")
+        for task, description in (results.get("evaluation") or {}).items():
+            by_task.setdefault(task, {}).setdefault(protocol_hash(description), []).append(label)
+    for task, hashes in sorted(by_task.items()):
+        if len(hashes) > 1:
+            groups = "; ".join(f"{', '.join(labels)}" for labels in hashes.values())
+            notes.append(f"{task} was measured with {len(hashes)} different protocols (windows, context, items or "
+                         f"data differ) in these groups of runs: {groups}; compare values only within a group")
+    return notes
 
 
 def runs_pivot(runs: list[tuple[str, dict]], metric: str, percent: bool = False) -> str:

@@ -52,6 +52,8 @@ class Evaluator:
         self.suites = dict(suites or {})
         self.windows: dict[str, torch.Tensor] = {}
         self._info: dict[str, dict] = {}
+        # metric -> the task that measures it (results.json keeps it per level, next to the task's protocol hash)
+        self.metric_tasks: dict[str, str] = {t.metric: t.metric for t in self.tasks}
         streams: dict[TextSource, tuple[torch.Tensor, dict]] = {}  # tokenize each distinct text once
         for task in self.tasks:
             if task.source not in streams:
@@ -95,7 +97,9 @@ class Evaluator:
         """The metrics of the suites (lm-eval tasks, GSM8K): one process, the whole model."""
         metrics: dict[str, float] = {}
         for name, suite in self.suites.items():
-            metrics = self.merge(metrics, suite(model, self.tokenizer, progress=progress), name)
+            more = suite(model, self.tokenizer, progress=progress)
+            metrics = self.merge(metrics, more, name)
+            self.metric_tasks.update(dict.fromkeys(more, name))
         return metrics
 
     @staticmethod
@@ -196,17 +200,21 @@ def eval_task_spec(name: str, node: dict) -> EvalTaskSpec:
     return EvalTaskSpec(name, kind, tuple(sorted(node.items())))
 
 
+def build_suites(tasks: list[EvalTaskSpec] | tuple[EvalTaskSpec, ...], data_dir: Path | None,
+                 work_dir: Path | None = None) -> dict[str, EvalSuite]:
+    """The suites of `tasks` (everything but perplexity), built without the model: their settings, task names and
+    local data are checked here, so a command can refuse them before it loads any weights."""
+    return {spec.name: EVAL_KINDS[spec.kind].build(spec, data_dir, work_dir) for spec in tasks
+            if spec.kind != "perplexity"}
+
+
 def build_evaluator(tasks: list[EvalTaskSpec] | tuple[EvalTaskSpec, ...], tokenizer, data_dir: Path | None,
-                    work_dir: Path | None = None, max_positions: int | None = None) -> Evaluator | None:
+                    work_dir: Path | None = None, max_positions: int | None = None,
+                    suites: dict[str, EvalSuite] | None = None) -> Evaluator | None:
     """The suite of `tasks` (None when there is nothing to evaluate). Local data are checked and prepared here,
-    once, so every sparsity level is scored on the same items."""
-    ppl_tasks, suites = [], {}
-    for spec in tasks:
-        built = EVAL_KINDS[spec.kind].build(spec, data_dir, work_dir)
-        if isinstance(built, PerplexityTask):
-            ppl_tasks.append(built)
-        else:
-            suites[spec.name] = built
+    once, so every sparsity level is scored on the same items. `suites`: already built by `build_suites`."""
+    suites = build_suites(tasks, data_dir, work_dir) if suites is None else suites
+    ppl_tasks = [EVAL_KINDS[spec.kind].build(spec, data_dir, work_dir) for spec in tasks if spec.kind == "perplexity"]
     if not ppl_tasks and not suites:
         return None
     return Evaluator(ppl_tasks, tokenizer, data_dir, suites=suites, max_positions=max_positions)

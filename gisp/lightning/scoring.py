@@ -83,6 +83,7 @@ class GISPModule(L.LightningModule):
         self.scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self.calib_loss: float | None = None
         self.throughput: dict[str, float | None] = {}  # tokens/s (and MFU on GPU) of the last pass
+        self.tokens_per_s: float | None = None  # of the pass running now (gisp.lightning.progress shows it)
         self.memory: dict[str, int] = {}  # bytes held by gradients at the end of the last pass (before reduction)
         self.grad_dtype = grad_dtype
         self.grad_offload = grad_offload
@@ -205,6 +206,7 @@ class GISPModule(L.LightningModule):
         self._release_buffers()
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._seen = self._tokens = self._largest_grad = 0
+        self.tokens_per_s: float | None = None
         self.scores = None
         self.memory = {}
         if self.checkpointing:
@@ -227,7 +229,7 @@ class GISPModule(L.LightningModule):
         width = batch["input_ids"].shape[1]
         per_row = mask.sum(dim=1).cpu() if mask is not None else torch.full((real.numel(),), width)  # tokens per row
         self._tokens += int(per_row[real].sum())
-        show_throughput(self.trainer, self._tokens / max(time.perf_counter() - self._started, 1e-9))
+        self.tokens_per_s = self._tokens / max(time.perf_counter() - self._started, 1e-9)  # on the progress bar
 
     def on_validation_epoch_end(self) -> None:
         if self.device.type == "cuda":
@@ -323,16 +325,6 @@ def throughput(tokens: int, seconds: float, structure: ModelStructure, model: nn
             mfu = per_s * flops / (world_size * peak)
     return {"tokens_per_s": round(per_s, 2), "mfu": None if mfu is None else round(mfu, 4),
             "seconds": round(seconds, 3), "tokens": tokens}
-
-
-def show_throughput(trainer, tokens_per_s: float) -> None:
-    """tokens/s on the validation progress bar (Lightning's TQDM bar), where there is one."""
-    try:
-        bar = trainer.progress_bar_callback.val_progress_bar
-    except (AttributeError, TypeError):  # no bar, or not a TQDM bar, or not started
-        return
-    if not getattr(bar, "disable", True) and hasattr(bar, "set_postfix"):
-        bar.set_postfix({"tokens/s": f"{tokens_per_s:.0f}"}, refresh=False)
 
 
 class ActivationModule(L.LightningModule):

@@ -7,6 +7,10 @@ byte-level symbols and no merges encodes any text losslessly, one token per UTF-
 
 from __future__ import annotations
 
+import functools
+import hashlib
+
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -64,3 +68,18 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=1_000_000,
     )
     return tokenizer
+
+
+@functools.cache
+def byte_level_fingerprint() -> str:
+    """sha256 of the byte-level tokenizer's definition: how a tokenizer is recognized as this one."""
+    return hashlib.sha256(byte_level_tokenizer().backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def encode_bytes(text: str) -> torch.Tensor | None:
+    """What the byte-level tokenizer gives for `text` (one id per UTF-8 byte: no merges, no post-processor), without
+    running it: 4 M characters in milliseconds instead of seconds. None when the text holds a special token's string
+    (the tokenizer would turn it into that token): the caller tokenizes then."""
+    if any(token in text for token in SPECIAL_TOKENS):
+        return None
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int64)

@@ -89,14 +89,34 @@ def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float,
                  structural_ratio=n_pruned(masks, structure) / structure.n_structures)
 
 
+def landing_tolerance(structure: ModelStructure, ranking: str) -> float:
+    """How far (in parameter sparsity) a level may land from its target: one structure for a global ranking (and
+    the iterative trajectory), one channel per unprotected layer for the uniform local rule."""
+    if ranking == "local":
+        return len(structure.unprotected) * structure.channel_params / structure.decoder_params
+    return max(structure.head_params, structure.channel_params) / structure.decoder_params
+
+
 def read_level(traj: Trajectory, pruner: PrunerSpec, structure: ModelStructure, layers: list[LayerModules] | None,
-               target: float) -> Level:
-    """The level at `target` of a trajectory made by `pruner` (an exact read-out: no scoring pass). FLAP's output
-    bias needs the model's `layers` (its weights)."""
+               target: float, with_bias: bool = True) -> Level:
+    """The level at `target` of a trajectory made by `pruner` (an exact read-out: no scoring pass), refused when it
+    does not land within `landing_tolerance` of the target (a damaged or edited trajectory). FLAP's output bias needs
+    the model's `layers` (its weights); `with_bias=False` reads the masks alone."""
+    level = _read_level(traj, pruner, structure, layers, target, with_bias)
+    tolerance = landing_tolerance(structure, "global" if pruner.iterative else pruner.ranking)
+    if abs(level.sparsity - target) > tolerance + 1e-12:
+        raise GispError(f"the level read out at {target:g} has sparsity {level.sparsity:.4f}, not within one structure "
+                        f"({tolerance:.4f}) of it: the trajectory in {traj.directory.resolve()} does not hold what its "
+                        f"manifest says; delete that folder to compute it again")
+    return level
+
+
+def _read_level(traj: Trajectory, pruner: PrunerSpec, structure: ModelStructure, layers: list[LayerModules] | None,
+                target: float, with_bias: bool) -> Level:
     if pruner.iterative:
         return iterative_level(traj, structure, target)
     bias = None
-    if pruner.bias_compensation:
+    if pruner.bias_compensation and with_bias:
         if layers is None:
             raise GispError("a FLAP level's output bias needs the model: pass the loaded layers")
 

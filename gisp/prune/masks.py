@@ -46,6 +46,10 @@ class Masks:
         """(L*H + L*F,) bool, heads first: the order of the global ranking."""
         return torch.cat([~self.heads.flatten(), ~self.channels.flatten()])
 
+    def equal(self, other: Masks) -> bool:
+        return self.heads.shape == other.heads.shape and self.channels.shape == other.channels.shape and \
+            bool(self.heads.equal(other.heads)) and bool(self.channels.equal(other.channels))
+
     def is_nested_in(self, earlier: Masks) -> bool:
         """True when everything pruned in `earlier` is pruned here too."""
         return bool(((~earlier.heads) <= (~self.heads)).all() and ((~earlier.channels) <= (~self.channels)).all())

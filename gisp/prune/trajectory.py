@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gisp.errors import GispError
-from gisp.io import FileLock, atomic_file, file_sha256, read_json, write_json_atomic
-from gisp.prune.masks import Masks
+from gisp.io import FolderLock, atomic_file, file_sha256, read_json, write_json_atomic
+from gisp.models.structure import ModelStructure
+from gisp.prune.masks import Masks, n_pruned, sparsity
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,45 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], fmt: str) -> Non
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": f"{fmt}/1"})
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, directory: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except FileNotFoundError:
-        raise GispError(f"{path} is missing: the trajectory in {path.parent} is incomplete; delete that folder "
-                        "to compute it again") from None
+        raise GispError(f"{path} is missing: the trajectory is incomplete; delete {directory.resolve()} to compute "
+                        "it again") from None
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for truncated / corrupt files)
-        raise GispError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); the trajectory in "
-                        f"{path.parent} is damaged: delete that folder to compute it again") from None
+        raise GispError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); the trajectory is "
+                        f"damaged: delete {directory.resolve()} to compute it again") from None
+
+
+# What each kind of step record must hold (a hand-edited or damaged manifest is refused, naming the field)
+MASK_STEP_FIELDS = {"step": int, "sparsity": float, "structural_ratio": float, "heads_kept": int,
+                    "channels_kept": int, "masks": str, "order": str}
+SCORE_STEP_FIELDS = {"step": int, "sparsity": float, "scores": str}
+FILE_KINDS = ("masks", "order", "scores")
+
+
+def check_steps(path: Path, steps: Any) -> None:
+    """The manifest's step records: numbered 1, 2, ..., every field present, of its type and not null."""
+    if not isinstance(steps, list):
+        raise GispError(f"{path}: `steps` is not a list: the manifest is damaged; delete {path.parent.resolve()} to "
+                        "compute the trajectory again")
+    for number, record in enumerate(steps, 1):
+        if not isinstance(record, dict):
+            raise GispError(f"{path}: step record {number} is not an object; delete {path.parent.resolve()} to "
+                            "compute the trajectory again")
+        fields = SCORE_STEP_FIELDS if record.get("kind") == "scores" else MASK_STEP_FIELDS
+        for field, kind in fields.items():
+            value = record.get(field)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+                isinstance(value, kind) and not isinstance(value, bool)
+            if not ok:
+                raise GispError(f"{path}: step {record.get('step', number)} has {field}={value!r}, not a "
+                                f"{kind.__name__}: the manifest is damaged or hand-edited; delete "
+                                f"{path.parent.resolve()} to compute the trajectory again")
+        if record["step"] != number:
+            raise GispError(f"{path}: step record {number} is numbered {record['step']}: the manifest is damaged; "
+                            f"delete {path.parent.resolve()} to compute the trajectory again")
 
 
 class Trajectory:
@@ -95,6 +126,7 @@ class Trajectory:
             raise GispError(f"{path} was written by another gisp trajectory format (version "
                             f"{manifest.get('version')}, this gisp reads {VERSION}); run the job again to compute it "
                             "in this format (a new store entry), or use the gisp release that wrote it")
+        check_steps(path, manifest.get("steps"))
         return cls(directory, manifest)
 
     @property
@@ -141,29 +173,64 @@ class Trajectory:
         record = self.step_record(step)
         if kind not in record:
             raise GispError(f"step {step} of {self.path} has no {kind} file")
-        path = self.directory / record[kind]
+        name = record[kind]
+        folder = self.directory.resolve()
+        # a file name of the manifest is a plain name in the trajectory's own folder: never read from elsewhere
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") \
+                or (folder / name).resolve().parent != folder:
+            raise GispError(f"{self.path}: step {step} names its {kind} file {name!r}, which is not a file of the "
+                            f"trajectory's folder {folder}: the manifest is damaged or hand-edited; delete {folder} "
+                            "to compute the trajectory again")
+        path = self.directory / name
         if not path.is_file():
-            raise GispError(f"{path} is missing: the trajectory in {self.directory} is incomplete; delete that "
-                            "folder to compute it again")
+            raise GispError(f"{path} is missing: the trajectory is incomplete; delete {folder} to compute it again")
         expected = (record.get("sha256") or {}).get(kind)
         if expected and file_sha256(path, cached=False) != expected:
             raise GispError(f"{path} changed since step {step} wrote it (sha256 differs from the manifest): a damaged "
-                            f"or hand-edited file; delete {self.directory} to compute the trajectory again")
+                            f"or hand-edited file; delete {folder} to compute the trajectory again")
         return path
 
-    def verify(self) -> None:
-        """Every step's files are intact and the steps' masks are nested (a structure pruned once stays pruned)."""
+    def verify(self, structure: ModelStructure | None = None) -> None:
+        """Every step's files are intact, the steps' masks are nested (a structure pruned once stays pruned) and each
+        record says what its masks hold (sparsity, kept heads and channels: a hand-edited record would make levels
+        land elsewhere than they claim). `structure`: the model's (default: the one the manifest recorded)."""
+        structure = structure or self.structure
         previous = None
         for record in self.steps:
-            for kind in ("masks", "order", "scores"):
+            for kind in FILE_KINDS:
                 if kind in record:
                     self._verified(record["step"], kind)
             if "masks" in record:
                 masks = self.masks_at(record["step"])
                 if previous is not None and not masks.is_nested_in(previous):
                     raise GispError(f"step {record['step']} of {self.path} un-prunes structures of the step before: "
-                                    f"its masks are not nested; delete {self.directory} to compute it again")
+                                    f"its masks are not nested; delete {self.directory.resolve()} to compute it again")
+                self._check_record(record, masks, structure)
                 previous = masks
+
+    def _check_record(self, record: dict[str, Any], masks: Masks, structure: ModelStructure) -> None:
+        if masks.heads.shape != (structure.n_layers, structure.n_heads) or \
+                masks.channels.shape != (structure.n_layers, structure.ffn):
+            raise GispError(f"{self.directory / record['masks']} holds masks of another model shape than the "
+                            f"trajectory's model; delete {self.directory.resolve()} to compute it again")
+        measured = {"sparsity": sparsity(masks, structure), "heads_kept": int(masks.heads.sum()),
+                    "channels_kept": int(masks.channels.sum()),
+                    "structural_ratio": n_pruned(masks, structure) / structure.n_structures}
+        wrong = [f"{k}={record[k]} (its masks: {v:.6g})" for k, v in measured.items() if abs(record[k] - v) > 1e-9]
+        if wrong:
+            raise GispError(f"{self.path}: step {record['step']} records {', '.join(wrong)}: the manifest was edited "
+                            f"or damaged; delete {self.directory.resolve()} to compute the trajectory again")
+
+    @property
+    def structure(self) -> ModelStructure:
+        """The model's structure as the manifest recorded it (no model needed)."""
+        try:
+            meta = dict(self.manifest["meta"]["structure"])
+            meta["protected"] = tuple(meta["protected"])
+            return ModelStructure(**meta)
+        except (KeyError, TypeError) as e:
+            raise GispError(f"{self.path}: its model structure (meta.structure) is damaged ({e}); delete "
+                            f"{self.directory.resolve()} to compute the trajectory again") from None
 
     def masks_at(self, step: int) -> Masks:
         if "masks" not in self.step_record(step):
@@ -172,10 +239,10 @@ class Trajectory:
 
     def order_at(self, step: int) -> torch.Tensor:
         """Flat indices (heads first, then channels) of the structures step `step` pruned, in pruning order."""
-        return _load_tensors(self._verified(step, "order"))["order"]
+        return _load_tensors(self._verified(step, "order"), self.directory)["order"]
 
     def scores_at(self, step: int) -> dict[str, torch.Tensor]:
-        return _load_tensors(self._verified(step, "scores"))
+        return _load_tensors(self._verified(step, "scores"), self.directory)
 
     def write(self) -> None:
         write_json_atomic(self.path, self.manifest)
@@ -190,10 +257,10 @@ class TrajectoryStore:
     def path_of(self, tid: str) -> Path:
         return self.root / tid
 
-    def lock(self, tid: str, what: str = "") -> FileLock:
-        """The exclusive lock of trajectory `tid` (a context manager that waits, logging who holds it)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(self.root / f"{tid}.lock", what=what or f"trajectory {tid}")
+    def lock(self, tid: str, what: str = "") -> FolderLock:
+        """The exclusive lock of trajectory `tid`, on its folder (a context manager that waits, logging who holds
+        it)."""
+        return FolderLock(self.path_of(tid), what=what or f"trajectory {tid}")
 
     def open(self, definition: dict[str, Any], meta: dict[str, Any]) -> Trajectory:
         """The trajectory of `definition`: the stored one (any length) or a new, empty one. Call under lock()."""

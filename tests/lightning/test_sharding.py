@@ -13,7 +13,6 @@ from conftest import REPO, SMOKE, tiny_model
 
 from gisp.config import load_settings
 from gisp.errors import GispError
-from gisp.io import read_json
 from gisp.lightning.datamodule import PaddedDataset, ShardSampler
 from gisp.lightning.sharding import partial_layer_scores
 from gisp.models.families import family_spec
@@ -121,19 +120,21 @@ def test_equal_batches_under_fsdp_pad_with_weightless_items():
 
 
 def fsdp_run(tmp_path, model: str, *extra: str) -> subprocess.CompletedProcess:
+    """As users run it: progress bars and the wandb logger (offline) on."""
     args = [sys.executable, "-m", "gisp.run", f"model={model}", "sparsity=0.3", "trainer=fsdp",
-            "trainer.accelerator=cpu", "trainer.devices=2", "logger=none", "progress=false", "threads=1",
+            "trainer.accelerator=cpu", "trainer.devices=2", "threads=1",
             f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'fsdp_store'}",
             f"hydra.run.dir={tmp_path / 'fsdp'}", *SMOKE, *extra]
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
 
 
-@pytest.mark.parametrize("model,extra", [("tiny_llama", ["data.n_samples=9", "eval=none"]), ("tiny_mistral", [])],
-                         ids=["llama-9-samples-padded", "mistral-evaluated"])
-def test_fsdp_two_cpu_processes_give_the_single_process_masks(compose_cfg, tmp_path, model, extra):
-    single = run(load_settings(compose_cfg(*SMOKE, f"model={model}", "sparsity=0.3", *extra)),
+def test_fsdp_two_cpu_processes_give_the_single_process_masks(compose_cfg, tmp_path):
+    """9 calibration sequences over 2 processes (one padding item). Evaluation over the processes: the README's FSDP
+    command in tests/test_readme_commands.py."""
+    extra = ["data.n_samples=9", "eval=none"]
+    single = run(load_settings(compose_cfg(*SMOKE, "model=tiny_llama", "sparsity=0.3", *extra)),
                  run_dir=tmp_path / "single")
-    proc = fsdp_run(tmp_path, model, *extra)
+    proc = fsdp_run(tmp_path, "tiny_llama", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "GLOBAL_RANK: 1" in log and "sharded 4" in log
@@ -146,11 +147,6 @@ def test_fsdp_two_cpu_processes_give_the_single_process_masks(compose_cfg, tmp_p
         ma, mb = a.masks_at(step["step"]), b.masks_at(step["step"])
         assert ma.heads.equal(mb.heads) and ma.channels.equal(mb.channels), step
     assert b.steps[0]["calib_loss"] == pytest.approx(a.steps[0]["calib_loss"], rel=1e-6)
-    if "eval=none" not in extra:  # perplexity of the sharded model, each process scoring half of the windows
-        sharded = read_json(tmp_path / "fsdp" / "results.json")
-        assert "over 2 processes" in log
-        for got, want in ((sharded["dense"], single["dense"]), (sharded["targets"]["0.3"], single["targets"]["0.3"])):
-            assert got["metrics"] == pytest.approx(want["metrics"], rel=1e-5)
 
 
 def test_fsdp_refusals(compose_cfg):

@@ -1,0 +1,311 @@
+"""Every command of the README's "Using it" section and of sweeps/README.md, run as users type it.
+
+Each command is read from the README itself and run as a subprocess with its defaults (progress bars, the wandb
+logger, offline); only a tiny model and small sizes are substituted (`substitute`: a key the command sets is
+replaced, others are added), plus where outputs go (run dir, store, cache). A command that needs a GPU or the hub is
+run exactly as written and must be refused with its documented message (exit code 2). A command added to a README
+without a case here fails `test_every_readme_command_has_a_case`, so the READMEs cannot drift from what is tested.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, REPO
+
+from gisp.io import read_json
+from gisp.runs import RunDir
+
+# The tiny model and small sizes substituted into the README commands (a user's own model and data sizes)
+TINY = ["model=tiny_mistral", "data.n_samples=8", "data.seq_len=32", "eval.tasks.wikitext2_ppl.max_windows=4",
+        "eval.tasks.wikitext2_ppl_2048.max_windows=1", "threads=1"]
+TINY_LLAMA = ["model=tiny_llama", *TINY[1:]]
+
+
+def readme_commands(path: Path, section: str | None = None) -> list[str]:
+    """The `python -m gisp.*` commands of a README: the lines of its code blocks (fenced or indented) and its
+    inline code spans, within `section` (a level-2 heading, up to the next one) when given; comments stripped.
+    Fragments that elide part of the command (`... -m`, `eval=...`, `targets=[...]`) are left out; a `...` inside a
+    path (`run_dir=multirun/.../3`) is a placeholder like `<run>`, substituted by the test."""
+    text = path.read_text()
+    if section is not None:
+        start = text.index(f"\n{section}\n")
+        end = text.find("\n## ", start + 1)
+        text = text[start:end if end >= 0 else None]
+    found = []
+    for m in re.finditer(r"^(?:```\w*\n)?(?P<block>(?:(?: {4}|)python -m gisp\.[^\n]*\n)+)", text, re.MULTILINE):
+        found += [line.strip() for line in m.group("block").splitlines()]
+    found += re.findall(r"`(python -m gisp\.[^`]*)`", text)
+    commands = []
+    for line in found:
+        words = shlex.split(line, comments=True)
+        elided = any(w == "..." or w.endswith("=...") or "[...]" in w for w in words)
+        command = shlex.join(words)
+        if not elided and command not in commands:
+            commands.append(command)
+    return commands
+
+
+def substitute(command: str, *overrides: str) -> list[str]:
+    """argv of `command` with `overrides` substituted: an override replaces the command's own value of its key and
+    is added otherwise (before a trailing -m, which Hydra wants first or last)."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "-m"], command
+    key = lambda o: o.lstrip("+~").split("=", 1)[0]
+    args = words[3:]
+    multirun = [a for a in args if a in ("-m", "--multirun")]
+    args = [a for a in args if a not in multirun]
+    for o in overrides:
+        same = [i for i, a in enumerate(args) if key(a) == key(o)]
+        if same:
+            args[same[0]] = o
+        else:
+            args.append(o)
+    return [sys.executable, "-m", words[2], *args, *multirun]
+
+
+def cli(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def where(tmp: Path, name: str, multirun: bool = False) -> list[str]:
+    folder = f"hydra.sweep.dir={tmp / name}" if multirun else f"hydra.run.dir={tmp / name}"
+    return [folder, f"store_dir={tmp / 'store'}", f"cache_dir={tmp / 'cache'}"]
+
+
+def ends_with_the_levels_table(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
+    """The last thing a user sees: the path of results.json, then one line per level."""
+    results = read_json(run_dir / "results.json")
+    lines = proc.stdout.rstrip().splitlines()
+    n_levels = 1 + len(results["targets"])
+    assert lines[-n_levels - 2] == f"gisp: results in {run_dir / 'results.json'}", lines[-n_levels - 3:]
+    assert lines[-n_levels - 1].split()[:3] == ["level", "sparsity", "step"]
+    assert [line.split()[0] for line in lines[-n_levels:]] == ["dense", *sorted(results["targets"], key=float)]
+
+
+README = readme_commands(REPO / "README.md", "## Using it")
+SWEEPS = readme_commands(REPO / "sweeps" / "README.md")
+
+# Commands that need GPUs or the hub: run as written, refused before loading anything (exit 2) with this message
+REFUSED = {
+    "python -m gisp.run -m sweep=table4 hydra/launcher=gpu_node": "no GPU is visible here",
+    "python -m gisp.run -m sweep=table6 hydra/launcher=gpu_node model=llama2_7b": "no GPU is visible here",
+    "python -m gisp.run -m sweep=table7 hydra/launcher=gpu_node model=llama3_8b": "no GPU is visible here",
+    "python -m gisp.run model=llama2_7b experiment=paper": "could not load 'meta-llama/Llama-2-7b-hf' from the Hugging "
+                                                           "Face hub",
+    "python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8": "asks for 8 GPUs, but no GPU is visible",
+    "python -m gisp.run model=llama2_70b trainer=fsdp trainer.devices=8": "asks for 8 GPUs, but no GPU is visible",
+    "python -m gisp.run model=llama2_7b prune.grad_offload=cpu prune.checkpointing=true":
+        "could not load 'meta-llama/Llama-2-7b-hf' from the Hugging Face hub",
+    "python -m gisp.run 'eval=[wikitext2,lm_eval]' 'eval.tasks.lm_eval.names=[mmlu,arc_easy]' "
+    "eval.tasks.lm_eval.num_fewshot=0": "is not available offline",
+}
+
+# Commands run with the tiny model (the test that runs each is named)
+RUN = {
+    "python -m gisp.run": "test_default_run_ends_with_its_levels",
+    "python -m gisp.run model=tiny_mistral sparsity=0.2,0.3,0.4,0.5 -m": "test_multiruns_share_one_trajectory",
+    "python -m gisp.run model=mistral7b sparsity=0.2,0.3,0.4,0.5 -m": "test_multiruns_share_one_trajectory",
+    "python -m gisp.run -m sparsity=0.2,0.5": "test_multiruns_share_one_trajectory",
+    "python -m gisp.run sparsity=0.4 schedule=cosine pruner.normalization=paper logger=csv": "test_cosine_csv",
+    "python -m gisp.run hydra.run.dir=outputs/smollm2_135m/2026-11-22_18-00-00_a1b2c3": "test_resume",
+    "python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8": "test_ddp_and_fsdp_with_the_defaults",
+    "python -m gisp.run model=llama2_70b trainer=fsdp trainer.devices=8": "test_ddp_and_fsdp_with_the_defaults",
+    "python -m gisp.run experiment=smoke": "test_smoke_and_plan",
+    "python -m gisp.plan model=llama2_70b trainer=fsdp trainer.devices=8 device_memory_gb=80": "test_smoke_and_plan",
+    "python -m gisp.run model=llama2_7b prune.grad_offload=cpu prune.checkpointing=true": "test_offload_checkpointing",
+    "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,magnitude,random": "test_every_baseline",
+    "python -m gisp.run data=cmqa objective=margin 'eval=[wikitext2,cmqa]'": "test_task_aligned_and_evaluate",
+    "python -m gisp.run data=gsm8k objective=answer_ppl 'eval=[wikitext2,gsm8k]' eval.tasks.gsm8k.limit=50":
+        "test_task_aligned_and_evaluate",
+    "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.2,0.3,0.4]' eval=cmqa":
+        "test_task_aligned_and_evaluate",
+    "python -m gisp.run -m experiment=table4_small hydra.sweep.dir=outputs/table4": "test_every_baseline",
+    "python -m gisp.evaluate run_dir=multirun/.../3 'targets=[0.37]' eval=wikitext2":
+        "test_multiruns_share_one_trajectory",
+}
+
+
+def test_every_readme_command_has_a_case():
+    assert len(README) >= 15 and len(SWEEPS) >= 5
+    for command in README + SWEEPS:
+        assert command in REFUSED or command in RUN, f"a README command without a test case: {command}"
+    source = Path(__file__).read_text()
+    assert all(f"def {name}(" in source for name in RUN.values())
+
+
+def test_gpu_and_hub_commands_are_refused_as_documented(tmp_path):
+    """Run as written (only where outputs go is set), all at once: each is refused with its message, exit code 2,
+    before anything is loaded or written."""
+    procs = {}
+    for i, command in enumerate(c for c in README + SWEEPS if c in REFUSED):
+        multirun = "-m" in shlex.split(command)
+        argv = substitute(command, *where(tmp_path, f"r{i}", multirun))
+        procs[command] = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for command, proc in procs.items():
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 2 and REFUSED[command] in out, (command, out[-3000:])
+        assert "Traceback" not in out, (command, out[-3000:])
+    assert not list(tmp_path.glob("r*")) and not list((tmp_path / "store").glob("*"))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`python -m gisp.run` on the tiny model: every default (four targets, wandb offline, progress bars)."""
+    tmp = tmp_path_factory.mktemp("readme")
+    proc = cli(substitute("python -m gisp.run", *TINY, *where(tmp, "run")))
+    ok(proc)
+    return tmp, proc
+
+
+def test_default_run_ends_with_its_levels(default_run):
+    tmp, proc = default_run
+    results = read_json(tmp / "run" / "results.json")
+    assert results["complete"] and sorted(results["targets"]) == ["0.2", "0.3", "0.4", "0.5"]
+    assert list((tmp / "run" / "wandb").glob("offline-run-*"))  # the default logger
+    out = proc.stdout + proc.stderr
+    assert "Scoring pass" in out and "tokens/s" in out  # the default progress bar, with the pass's throughput
+    ends_with_the_levels_table(proc, tmp / "run")
+
+
+def test_multiruns_share_one_trajectory(tmp_path):
+    """The README's multirun and sweeps/README.md's: run dirs on their targets, nested masks, one trajectory
+    computed once and shared; a level of a multirun job read out by gisp.evaluate without a scoring pass."""
+    cmd = "python -m gisp.run model=tiny_mistral sparsity=0.2,0.3,0.4,0.5 -m"
+    ok(cli(substitute(cmd, *TINY, *where(tmp_path, "multi", multirun=True))))
+    jobs = sorted((tmp_path / "multi").glob("*/results.json"))
+    assert len(jobs) == 4 and (tmp_path / "multi" / "summary.md").is_file()
+    computed = [step for job in jobs for step in read_json(job)["trajectory"]["computed_steps"]]
+    assert sorted(computed) == list(range(1, RunDir(jobs[0].parent).trajectory.last_step + 1))
+    for job, target in zip(jobs, ("0.2", "0.3", "0.4", "0.5")):
+        assert abs(read_json(job)["targets"][target]["sparsity"] - float(target)) < 0.01
+    traj = RunDir(jobs[0].parent).trajectory
+    steps = [traj.masks_at(s["step"]) for s in traj.steps]
+    assert all(later.is_nested_in(earlier) for earlier, later in itertools.pairwise(steps))
+    # sweeps/README.md: the same command for mistral7b (the tiny model substituted) reuses that trajectory
+    same = substitute("python -m gisp.run model=mistral7b sparsity=0.2,0.3,0.4,0.5 -m", *TINY,
+                      *where(tmp_path, "again", multirun=True))
+    ok(cli(same))
+    assert all(read_json(j)["trajectory"]["computed_steps"] == [] for j in (tmp_path / "again").glob("*/results.json"))
+    ok(cli(substitute("python -m gisp.run -m sparsity=0.2,0.5", *TINY, *where(tmp_path, "basic", multirun=True))))
+    assert len(list((tmp_path / "basic").glob("*/results.json"))) == 2
+    job = jobs[3].parent
+    proc = ok(cli(substitute("python -m gisp.evaluate run_dir=multirun/.../3 'targets=[0.37]' eval=wikitext2",
+                             f"run_dir={job}", *TINY[3:5])))
+    assert "results in" in proc and read_json(job / "results.json")["targets"]["0.37"]["metrics"]
+
+
+def test_cosine_csv(tmp_path):
+    cmd = "python -m gisp.run sparsity=0.4 schedule=cosine pruner.normalization=paper logger=csv"
+    ok(cli(substitute(cmd, *TINY, *where(tmp_path, "run"))))
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
+    assert read_json(tmp_path / "run" / "results.json")["method"]["normalization"] == "paper"
+
+
+def test_resume(tmp_path):
+    """An interrupted run (here: stopped after two steps) is resumed by the README's command on its run dir."""
+    cmd = "python -m gisp.run hydra.run.dir=outputs/smollm2_135m/2026-11-22_18-00-00_a1b2c3"
+    first = cli(substitute(cmd, *TINY, *where(tmp_path, "run"), "prune.max_steps_per_run=2"))
+    assert "run the same command again to continue" in ok(first)
+    ok(cli(substitute(cmd, *TINY, *where(tmp_path, "run"))))
+    results = read_json(tmp_path / "run" / "results.json")
+    assert results["complete"] and results["trajectory"]["reused_steps"] == [1, 2]
+
+
+def test_ddp_and_fsdp_with_the_defaults(tmp_path):
+    """The README's multi-GPU commands with 2 CPU processes, progress bars and the wandb logger on (as users type
+    them): both finish, with the masks of one process, each process evaluating half of the perplexity windows."""
+    from hydra import compose, initialize_config_dir
+
+    from gisp.config import load_settings
+    from gisp.pipeline import run
+
+    cpu = ["trainer.accelerator=cpu", "trainer.devices=2"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY_LLAMA, "logger=none", "progress=false",
+                                           f"store_dir={tmp_path / 'single_store'}", f"cache_dir={tmp_path / 'c'}"])
+    single = run(load_settings(cfg), tmp_path / "single")
+    one = RunDir(tmp_path / "single").trajectory
+    for name, cmd in (("ddp", "python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8"),
+                      ("fsdp", "python -m gisp.run model=llama2_70b trainer=fsdp trainer.devices=8")):
+        proc = cli(substitute(cmd, *TINY_LLAMA, *cpu, f"hydra.run.dir={tmp_path / name}",
+                              f"store_dir={tmp_path / (name + '_store')}", f"cache_dir={tmp_path / 'c'}"))
+        out = ok(proc)
+        assert "GLOBAL_RANK: 1" in out and "over 2 processes" in out and "tokens/s" in out
+        assert list((tmp_path / name / "wandb").glob("offline-run-*"))
+        ends_with_the_levels_table(proc, tmp_path / name)
+        traj = RunDir(tmp_path / name).trajectory
+        assert traj.id == one.id and len(traj.steps) == len(one.steps)
+        for step in one.steps:
+            assert traj.masks_at(step["step"]).equal(one.masks_at(step["step"])), (name, step["step"])
+        results = read_json(tmp_path / name / "results.json")
+        for key in ("0.2", "0.5"):
+            assert results["targets"][key]["metrics"] == pytest.approx(single["targets"][key]["metrics"], rel=1e-5)
+        assert results["evaluation"] == single["evaluation"]  # the same protocol as one process: comparable
+    # The same DDP job again on a new run dir: it reuses the finished trajectory without a scoring pass, so Lightning
+    # never starts the other process and the one process evaluates every window itself
+    proc = cli(substitute("python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8", *TINY_LLAMA, *cpu,
+                          f"hydra.run.dir={tmp_path / 'reuse'}", f"store_dir={tmp_path / 'ddp_store'}",
+                          f"cache_dir={tmp_path / 'c'}", "logger=none"))
+    assert "over 2 processes" not in ok(proc)
+    reused = read_json(tmp_path / "reuse" / "results.json")
+    assert reused["trajectory"]["computed_steps"] == []
+    assert reused["targets"]["0.5"]["metrics"] == pytest.approx(single["targets"]["0.5"]["metrics"], rel=1e-5)
+
+
+def test_smoke_and_plan(tmp_path):
+    proc = cli(substitute("python -m gisp.run experiment=smoke", *where(tmp_path, "smoke")))
+    ok(proc)
+    ends_with_the_levels_table(proc, tmp_path / "smoke")
+    plan_command = "python -m gisp.plan model=llama2_70b trainer=fsdp trainer.devices=8 device_memory_gb=80"
+    plan = ok(cli(substitute(plan_command)))
+    assert "fits:" in plan and not (tmp_path / "outputs").exists()
+
+
+def test_offload_checkpointing(tmp_path):
+    cmd = "python -m gisp.run model=llama2_7b prune.grad_offload=cpu prune.checkpointing=true"
+    ok(cli(substitute(cmd, *TINY_LLAMA, *where(tmp_path, "run"))))
+    assert read_json(tmp_path / "run" / "results.json")["complete"]
+
+
+def test_every_baseline(tmp_path):
+    """The baselines' multirun and the Table 4 small experiment (one run dir per method, named after it)."""
+    methods = ["gisp", "oneshot", "llm_pruner", "wanda_sp", "flap", "magnitude", "random"]
+    cmd = "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,magnitude,random"
+    ok(cli(substitute(cmd, *TINY, "sparsity=[0.2,0.4]", *where(tmp_path, "methods", multirun=True))))
+    jobs = sorted((tmp_path / "methods").glob("*/results.json"))
+    assert sorted(read_json(j)["method"]["pruner"] for j in jobs) == sorted(methods)
+    assert all(read_json(j)["complete"] for j in jobs)
+    table4 = "python -m gisp.run -m experiment=table4_small hydra.sweep.dir=outputs/table4"
+    ok(cli(substitute(table4, *TINY, *where(tmp_path, "table4", multirun=True))))
+    assert sorted(p.parent.name for p in (tmp_path / "table4").glob("*/results.json")) == sorted(methods)
+
+
+def test_task_aligned_and_evaluate(default_run, tmp_path):
+    small_mc = ["data.budget_tokens=14000", "data.batch_size=8", "eval.tasks.cmqa.limit=2"]  # byte tokens
+    cmqa = "python -m gisp.run data=cmqa objective=margin 'eval=[wikitext2,cmqa]'"
+    ok(cli(substitute(cmqa, *TINY[:1], *TINY[3:], *small_mc, "sparsity=[0.2,0.4]", *where(tmp_path, "cmqa"))))
+    assert "cmqa_mean" in read_json(tmp_path / "cmqa" / "results.json")["targets"]["0.4"]["metrics"]
+    gsm = "python -m gisp.run data=gsm8k objective=answer_ppl 'eval=[wikitext2,gsm8k]' eval.tasks.gsm8k.limit=50"
+    ok(cli(substitute(gsm, *TINY[:1], *TINY[3:], "data.n_samples=8", "eval.tasks.gsm8k.limit=2",
+                      "eval.tasks.gsm8k.max_gen_toks=8", "eval.tasks.gsm8k.num_fewshot=1", "sparsity=0.3",
+                      *where(tmp_path, "gsm8k"))))
+    assert "gsm8k_exact_match_strict" in read_json(tmp_path / "gsm8k" / "results.json")["targets"]["0.3"]["metrics"]
+    run_dir = default_run[0] / "run"
+    evaluate = "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.2,0.3,0.4]' eval=cmqa"
+    proc = cli(substitute(evaluate, f"run_dir={run_dir}", "eval.tasks.cmqa.limit=2"))
+    ok(proc)
+    results = read_json(run_dir / "results.json")
+    assert all("cmqa_mean" in results["targets"][k]["metrics"] for k in ("0.2", "0.3", "0.4"))
+    ends_with_the_levels_table(proc, run_dir)
