@@ -25,6 +25,7 @@ from gisp.models.structure import GQA_MODES
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.objectives import Objective, get_objective
 from gisp.prune.schedule import structural_ratios
+from gisp.recover.settings import RecoverSettings, recover_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class RunSettings:
     loggers: dict = field(default_factory=dict)  # name -> instantiable logger node (plain values)
     resolved: dict = field(default_factory=dict)  # the resolved config: config.yaml, hyperparameters, fingerprint
     overrides: tuple[str, ...] | None = None  # the command-line overrides of this job
+    recover: RecoverSettings = field(default_factory=RecoverSettings)  # after pruning, per target (gisp.recover)
 
     def definition(self, calibration_sha256: str) -> dict[str, Any]:
         """What defines this run's trajectory: the config sections of DEFINITION_KEYS, the effective pruner and
@@ -92,6 +94,11 @@ class RunSettings:
         prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
         return {**{k: self.resolved.get(k) for k in DEFINITION_KEYS}, "pruner": asdict(self.pruner),
                 "prune": prune, "calibration_sha256": calibration_sha256}
+
+    @property
+    def recover_recipe(self):
+        """The recovery's training data: its own `recover.data` node, or the calibration recipe."""
+        return recipe_from_fields(self.recover.data) if self.recover.data is not None else self.calibration
 
     def config_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.create(self.resolved))
@@ -176,6 +183,20 @@ def _check_devices(trainer: dict) -> None:
                         f"GPU node, or set trainer.accelerator=cpu to run {devices} CPU processes on purpose")
 
 
+def _processes(trainer: dict) -> int:
+    """Processes a Trainer of these arguments starts (several devices under a multi-process strategy)."""
+    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1) or 1)
+    if str(trainer.get("strategy", "auto")) in ("auto", "single_device") and devices in (1, "1"):
+        return nodes
+    if isinstance(devices, int):
+        return devices * nodes
+    if isinstance(devices, (list, tuple)):
+        return len(devices) * nodes
+    import torch
+
+    return (torch.cuda.device_count() or 1) * nodes if devices == "auto" else nodes
+
+
 def _int_or_none(value: Any, name: str, minimum: int) -> int | None:
     if value is None:
         return None
@@ -221,6 +242,11 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
                         f"but the lm-eval / GSM8K tasks {whole_model} need the whole model in one process. Use a "
                         "perplexity eval (eval=wikitext2) or eval=none here, then `python -m gisp.evaluate "
                         "run_dir=...` on a node that holds the model (or on the exported model)")
+    recover = recover_settings(plain(cfg.get("recover")))
+    if recover.enabled and _processes(trainer) > 1:
+        raise GispError(f"recover={recover.method} with {_processes(trainer)} processes: gisp.run recovers in one "
+                        "process; prune here with recover=none, then recover over the processes with its own "
+                        f"command: python -m gisp.recover run_dir=RUN recover={recover.method} trainer=...")
     resolved = plain(cfg)
     loggers = _with_wandb_group(plain(cfg.get("logger")) or {}, sweep, resolved, targets)
     return RunSettings(
@@ -231,7 +257,7 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
         store_dir=Path(cfg.get("store_dir") or "outputs/trajectories").expanduser().absolute(),
         resume=bool(cfg.resume), progress=bool(cfg.progress), trainer=trainer,
         loggers=loggers, resolved=resolved,
-        overrides=tuple(overrides) if overrides is not None else None,
+        overrides=tuple(overrides) if overrides is not None else None, recover=recover,
     )
 
 

@@ -28,6 +28,8 @@ from gisp.eval.suite import EvalTaskSpec, build_evaluator, build_suites
 from gisp.io import write_json_atomic
 from gisp.pipeline import save_level
 from gisp.prune.trajectory import target_key
+from gisp.recover.artefacts import Recovery, load_recovered
+from gisp.recover.runner import evaluate_recovered
 from gisp.runs import RunDir, check_protocols, claim, needs_evaluation, record_metrics
 
 log = logging.getLogger("gisp")
@@ -37,8 +39,9 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                  targets: list[float] | tuple[float, ...] | None = None, dense: bool = True,
                  data_dir: Path | None = None, cache_dir: str | Path | None = None,
                  progress: bool = True, split_seed: int | None = None, loggers: list | None = None,
-                 trust_remote_code: bool = False) -> dict[str, Any]:
-    """Evaluate the dense model and ``targets`` (default: the run's targets) of a run dir; returns results.json."""
+                 trust_remote_code: bool = False, recovered: str | None = None) -> dict[str, Any]:
+    """Evaluate the dense model and ``targets`` (default: the run's targets) of a run dir; returns results.json.
+    ``recovered``: evaluate those targets as the recovery of that name left them (gisp.recover) instead."""
     run = RunDir(run_dir)
     with claim(run.path):
         results = run.results()
@@ -48,6 +51,14 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                             f"(the same command with hydra.run.dir={run.path} resumes it)")
         if not tasks:
             raise GispError("nothing to evaluate: the eval config has no tasks (choose eval=wikitext2, eval=cmqa, ...)")
+        if recovered is not None:
+            Recovery(run.path, recovered).require()
+            done = [k for k, e in results.get("targets", {}).items() if recovered in (e.get("recovered") or {})]
+            targets = sorted(float(k) for k in done) if targets is None else targets
+            missing = [t for t in targets if target_key(t) not in done]
+            if missing:
+                raise GispError(f"the recovery {recovered!r} of {run.path} has not recovered levels {missing} (it has "
+                                f"{sorted(done, key=float)}): recover them first with gisp.recover")
         targets = sorted(float(k) for k in results.get("targets", {})) if targets is None else targets
         reach = run.trajectory.reached
         beyond = [t for t in targets if t > reach]
@@ -66,6 +77,8 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
         evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
                                     max_positions=getattr(live.model.config, "max_position_embeddings", None),
                                     suites=suites)
+        if recovered is not None:
+            return _evaluate_recovered(run, results, recovered, targets, live, evaluator, progress, loggers)
         descriptions = evaluator.describe()
         plan = ([None] if dense else []) + list(targets)
         check_protocols(results, descriptions, ["dense" if t is None else target_key(t) for t in plan], run.path)
@@ -98,6 +111,30 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
         return results
 
 
+def _evaluate_recovered(run: RunDir, results: dict, name: str, targets: list[float], live, evaluator, progress: bool,
+                        loggers: list | None) -> dict[str, Any]:
+    levels = {target_key(t): run.level(target=t, live=live) for t in targets}
+
+    def model_of(key: str):
+        model = load_recovered(run.path, name, live, levels[key])
+        if model is live.model:  # nested: the recovered dense weights under the level's masks
+            live.set_level(levels[key])
+        return model
+
+    def write() -> None:
+        mark_mixed(results)
+        write_json_atomic(run.results_path, results)
+
+    evaluate_recovered(results, name, list(levels), model_of, evaluator, run.path, progress, write)
+    if not mark_mixed(results):
+        results["complete"] = True
+    write_json_atomic(run.results_path, results)
+    live.applier.remove()
+    plot_results(results, run.path / "metrics.png")
+    log_results_table(loggers or [], results)
+    return results
+
+
 def stop_message(signal_name: str) -> str:
     return (f"stopped by {signal_name}: the levels evaluated so far are in the run's results.json (while levels of "
             "two evaluation protocols are mixed it is marked incomplete and says which); run the same command to "
@@ -117,7 +154,8 @@ def main(cfg: DictConfig) -> None:
     try:
         results = evaluate_run(cfg.run_dir, tasks, targets, dense=cfg.dense, data_dir=cfg.get("data_dir"),
                                cache_dir=cfg.get("cache_dir"), progress=cfg.progress, split_seed=cfg.split_seed,
-                               loggers=loggers, trust_remote_code=bool(cfg.get("trust_remote_code")))
+                               loggers=loggers, trust_remote_code=bool(cfg.get("trust_remote_code")),
+                               recovered=cfg.get("recovered"))
         status = "success"
     finally:
         finalize_loggers(loggers, status)

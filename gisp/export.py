@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from gisp.cli import same_command, user_errors
-from gisp.compact.gguf import DTYPES, check_deci_compatible, export_gguf, export_gguf_from_folder
-from gisp.compact.slicing import export_compact
+from gisp.compact.gguf import DTYPES, check_deci_compatible, export_gguf, export_gguf_from_folder, write_deci_gguf
+from gisp.compact.slicing import compact_model_state, export_compact, write_compact_folder
 from gisp.config import model_spec
 from gisp.errors import GispError
 from gisp.eval.protocols import current_metrics
@@ -27,6 +27,7 @@ from gisp.io import check_writable
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer
 from gisp.plan import meta_structure, model_config
 from gisp.prune.masks import Masks
+from gisp.recover.artefacts import Recovery, compact_model
 from gisp.runs import RunDir
 
 FORMATS = ("hf", "gguf")
@@ -74,6 +75,21 @@ def _write(fmt: str, model, tokenizer, masks, out, provenance, structure=None, b
                         "left); free space or choose another out=...") from None
 
 
+def _write_compact_model(fmt: str, model, tokenizer, level, out, provenance, structure, dtype: str) -> Path:
+    """A recovered level (already a compact model) as an HF folder or a GGUF file."""
+    state = compact_model_state(model)
+    try:
+        if fmt == "gguf":
+            write_deci_gguf(state, model.config, tokenizer, out, dtype, name=str(provenance.get("model", "gisp")),
+                            metadata={"sparsity": f"{level.sparsity:.6f}", "provenance": provenance})
+            return Path(out)
+        return write_compact_folder(state, model.config, tokenizer, level.masks, out, provenance, structure,
+                                    level.bias)
+    except OSError as e:
+        raise GispError(f"writing {out} failed ({e.strerror or e}): nothing was exported (no partial output is "
+                        "left); free space or choose another out=...") from None
+
+
 def stop_message(signal_name: str) -> str:
     return (f"stopped by {signal_name}: nothing was exported (the output is written under a temporary name and "
             f"renamed at the end); run the same command again:\n  {same_command()}")
@@ -81,13 +97,18 @@ def stop_message(signal_name: str) -> str:
 
 def export_from_run(run_dir: str | Path, out: str | Path, target: float | None = None, step: int | None = None,
                     cache_dir: str | Path | None = None, trust_remote_code: bool = False, format: str = "hf",
-                    dtype: str = "f16") -> Path:
+                    dtype: str = "f16", recovered: str | None = None) -> Path:
     """Export the model of a finished or partial run at one of its targets (or any step): no pruning again.
-    `format`: hf (a compact Hugging Face folder) or gguf (a llama.cpp file of precision `dtype`)."""
+    `format`: hf (a compact Hugging Face folder) or gguf (a llama.cpp file of precision `dtype`). `recovered`: the
+    level as the recovery of that name (gisp.recover) left it, merged: the same shapes, recovered weights."""
     _check_request(out, format, dtype)
     run = RunDir(run_dir)
     if (target is None) == (step is None):
         raise GispError("give exactly one of target=0.4 (a sparsity target of the run) or step=N")
+    if recovered is not None:
+        if target is None:
+            raise GispError("recovered=NAME exports a recovered target: give target=T (a level it recovered)")
+        Recovery(run.path, recovered).require()  # named before the weights load
     if target is not None and target > run.trajectory.reached:
         raise GispError(f"the trajectory of {run.path} never reached sparsity {target:g} (it reaches "
                         f"{run.trajectory.reached:.4f}); extend it with gisp.run (sparsity=[...,{target:g}]), or "
@@ -102,6 +123,14 @@ def export_from_run(run_dir: str | Path, out: str | Path, target: float | None =
     if flap:
         level = run.level(target=target, live=live)
     entry = ((run.results() or {}).get("targets") or {}).get(f"{target:g}", {}) if target is not None else {}
+    if recovered is not None:
+        model = compact_model(run.path, recovered, live, level)
+        entry = (entry.get("recovered") or {}).get(recovered) or {}
+        provenance = {"run_dir": str(run.path.resolve()), "model": run.model_spec().name, "step": level.step,
+                      "target": target, "sparsity": level.sparsity, "recovered": recovered,
+                      "recovery": (run.results() or {}).get("recovery", {}).get(recovered),
+                      "metrics": current_metrics(run.results() or {}, entry) if entry else None}
+        return _write_compact_model(format, model, live.tokenizer, level, out, provenance, live.structure, dtype)
     provenance = {"run_dir": str(run.path.resolve()), "model": run.model_spec().name, "step": level.step,
                   "prefix": level.prefix, "target": target, "sparsity": level.sparsity,
                   "metrics": current_metrics(run.results() or {}, entry) if entry else None}
@@ -132,7 +161,7 @@ def main(cfg: DictConfig) -> None:
     fmt, dtype = str(cfg.format), str(cfg.dtype)
     if cfg.run_dir is not None:
         path = export_from_run(cfg.run_dir, cfg.out, cfg.target, cfg.step, cfg.cache_dir, trust_remote_code=trust,
-                               format=fmt, dtype=dtype)
+                               format=fmt, dtype=dtype, recovered=cfg.get("recovered"))
     elif cfg.masks is not None and cfg.get("model") is not None:
         path = export_from_masks(cfg.masks, model_spec(cfg.model), cfg.out, cfg.cache_dir, fmt, dtype)
     elif cfg.get("compact") is not None:

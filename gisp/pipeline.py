@@ -39,7 +39,9 @@ from gisp.prune.importance import get_score
 from gisp.prune.levels import Level, read_level
 from gisp.prune.masks import MaskApplier, Masks
 from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
-from gisp.runs import check_protocols, claim, needs_evaluation, record_metrics
+from gisp.recover.plan import fits, plan_recovery
+from gisp.recover.runner import recover_into
+from gisp.runs import LiveModel, check_protocols, claim, needs_evaluation, record_metrics
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,13 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
         if rank_zero_only.rank == 0:
             log.info("%s", plan.table())
         check_fits(plan, visible_device_memory(s.trainer))
+    if s.recover.enabled:  # the recovery's fits too, at the dense shapes (the levels are not known yet): an upper bound
+        training = plan_recovery(s.model, s.recover, {target_key(t): None for t in s.targets}, s.prune.gqa_mode)
+        if training is not None:
+            log.info("%s", training.table())
+            refusal = fits(training, visible_device_memory(s.trainer))
+            if refusal:
+                raise GispError(refusal)
     # evaluation suites (lm-eval tasks, GSM8K) are checked before any weight is read: an offline hub task is refused
     suites = build_suites(s.evaluation, s.data_dir, work_dir=run_dir / "eval_data")
     # trainer=fsdp: only rank 0 reads the weights; the other processes build the model on the meta device and
@@ -187,7 +196,10 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
         results = evaluate_levels(run_dir, s, traj, model, structure, layers, applier, evaluator, calib.record,
                                   reused=list(range(1, min(reused, traj.last_step) + 1)), computed=computed,
                                   loggers=trainer.loggers, seconds_before=time.perf_counter() - started,
-                                  perplexities=shared)
+                                  perplexities=shared, final=not s.recover.enabled)
+        if s.recover.enabled:
+            results = recover_stage(run_dir, s, traj, LiveModel(model, tokenizer, structure, layers, applier),
+                                    evaluator, results, started)
         status = "success"
         return results
     finally:
@@ -305,12 +317,12 @@ def split_perplexities(trainer: L.Trainer, run_dir: Path, s: RunSettings, traj: 
 def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torch.nn.Module,
                     structure: ModelStructure, layers: list[LayerModules], applier: MaskApplier, evaluator,
                     calibration: dict, reused: list[int], computed: list[int], loggers: list,
-                    seconds_before: float, perplexities: dict[str, dict[str, float]] | None = None
-                    ) -> dict[str, Any]:
+                    seconds_before: float, perplexities: dict[str, dict[str, float]] | None = None,
+                    final: bool = True) -> dict[str, Any]:
     """Read out every target, write its masks under levels/, evaluate dense + levels, merge into results.json
     after each level (marked complete only at the end: a killed job never leaves results that look complete).
     `perplexities`: a level's perplexity metrics already computed over several processes (split_perplexities);
-    the level then runs only the suites here."""
+    the level then runs only the suites here. `final`: nothing follows (a recovery stage does not)."""
     results_path = run_dir / "results.json"
     previous = read_json(results_path) if results_path.exists() else {}
     started = time.perf_counter()
@@ -341,13 +353,37 @@ def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torc
         entry.setdefault("metrics", {})
         write_json_atomic(results_path, results)
     applier.set(Masks.dense(structure))
-    results["complete"] = not mark_mixed(results)  # levels of an older protocol left (refused above): never
+    results["complete"] = final and not mark_mixed(results)  # levels of an older protocol left (refused above)
     results["seconds"] = round(seconds_before + time.perf_counter() - started, 1)  # all invocations: at exit
     write_json_atomic(results_path, results)
     log.info("results: %s", results_path)
     if evaluator is not None:
         plot_results(results, run_dir / "metrics.png")
         log_results_table(loggers, results)
+    return results
+
+
+def recover_stage(run_dir: Path, s: RunSettings, traj: Trajectory, live: LiveModel, evaluator, results: dict,
+                  started: float) -> dict[str, Any]:
+    """`recover=...`: recover every target (gisp.recover's stage, in this process) and record it in results.json,
+    which is marked complete only after that."""
+    results_path = run_dir / "results.json"
+    levels = [read_level(traj, s.pruner, live.structure, live.layers, t) for t in s.targets]
+
+    def write() -> None:
+        mark_mixed(results)
+        write_json_atomic(results_path, results)
+
+    recover_into(results, run_dir, s.recover, live, levels, recipe=s.recover_recipe, data_dir=s.data_dir,
+                 trainer=s.trainer, loggers=lambda folder, hp: build_loggers(s.loggers, folder, {**s.resolved, **hp}),
+                 progress=s.progress, evaluator=evaluator,
+                 context={"trajectory": traj.id, "model": s.model.name}, write=write)
+    live.set_level(None)
+    results["complete"] = not mark_mixed(results)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(results_path, results)
+    if evaluator is not None:
+        plot_results(results, run_dir / "metrics.png")
     return results
 
 

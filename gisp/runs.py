@@ -41,6 +41,7 @@ class LiveModel:
     structure: ModelStructure
     layers: list[LayerModules]
     applier: MaskApplier
+    recovered: str | None = None  # the nested recovery merged into `model` (gisp.recover.artefacts), if any
 
     def set_level(self, level: Level | None) -> None:
         """Apply a level's masks (None: the dense model)."""
@@ -239,14 +240,19 @@ def check_protocols(results: dict, descriptions: dict[str, dict], evaluating: li
             changed = sorted(k for k in set(old) | set(protocol(description))
                              if old.get(k) != protocol(description).get(k))
             holders = {key for key, entry in levels.items() if task in (entry.get("evaluated") or {})}
-            every = sorted((holders | set(evaluating)) - {"dense"}, key=float)
-            command = shlex.join(["python", "-m", "gisp.evaluate", f"run_dir={run_dir}",
-                                  f"targets=[{','.join(every)}]", "dense=true", *_evaluation_overrides()])
+            every = holders | set(evaluating)
+            plain = sorted((k for k in every if k != "dense" and "+" not in k), key=float)
+            commands = [["python", "-m", "gisp.evaluate", f"run_dir={run_dir}", f"targets=[{','.join(plain)}]",
+                         "dense=true", *_evaluation_overrides()]]
+            for name in sorted({k.partition("+")[2] for k in every if "+" in k}):  # recovered levels (gisp.recover)
+                levels_of = sorted((k.partition("+")[0] for k in every if k.endswith(f"+{name}")), key=float)
+                commands.append(["python", "-m", "gisp.evaluate", f"run_dir={run_dir}",
+                                 f"targets=[{','.join(levels_of)}]", f"recovered={name}", *_evaluation_overrides()])
             raise GispError(
                 f"{run_dir / 'results.json'} holds {task} of levels {stale} measured with other settings ("
                 f"{', '.join(changed) or 'another protocol'} differ); metrics of different protocols are never "
                 f"mixed. Evaluate with the recorded settings, or re-evaluate every level with the new ones:\n  "
-                f"{command}")
+                + "\n  ".join(shlex.join(c) for c in commands))
 
 
 def _evaluation_overrides() -> list[str]:

@@ -40,8 +40,12 @@ def collect(sweep_dir: Path) -> list[tuple[str, dict]]:
         groups.setdefault(label, []).append((job, results))
     out = []
     for label, jobs in groups.items():
-        merged = {**jobs[0][1], "targets": {k: v for _, r in jobs for k, v in (r.get("targets") or {}).items()}}
-        out.append((label, merged))  # jobs of one trajectory differ only by their targets: one line
+        targets: dict[str, dict] = {}
+        for _, r in jobs:  # jobs of one trajectory differ only by their targets and recoveries: one line
+            for key, entry in (r.get("targets") or {}).items():
+                recovered = {**(targets.get(key) or {}).get("recovered", {}), **(entry.get("recovered") or {})}
+                targets[key] = {**(targets.get(key) or {}), **entry, **({"recovered": recovered} if recovered else {})}
+        out.append((label, {**jobs[0][1], "targets": targets}))
     return out
 
 

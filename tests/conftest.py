@@ -12,6 +12,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
+# Converted real models (SmolLM2 from its GGUF package) are cached where users keep them, so the tests that load the
+# real model convert it once per machine, not once per test; tests of the conversion itself use a fresh folder.
+MODEL_CACHE = Path(os.environ.get("GISP_CACHE_DIR", "~/.cache/gisp")).expanduser()
 # The smallest complete run (conf/experiment/smoke.yaml): tiny Mistral, 8 x 32-token calibration windows, 8 short
 # evaluation windows. Tests add what they vary (model=..., sparsity=..., eval=none, ...).
 SMOKE = ["experiment=smoke"]
@@ -42,6 +45,15 @@ def tiny_model(family: str, seed: int = 0, layers: int = 4) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread; a run that set `threads` (or a heavy test that takes both cores) gives it
+    back, so the tests after it run as they do alone."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(params=["llama", "mistral"])
 def family(request) -> str:
     return request.param
@@ -55,7 +67,7 @@ def compose_cfg(tmp_path):
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return compose("config", overrides=["logger=none", "progress=false", "threads=1",
-                                                f"cache_dir={tmp_path / 'cache'}", f"store_dir={tmp_path / 'store'}",
+                                                f"cache_dir={MODEL_CACHE}", f"store_dir={tmp_path / 'store'}",
                                                 *overrides])
 
     return _compose

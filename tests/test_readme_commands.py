@@ -10,6 +10,7 @@ without a case here fails `test_every_readme_command_has_a_case`, so the READMEs
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shlex
 import subprocess
@@ -88,10 +89,11 @@ def ends_with_the_levels_table(proc: subprocess.CompletedProcess, run_dir: Path)
     """The last thing a user sees: the path of results.json, then one line per level."""
     results = read_json(run_dir / "results.json")
     lines = proc.stdout.rstrip().splitlines()
-    n_levels = 1 + len(results["targets"])
+    n_levels = 1 + len(results["targets"]) + sum(len(e.get("recovered") or {}) for e in results["targets"].values())
     assert lines[-n_levels - 2] == f"gisp: results in {run_dir / 'results.json'}", lines[-n_levels - 3:]
     assert lines[-n_levels - 1].split()[:3] == ["level", "sparsity", "step"]
-    assert [line.split()[0] for line in lines[-n_levels:]] == ["dense", *sorted(results["targets"], key=float)]
+    levels = [line.split()[0] for line in lines[-n_levels:]]
+    assert [k for k in levels if "+" not in k] == ["dense", *sorted(results["targets"], key=float)]
 
 
 README = readme_commands(REPO / "README.md", "## Using it")
@@ -134,7 +136,18 @@ RUN = {
     "python -m gisp.run -m experiment=table4_small hydra.sweep.dir=outputs/table4": "test_every_baseline",
     "python -m gisp.evaluate run_dir=multirun/.../3 'targets=[0.37]' eval=wikitext2":
         "test_multiruns_share_one_trajectory",
+    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.3,0.5]' recover=lora": "test_recovery",
+    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=distill recover.adapter=none":
+        "test_recovery",
+    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=nested": "test_recovery",
+    "python -m gisp.run recover=lora": "test_recovery",
+    "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' recovered=lora eval=cmqa": "test_recovery",
+    "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' target=0.5 recovered=lora "
+    "out=exports/smollm2_50_lora": "test_recovery",
 }
+# A recovery of a few seconds on the tiny model (a user's own budget and sizes)
+SMALL_RECOVERY = ["recover.tokens=2048", "recover.seq_len=32", "recover.batch_size=4", "recover.val_every=8",
+                  "recover.val_tokens=256"]
 
 
 def test_every_readme_command_has_a_case():
@@ -309,3 +322,34 @@ def test_task_aligned_and_evaluate(default_run, tmp_path):
     results = read_json(run_dir / "results.json")
     assert all("cmqa_mean" in results["targets"][k]["metrics"] for k in ("0.2", "0.3", "0.4"))
     ends_with_the_levels_table(proc, run_dir)
+
+
+def test_recovery(default_run, tmp_path):
+    """The recovery block: each recovery on the default run's levels, recovered levels evaluated on other tasks and
+    exported, and the same stage inside gisp.run."""
+    run_dir = default_run[0] / "run"
+    on = [f"run_dir={run_dir}", *SMALL_RECOVERY]
+    for command in ("python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.3,0.5]' recover=lora",
+                    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=distill "
+                    "recover.adapter=none",
+                    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=nested"):
+        ok(cli(substitute(command, *on, "recover.tokens=1024")))
+    results = read_json(run_dir / "results.json")
+    assert sorted(results["recovery"]) == ["distill", "lora", "nested"]
+    assert sorted(k for k, e in results["targets"].items() if "lora" in e.get("recovered", {})) == ["0.3", "0.5"]
+    assert all({"distill", "nested"} <= set(e["recovered"]) for e in results["targets"].values())
+    evaluate = "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' recovered=lora eval=cmqa"
+    proc = cli(substitute(evaluate, f"run_dir={run_dir}", "eval.tasks.cmqa.limit=2"))
+    ok(proc)
+    assert "cmqa_mean" in read_json(run_dir / "results.json")["targets"]["0.5"]["recovered"]["lora"]["metrics"]
+    assert "0.5+lora" in proc.stdout
+    export = ("python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' target=0.5 recovered=lora "
+              "out=exports/smollm2_50_lora")
+    ok(cli(substitute(export, f"run_dir={run_dir}", f"out={tmp_path / 'smollm2_50_lora'}")))
+    assert json.loads((tmp_path / "smollm2_50_lora" / "gisp_export.json").read_text())["recovered"] == "lora"
+    proc = cli(substitute("python -m gisp.run recover=lora", *TINY, "sparsity=[0.3,0.5]", *SMALL_RECOVERY,
+                          *where(tmp_path, "in_run")))
+    ok(proc)
+    results = read_json(tmp_path / "in_run" / "results.json")
+    assert results["complete"] and all("lora" in e["recovered"] for e in results["targets"].values())
+    ends_with_the_levels_table(proc, tmp_path / "in_run")

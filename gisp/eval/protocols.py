@@ -30,8 +30,15 @@ def protocol_hash(description: Any) -> str:
 
 
 def level_entries(results: dict) -> dict[str, dict]:
-    """{"dense": entry, "0.4": entry, ...} of a results.json (no copies: entries can be updated in place)."""
-    return {"dense": results.get("dense") or {}, **(results.get("targets") or {})}
+    """{"dense": entry, "0.4": entry, "0.4+lora": entry, ...} of a results.json: the levels and the recovered levels
+    (gisp.recover: `targets[key]["recovered"][name]`), which carry their own metrics and protocol hashes. No copies:
+    entries can be updated in place."""
+    targets = results.get("targets") or {}
+    out = {"dense": results.get("dense") or {}, **targets}
+    for key, entry in targets.items():
+        for name, recovered in (entry.get("recovered") or {}).items():
+            out[f"{key}+{name}"] = recovered
+    return out
 
 
 def task_of(entry: dict, metric: str) -> str:
@@ -58,7 +65,12 @@ def mixed_protocols(results: dict) -> dict[str, list[str]]:
     for key, entry in level_entries(results).items():
         for task in stale_tasks(results, entry):
             out.setdefault(task, []).append(key)
-    return {task: sorted(levels, key=lambda k: -1.0 if k == "dense" else float(k)) for task, levels in out.items()}
+    return {task: sorted(levels, key=_order) for task, levels in out.items()}
+
+
+def _order(key: str) -> tuple[float, str]:
+    level, _, name = key.partition("+")
+    return (-1.0 if level == "dense" else float(level), name)
 
 
 def mark_mixed(results: dict) -> bool:

@@ -16,24 +16,24 @@ TABLE_COLUMNS = ["level", "sparsity", "step", "metric", "value"]
 
 
 def result_rows(results: dict[str, Any]) -> list[list]:
-    """[level, sparsity, step, metric, value] for the dense model and every target of a results.json (metrics of an
-    older evaluation protocol left out)."""
-    dense = results.get("dense") or {}
-    rows = [["dense", 0.0, 0, m, v] for m, v in sorted(current_metrics(results, dense).items())]
-    for key, entry in sorted(results.get("targets", {}).items(), key=lambda kv: float(kv[0])):
-        for m, v in sorted(current_metrics(results, entry).items()):
-            rows.append([key, entry["sparsity"], entry["step"], m, v])
+    """[level, sparsity, step, metric, value] for the dense model, every target and every recovered target
+    ("0.5+lora") of a results.json (metrics of an older evaluation protocol left out)."""
+    steps = {key: entry.get("step") for key, entry in (results.get("targets") or {}).items()}
+    rows = []
+    for key, sparsity, ms in levels(results):
+        step = 0 if key == "dense" else steps.get(key.partition("+")[0])
+        rows += [[key, sparsity, step, m, v] for m, v in sorted(ms.items())]
     return rows
 
 
 def levels_text(results: dict[str, Any]) -> str:
-    """Every level of a results.json as a plain-text table (level, sparsity, step, one column per metric): what a
-    command prints last."""
+    """Every level of a results.json as a plain-text table (level, sparsity, step, one column per metric), recovered
+    levels under the level they recover: what a command prints last."""
     metrics = sorted({m for _, _, ms in levels(results) for m in ms})
     rows = [["level", "sparsity", "step", *metrics]]
     steps = {key: entry.get("step") for key, entry in (results.get("targets") or {}).items()}
     for key, sparsity, ms in levels(results):
-        step = 0 if key == "dense" else steps.get(key)
+        step = 0 if key == "dense" else steps.get(key.partition("+")[0])
         rows.append([key, f"{sparsity:.4f}", "-" if step is None else str(step), *(fmt(m, ms.get(m)) for m in metrics)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -44,29 +44,34 @@ def levels_text(results: dict[str, Any]) -> str:
 
 
 def plot_results(results: dict[str, Any], path: str | Path) -> Path | None:
-    """One panel per metric, value against measured sparsity (dense at 0); perplexities on a log axis.
+    """One panel per metric, value against measured sparsity (dense at 0), one line for the pruned levels and one
+    per recovery; perplexities on a log axis.
 
     Written to a temporary file and renamed, so a PNG in the run dir is always complete."""
-    rows = result_rows(results)
-    if not rows:
+    lines = series(results)
+    metrics = sorted({m for rows in lines.values() for _, _, ms in rows for m in ms})
+    if not metrics:
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # no display on nodes and in CI
     import matplotlib.pyplot as plt
 
-    metrics = sorted({r[3] for r in rows})
     cols = min(3, len(metrics))
     nrows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        points = sorted((r[1], r[4]) for r in rows if r[3] == metric)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        for name, rows in lines.items():
+            points = sorted((s, ms[metric]) for _, s, ms in rows if metric in ms)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=f"recovered: {name}" if name else "pruned")
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("parameter sparsity")
         if "ppl" in metric:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.suptitle(f"{results.get('model', '')} ({results.get('method', {}).get('objective', '')})", fontsize=10)
@@ -94,12 +99,25 @@ def log_results_table(loggers: list, results: dict[str, Any], key: str = "result
 
 
 def levels(results: dict[str, Any]) -> list[tuple[str, float, dict]]:
-    """(level label, measured sparsity, metrics) for dense and every target, by sparsity. Only metrics measured with
-    the run's current evaluation protocol (gisp.eval.protocols): a level left with values of an older protocol by an
-    unfinished re-evaluation shows none of them."""
+    """(level label, measured sparsity, metrics) for dense and every target by sparsity, each followed by its
+    recovered levels ("0.5+lora", gisp.recover). Only metrics measured with the run's current evaluation protocol
+    (gisp.eval.protocols): a level left with values of an older protocol by an unfinished re-evaluation shows none
+    of them."""
     out = [("dense", 0.0, current_metrics(results, results.get("dense") or {}))]
     for key, entry in sorted((results.get("targets") or {}).items(), key=lambda kv: float(kv[0])):
         out.append((key, entry["sparsity"], current_metrics(results, entry)))
+        for name, recovered in sorted((entry.get("recovered") or {}).items()):
+            out.append((f"{key}+{name}", entry["sparsity"], current_metrics(results, recovered)))
+    return out
+
+
+def series(results: dict[str, Any]) -> dict[str, list[tuple[str, float, dict]]]:
+    """The levels as lines: "" the pruned ones, then one per recovery (its name), each starting at the dense model."""
+    rows = levels(results)
+    out: dict[str, list] = {"": [r for r in rows if "+" not in r[0]]}
+    for row in rows:
+        if "+" in row[0]:
+            out.setdefault(row[0].partition("+")[2], [rows[0]]).append(row)
     return out
 
 
@@ -143,39 +161,42 @@ def protocol_notes(runs: list[tuple[str, dict]]) -> list[str]:
 
 
 def runs_pivot(runs: list[tuple[str, dict]], metric: str, percent: bool = False) -> str:
-    """One row per run, one column per level (dense, 0.2, 0.3, ...), like the paper's tables."""
-    keys: list[str] = []
-    for _, results in runs:
-        keys += [level for level, _, _ in levels(results) if level not in keys]
-    keys = ["dense"] + sorted((k for k in keys if k != "dense"), key=float)
+    """One row per run (and per recovery of it, "run + lora"), one column per level (dense, 0.2, 0.3, ...), like the
+    paper's tables."""
+    lines_of = [(f"{label} + {name}" if name else label, rows) for label, results in runs
+                for name, rows in series(results).items()]
+    keys = sorted({row[0].partition("+")[0] for _, rows in lines_of for row in rows} - {"dense"}, key=float)
+    keys = ["dense", *keys]
     lines = [f"| {metric} | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for label, results in runs:
-        by_level = {level: ms.get(metric) for level, _, ms in levels(results)}
+    for label, rows in lines_of:
+        by_level = {row[0].partition("+")[0]: row[2].get(metric) for row in rows}
         lines.append(f"| {label} | " + " | ".join(fmt(metric, by_level.get(k), percent) for k in keys) + " |")
     return "\n".join(lines)
 
 
 def plot_runs(runs: list[tuple[str, dict]], path: str | Path, title: str = "") -> Path | None:
     """One panel per metric: every run's (label's) values against measured sparsity; perplexities on a log axis."""
-    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    by_metric: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for label, results in runs:
-        for _, sparsity, ms in levels(results):
-            for m, v in ms.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    series.setdefault(m, {}).setdefault(label, []).append((sparsity, v))
-    if not series:
+        for name, rows in series(results).items():
+            line = f"{label} + {name}" if name else label
+            for _, sparsity, ms in rows:
+                for m, v in ms.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        by_metric.setdefault(m, {}).setdefault(line, []).append((sparsity, v))
+    if not by_metric:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted(series)
+    metrics = sorted(by_metric)
     cols = min(3, len(metrics))
     nrows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        for label, points in sorted(series[metric].items()):
+        for label, points in sorted(by_metric[metric].items()):
             points = sorted(set(points))
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set_title(metric, fontsize=9)

@@ -1,4 +1,5 @@
-"""The progress bar of the scoring passes: Lightning's TQDM bar, named after the pass, with its tokens/s.
+"""The progress bar of the scoring passes (and of recovery fits): Lightning's TQDM bar, named after the pass, with its
+tokens/s.
 
 gisp passes this bar to the Trainer itself (Lightning would otherwise pick its rich bar when `rich` is installed).
 Lightning disables the bars of every process but rank 0 (`ProgressBar.setup`), and this bar only touches its own
@@ -15,9 +16,15 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class ScoringProgressBar(TQDMProgressBar):
+    """`validation`: what a validation epoch is called on the bar (the scoring pass; the validation of a recovery)."""
+
+    def __init__(self, validation: str = "Scoring pass", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.validation = validation
+
     @property
     def validation_description(self) -> str:
-        return "Scoring pass"
+        return self.validation
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_model
 
 from gisp.data import multiple_choice as mc_tasks
@@ -188,6 +189,7 @@ def test_smollm2_beats_chance(compose_cfg, tmp_path):
 
     cfg = compose_cfg()
     model, tok = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
+    torch.set_num_threads(2)  # a heavy behaviour check: both cores (the tests run one at a time)
     suite = MultipleChoiceSuite(tasks=("piqa", "arc_easy"), limit=100, data_dir=DATA, work_dir=tmp_path)
     out = suite(model, tok, progress=False)
     assert out["piqa_acc_norm"] > 0.55 and out["arc_easy_acc_norm"] > 0.35  # chance: 0.5 and ~0.25
