@@ -92,7 +92,8 @@ class RunSettings:
         """What defines this run's trajectory: the config sections of DEFINITION_KEYS, the effective pruner and
         pruning settings, and the calibration set's content hash (how far one invocation goes is not part of it)."""
         prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
-        return {**{k: self.resolved.get(k) for k in DEFINITION_KEYS}, "pruner": asdict(self.pruner),
+        pruner = {k: v for k, v in asdict(self.pruner).items() if k != "options" or v}  # no options: ids unchanged
+        return {**{k: self.resolved.get(k) for k in DEFINITION_KEYS}, "pruner": pruner,
                 "prune": prune, "calibration_sha256": calibration_sha256}
 
     @property

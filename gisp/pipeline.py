@@ -259,7 +259,8 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
                         "continue", passes)
             return None
         if module is None:  # magnitude / random: scores from the weights, no calibration pass
-            callback.store_scores(trainer, *get_score(pruner.score).scores(layers, structure, None, pruner))
+            heads, channels, *extra = get_score(pruner.score).scores(layers, structure, None, pruner)
+            callback.store_scores(trainer, heads, channels, extra=extra[0] if extra else None)
         elif isinstance(module, ActivationModule):
             with module.recorder:  # forward hooks on o_proj / down_proj inputs, removed whatever happens
                 trainer.validate(module, datamodule=calibration, verbose=False)
@@ -414,6 +415,7 @@ def build_results(traj: Trajectory, s: RunSettings, calibration: dict, reused: l
         "trajectory": {"id": traj.id, "path": str(traj.directory), "steps": traj.last_step,
                        "reaches": traj.reached, "reused_steps": reused, "computed_steps": computed},
         "overrides": list(s.overrides) if s.overrides is not None else None,
+        "seed": s.seed,  # the calibration sampling seed: runs that differ only by it are averaged in summaries
         "memory_plan": plan.as_dict() if (plan := plan_for_run(s, quiet=True)) is not None else None,
         "complete": False,
     })

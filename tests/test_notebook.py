@@ -44,6 +44,11 @@ def runs(tmp_path_factory):
         cfg = compose("config", overrides=overrides)
     runs = tmp / "runs"
     run(load_settings(cfg), run_dir=runs / "run_gisp")
+    from gisp.recover.runner import recover_run
+    from gisp.recover.settings import recover_settings
+
+    recover_run(runs / "run_gisp", recover_settings({"method": "lora", "tokens": 1024, "seq_len": 32, "batch_size": 4,
+                                                     "val_tokens": 256}), progress=False)  # pruned vs recovered
     for name, pruner in (("run_gisp_again", None), ("run_oneshot", "oneshot")):
         shutil.copytree(runs / "run_gisp", runs / name)
         results = json.loads((runs / name / "results.json").read_text())
@@ -97,7 +102,10 @@ def test_figures_table_and_summary(executed, runs):
     assert "wikitext2_ppl" in summary["metrics"]
     table = (figures / summary["table"]).read_text()
     assert "| oneshot |" in table and "| gisp (run_gisp) |" in table
-    assert len([line for line in table.splitlines() if line.startswith("| oneshot |")]) == 3  # dense, 0.3, 0.5
+    oneshot = [line for line in table.splitlines() if line.startswith("| oneshot |")]
+    assert len([line for line in oneshot if "+lora" not in line]) == 3  # dense, 0.3, 0.5 (+ the copied recovery)
+    recovered = [line for line in table.splitlines() if line.startswith("| gisp (run_gisp) |") and "+lora" in line]
+    assert [line.split("|")[3].strip() for line in recovered] == ["0.3+lora", "0.5+lora"]  # pruned vs recovered
 
 
 def test_heatmap_values_are_the_masks_kept_fractions(executed, runs):

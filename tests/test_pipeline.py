@@ -178,8 +178,9 @@ def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
     tables = list(runs[0].glob("files/media/table/results_*.table.json"))  # metric x level table
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == ["level", "sparsity", "step", "metric", "value"]
+    assert table["columns"] == ["level", "sparsity", "step", "metric", "value", "stderr"]
     assert {row[3] for row in table["data"]} == {"wikitext2_ppl", "wikitext2_ppl_2048"}
+    assert all(row[5] > 0 for row in table["data"] if row[3] == "wikitext2_ppl")  # over the 8 windows
     assert {row[0] for row in table["data"]} == {"dense", "0.2"}
     assert (tmp_path / "metrics.png").exists()
 

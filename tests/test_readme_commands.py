@@ -127,7 +127,7 @@ RUN = {
     "python -m gisp.run experiment=smoke": "test_smoke_and_plan",
     "python -m gisp.plan model=llama2_70b trainer=fsdp trainer.devices=8 device_memory_gb=80": "test_smoke_and_plan",
     "python -m gisp.run model=llama2_7b prune.grad_offload=cpu prune.checkpointing=true": "test_offload_checkpointing",
-    "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,magnitude,random": "test_every_baseline",
+    "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,owl,shortgpt,magnitude,random": "test_every_baseline",
     "python -m gisp.run data=cmqa objective=margin 'eval=[wikitext2,cmqa]'": "test_task_aligned_and_evaluate",
     "python -m gisp.run data=gsm8k objective=answer_ppl 'eval=[wikitext2,gsm8k]' eval.tasks.gsm8k.limit=50":
         "test_task_aligned_and_evaluate",
@@ -294,8 +294,8 @@ def test_offload_checkpointing(tmp_path):
 
 def test_every_baseline(tmp_path):
     """The baselines' multirun and the Table 4 small experiment (one run dir per method, named after it)."""
-    methods = ["gisp", "oneshot", "llm_pruner", "wanda_sp", "flap", "magnitude", "random"]
-    cmd = "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,magnitude,random"
+    methods = ["gisp", "oneshot", "llm_pruner", "wanda_sp", "flap", "owl", "shortgpt", "magnitude", "random"]
+    cmd = "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,owl,shortgpt,magnitude,random"
     ok(cli(substitute(cmd, *TINY, "sparsity=[0.2,0.4]", *where(tmp_path, "methods", multirun=True))))
     jobs = sorted((tmp_path / "methods").glob("*/results.json"))
     assert sorted(read_json(j)["method"]["pruner"] for j in jobs) == sorted(methods)
@@ -330,8 +330,8 @@ def test_recovery(default_run, tmp_path):
     run_dir = default_run[0] / "run"
     on = [f"run_dir={run_dir}", *SMALL_RECOVERY]
     for command in ("python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.3,0.5]' recover=lora",
-                    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=distill "
-                    "recover.adapter=none",
+                    ("python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=distill "
+                     "recover.adapter=none"),
                     "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=nested"):
         ok(cli(substitute(command, *on, "recover.tokens=1024")))
     results = read_json(run_dir / "results.json")

@@ -7,6 +7,7 @@ source (hub or local files) are :mod:`gisp.data.gsm8k`.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,12 @@ class GSM8KTask:
         if res is None:  # non-zero rank of a distributed run: lm-eval reports on rank 0 only
             return {}
         self._n_evaluated = int(n_samples.get(self.task_name, {}).get("effective", 0)) or None
-        return {metric: float(res[f"exact_match,{flt}"]) for flt, metric in METRICS.items()}
+        out = {metric: float(res[f"exact_match,{flt}"]) for flt, metric in METRICS.items()}
+        for flt, metric in METRICS.items():  # lm-eval's standard error over the questions, when it gives one
+            stderr = res.get(f"exact_match_stderr,{flt}")
+            if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr):
+                out[f"{metric}_stderr"] = float(stderr)
+        return out
 
     def describe(self) -> dict:
         """Provenance for results.json: data, prompt setting, filters and the lm-eval version."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import shutil
 import tempfile
 import weakref
@@ -145,12 +146,17 @@ class MultipleChoiceSuite:
             if name not in results or f"{metric},none" not in results[name]:
                 raise GispError(f"lm-eval returned no {metric} for {name} (got {sorted(results)}); check its config")
             out[metric_key(task)] = float(results[name][f"{metric},none"])
+            stderr = results[name].get(f"{metric}_stderr,none")  # lm-eval's standard error over the items
+            if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr):
+                out[f"{metric_key(task)}_stderr"] = float(stderr)
             self._n_evaluated[task] = int(n_samples.get(name, {}).get("effective", 0))
-        values = list(out.values())
-        if set(CMQA_TASKS) <= set(self.tasks):
-            out["cmqa_mean"] = sum(out[metric_key(t)] for t in CMQA_TASKS) / len(CMQA_TASKS)
-        elif len(values) >= 2:
-            out["mc_mean"] = sum(values) / len(values)
+        keys = [metric_key(t) for t in self.tasks]
+        mean = "cmqa_mean" if set(CMQA_TASKS) <= set(self.tasks) else ("mc_mean" if len(keys) >= 2 else None)
+        if mean is not None:
+            of = [metric_key(t) for t in CMQA_TASKS] if mean == "cmqa_mean" else keys
+            out[mean] = sum(out[k] for k in of) / len(of)
+            if all(f"{k}_stderr" in out for k in of):  # independent tasks: the mean's error
+                out[f"{mean}_stderr"] = math.sqrt(sum(out[f"{k}_stderr"] ** 2 for k in of)) / len(of)
         return out
 
     def describe(self) -> dict:

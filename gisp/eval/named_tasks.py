@@ -35,16 +35,21 @@ OFFLINE_FIX = ("use the offline mirror eval=cmqa (boolq, piqa, hellaswag, winogr
 
 METRIC_RULE = ("every task and group lm-eval reports, as {task}_{metric} for its filter 'none' and "
                "{task}_{metric}_{filter} otherwise (runs of non-alphanumeric characters of the filter become '_', "
-               "e.g. exact_match,strict-match -> gsm8k_exact_match_strict_match); stderr entries are dropped; with "
-               "`metrics` ({task: metric or [metrics]}) only the listed ones are reported")
+               "e.g. exact_match,strict-match -> gsm8k_exact_match_strict_match), each with its standard error as "
+               "{name}_stderr when lm-eval gives one; with `metrics` ({task: metric or [metrics]}) only the listed "
+               "ones (and their errors) are reported")
 
 
 def metric_name(task: str, key: str) -> str | None:
-    """The flat name of lm-eval's result ``key`` (``"acc,none"``, ``"exact_match,strict-match"``) for ``task``;
-    None for entries that are not metrics (``alias``, stderr)."""
+    """The flat name of lm-eval's result ``key`` (``"acc,none"``, ``"exact_match,strict-match"``) for ``task``; a
+    standard error (``"acc_stderr,none"``) is the metric's name + ``_stderr``; None for entries that are not
+    metrics (``alias``)."""
     metric, sep, flt = key.partition(",")
-    if not sep or not metric or metric.endswith("_stderr"):
+    if not sep or not metric:
         return None
+    if metric.endswith("_stderr"):
+        base = metric_name(task, f"{metric.removesuffix('_stderr')},{flt}")
+        return None if base is None else f"{base}_stderr"
     if flt == "none":
         return f"{task}_{metric}"
     return f"{task}_{metric}_{re.sub(r'[^0-9A-Za-z]+', '_', flt).strip('_')}"
@@ -59,9 +64,9 @@ def flatten_results(results: dict[str, dict], keep: dict[str, tuple[str, ...]] |
             continue
         for key, value in metrics.items():
             name = metric_name(task, key)
-            if name is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if name is None or isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 continue
-            if keep is not None and name[len(task) + 1:] not in keep[task]:
+            if keep is not None and name[len(task) + 1:].removesuffix("_stderr") not in keep[task]:
                 continue
             if name in out:
                 raise GispError(f"lm-eval metrics of {task!r} map to the same name {name!r}; report them through "
@@ -70,7 +75,7 @@ def flatten_results(results: dict[str, dict], keep: dict[str, tuple[str, ...]] |
     if keep is not None:
         missing = [f"{t}_{m}" for t, ms in keep.items() for m in ms if f"{t}_{m}" not in out]
         if missing:
-            have = sorted(flatten_results(results))
+            have = sorted(k for k in flatten_results(results) if not k.endswith("_stderr"))
             raise GispError(f"lm-eval reported no {missing}; set eval `metrics` to reported ones: {have}")
     return out
 

@@ -35,8 +35,11 @@ def perplexity(
     world_size: int = 1,
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     lockstep: bool = False,
-) -> float:
-    """exp(total next-token NLL / total predicted tokens) over ``windows`` (n_windows, seq_len).
+    with_stderr: bool = False,
+) -> float | tuple[float, float]:
+    """exp(total next-token NLL / total predicted tokens) over ``windows`` (n_windows, seq_len); with
+    ``with_stderr``, also its standard error over the windows: ppl x std(window mean NLL) / sqrt(n_windows) (the
+    delta method; windows of equal length, so the perplexity is exp of the mean of the window means).
 
     Each window is scored on its own (no context carried over): seq_len - 1 predicted positions, CE in float32.
     Since all windows have the same length this equals SparseGPT/Wanda's exp(mean of per-window mean losses);
@@ -62,20 +65,27 @@ def perplexity(
     n_batches = None
     if lockstep and world_size > 1:
         n_batches = math.ceil(math.ceil(windows.shape[0] / world_size) / batch_size)
-    total_nll, total_tokens = nll_sum(model, share, batch_size, device, progress, desc, n_batches, spare=windows[:1])
+    window_means: list[float] = []
+    total_nll, total_tokens = nll_sum(model, share, batch_size, device, progress, desc, n_batches, spare=windows[:1],
+                                      window_means=window_means)
+    sums = [total_nll, total_tokens, sum(window_means), sum(m * m for m in window_means), len(window_means)]
     if world_size > 1:
-        reduced = reduce_fn(torch.tensor([total_nll, total_tokens], dtype=torch.float64))
-        total_nll, total_tokens = float(reduced[0]), int(reduced[1])
-    return math.exp(total_nll / total_tokens)
+        sums = reduce_fn(torch.tensor(sums, dtype=torch.float64)).tolist()
+    total_nll, total_tokens, s1, s2, n = sums
+    ppl = math.exp(total_nll / total_tokens)
+    if not with_stderr:
+        return ppl
+    variance = max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)  # of the window means (sample variance)
+    return ppl, ppl * math.sqrt(variance / n)
 
 
 @torch.no_grad()
 def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str | None = None,
             progress: bool = True, desc: str = "ppl", n_batches: int | None = None,
-            spare: torch.Tensor | None = None) -> tuple[float, int]:
+            spare: torch.Tensor | None = None, window_means: list[float] | None = None) -> tuple[float, int]:
     """Summed next-token NLL and number of predicted tokens over ``windows`` (n, seq_len), in batches. With
     ``n_batches``, exactly that many forward calls run: the missing ones score ``spare`` (or the last window) and are
-    not counted."""
+    not counted. ``window_means`` receives each counted window's mean NLL."""
     device = torch.device(device) if device is not None else _model_device(model)
     config = getattr(model, "config", None)
     kwargs: dict[str, Any] = {"use_cache": False} if hasattr(config, "use_cache") else {}
@@ -96,9 +106,12 @@ def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, devi
                 continue
             pred = logits[:, :-1, :].float()  # (b, seq_len-1, vocab)
             target = ids[:, 1:]  # (b, seq_len-1)
-            nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-            total_nll += float(nll)
+            nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+            nll = nll.view(target.shape)  # (b, seq_len-1)
+            total_nll += float(nll.sum())
             total_tokens += target.numel()
+            if window_means is not None:
+                window_means += nll.double().mean(dim=1).tolist()
     finally:
         model.train(was_training)
     return total_nll, total_tokens

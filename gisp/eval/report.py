@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from gisp.eval.aggregate import is_value, spread
 from gisp.eval.protocols import current_metrics, protocol_hash
 from gisp.io import atomic_file
 
 log = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ["level", "sparsity", "step", "metric", "value"]
+TABLE_COLUMNS = ["level", "sparsity", "step", "metric", "value", "stderr"]
 
 
 def result_rows(results: dict[str, Any]) -> list[list]:
@@ -22,14 +23,14 @@ def result_rows(results: dict[str, Any]) -> list[list]:
     rows = []
     for key, sparsity, ms in levels(results):
         step = 0 if key == "dense" else steps.get(key.partition("+")[0])
-        rows += [[key, sparsity, step, m, v] for m, v in sorted(ms.items())]
+        rows += [[key, sparsity, step, m, v, ms.get(f"{m}_stderr")] for m, v in sorted(ms.items()) if is_value(m)]
     return rows
 
 
 def levels_text(results: dict[str, Any]) -> str:
     """Every level of a results.json as a plain-text table (level, sparsity, step, one column per metric), recovered
     levels under the level they recover: what a command prints last."""
-    metrics = sorted({m for _, _, ms in levels(results) for m in ms})
+    metrics = sorted({m for _, _, ms in levels(results) for m in ms if is_value(m)})
     rows = [["level", "sparsity", "step", *metrics]]
     steps = {key: entry.get("step") for key, entry in (results.get("targets") or {}).items()}
     for key, sparsity, ms in levels(results):
@@ -49,7 +50,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path | None:
 
     Written to a temporary file and renamed, so a PNG in the run dir is always complete."""
     lines = series(results)
-    metrics = sorted({m for rows in lines.values() for _, _, ms in rows for m in ms})
+    metrics = sorted({m for rows in lines.values() for _, _, ms in rows for m in ms if is_value(m)})
     if not metrics:
         return None
     import matplotlib
@@ -62,9 +63,9 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path | None:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         for name, rows in lines.items():
-            points = sorted((s, ms[metric]) for _, s, ms in rows if metric in ms)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=f"recovered: {name}" if name else "pruned")
+            points = sorted((s, ms[metric], spread(ms, metric)[0] or 0.0) for _, s, ms in rows if metric in ms)
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, label=f"recovered: {name}" if name else "pruned")
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("parameter sparsity")
         if "ppl" in metric:
@@ -129,14 +130,27 @@ def fmt(metric: str, value: float | None, percent: bool = False) -> str:
     return f"{value:.2f}" if value >= 10 else f"{value:.4f}"
 
 
+def cell(metric: str, ms: dict, percent: bool = False) -> str:
+    """A table cell: the value, +- its spread (std over seeds, with n; else the evaluation's standard error)."""
+    value = ms.get(metric)
+    if value is None:
+        return "-"
+    scale = 100 if percent and "ppl" not in metric else 1
+    if f"{metric}_std" in ms:
+        return f"{fmt(metric, value, percent)} +- {scale * ms[f'{metric}_std']:.2g} (n={int(ms[f'{metric}_n'])})"
+    if f"{metric}_stderr" in ms:
+        return f"{fmt(metric, value, percent)} +- {scale * ms[f'{metric}_stderr']:.2g}"
+    return fmt(metric, value, percent)
+
+
 def runs_table(runs: list[tuple[str, dict]], metrics: list[str] | None = None, percent: bool = False) -> str:
     """One row per (run, level), the metrics as columns (all of them if none are given)."""
     if not metrics:
-        metrics = sorted({m for _, r in runs for _, _, ms in levels(r) for m in ms})
+        metrics = sorted({m for _, r in runs for _, _, ms in levels(r) for m in ms if is_value(m)})
     lines = ["| run | level | sparsity | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for label, results in runs:
         for level, sparsity, ms in levels(results):
-            cells = " | ".join(fmt(m, ms.get(m), percent) for m in metrics)
+            cells = " | ".join(cell(m, ms, percent) for m in metrics)
             lines.append(f"| {label} | {level} | {sparsity:.4f} | {cells} |")
     return "\n".join(lines)
 
@@ -169,8 +183,8 @@ def runs_pivot(runs: list[tuple[str, dict]], metric: str, percent: bool = False)
     keys = ["dense", *keys]
     lines = [f"| {metric} | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for label, rows in lines_of:
-        by_level = {row[0].partition("+")[0]: row[2].get(metric) for row in rows}
-        lines.append(f"| {label} | " + " | ".join(fmt(metric, by_level.get(k), percent) for k in keys) + " |")
+        by_level = {row[0].partition("+")[0]: row[2] for row in rows}
+        lines.append(f"| {label} | " + " | ".join(cell(metric, by_level.get(k) or {}, percent) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -182,8 +196,9 @@ def plot_runs(runs: list[tuple[str, dict]], path: str | Path, title: str = "") -
             line = f"{label} + {name}" if name else label
             for _, sparsity, ms in rows:
                 for m, v in ms.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        by_metric.setdefault(m, {}).setdefault(line, []).append((sparsity, v))
+                    if is_value(m) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        by_metric.setdefault(m, {}).setdefault(line, []).append((sparsity, v,
+                                                                                 spread(ms, m)[0] or 0.0))
     if not by_metric:
         return None
     import matplotlib
@@ -198,7 +213,8 @@ def plot_runs(runs: list[tuple[str, dict]], path: str | Path, title: str = "") -
     for ax, metric in zip(axes.flat, metrics):
         for label, points in sorted(by_metric[metric].items()):
             points = sorted(set(points))
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, label=label)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("parameter sparsity")
         if "ppl" in metric:

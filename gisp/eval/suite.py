@@ -53,7 +53,7 @@ class Evaluator:
         self.windows: dict[str, torch.Tensor] = {}
         self._info: dict[str, dict] = {}
         # metric -> the task that measures it (results.json keeps it per level, next to the task's protocol hash)
-        self.metric_tasks: dict[str, str] = {t.metric: t.metric for t in self.tasks}
+        self.metric_tasks: dict[str, str] = {m: t.metric for t in self.tasks for m in (t.metric, f"{t.metric}_stderr")}
         streams: dict[TextSource, tuple[torch.Tensor, dict]] = {}  # tokenize each distinct text once
         for task in self.tasks:
             if task.source not in streams:
@@ -87,11 +87,15 @@ class Evaluator:
     def perplexities(self, model: torch.nn.Module, progress: bool = True, rank: int = 0, world_size: int = 1,
                      reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, lockstep: bool = False
                      ) -> dict[str, float]:
-        """The perplexity metrics; over several processes each scores its share of the windows (see
-        gisp.eval.perplexity.perplexity) and every process gets the single-process values."""
-        return {t.metric: perplexity(model, self.windows[t.metric], t.batch_size, progress=progress, desc=t.metric,
-                                     rank=rank, world_size=world_size, reduce_fn=reduce_fn, lockstep=lockstep)
-                for t in self.tasks}
+        """The perplexity metrics and their standard errors over the windows (`{metric}_stderr`); over several
+        processes each scores its share of the windows (see gisp.eval.perplexity.perplexity) and every process gets
+        the single-process values."""
+        out: dict[str, float] = {}
+        for t in self.tasks:
+            out[t.metric], out[f"{t.metric}_stderr"] = perplexity(
+                model, self.windows[t.metric], t.batch_size, progress=progress, desc=t.metric, rank=rank,
+                world_size=world_size, reduce_fn=reduce_fn, lockstep=lockstep, with_stderr=True)
+        return out
 
     def suite_metrics(self, model: torch.nn.Module, progress: bool = True) -> dict[str, float]:
         """The metrics of the suites (lm-eval tasks, GSM8K): one process, the whole model."""

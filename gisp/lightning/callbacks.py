@@ -119,7 +119,8 @@ class OneShotPruning(_TrajectoryCallback):
         if pl_module.scores is None:
             raise GispError("the scoring pass produced no scores (empty calibration loader?)")
         means = input_means(pl_module.moments, self.structure) if self.keep_means else {}
-        self.store_scores(trainer, *pl_module.scores, calib_loss=pl_module.calib_loss, extra=means,
+        extra = {**(getattr(pl_module, "extra", None) or {}), **means}  # per-layer statistics of the score too
+        self.store_scores(trainer, *pl_module.scores, calib_loss=pl_module.calib_loss, extra=extra,
                           throughput=_throughput(pl_module))
 
     def store_scores(self, trainer: L.Trainer, heads: torch.Tensor, channels: torch.Tensor,

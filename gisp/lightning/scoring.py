@@ -13,6 +13,7 @@ the MFU on a GPU of known peak) and the bytes its gradients held (`memory`), whi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from torch import nn
 from gisp.errors import GispError
 from gisp.lightning.checkpointing import checkpoint_layers, training_layers
 from gisp.lightning.sharding import (
+    decoder_layers,
     full_state_on_rank0,
     load_shards_from_rank0,
     local,
@@ -33,7 +35,7 @@ from gisp.lightning.sharding import (
 )
 from gisp.models.families import family_spec
 from gisp.models.structure import LayerModules, ModelStructure
-from gisp.prune.activations import InputMoments, InputRecorder
+from gisp.prune.activations import BlockRecorder, InputMoments, InputRecorder
 from gisp.prune.importance import get_score, scored_weights, structure_scores
 from gisp.prune.objectives import batch_losses
 
@@ -328,22 +330,24 @@ def throughput(tokens: int, seconds: float, structure: ModelStructure, model: nn
 
 
 class ActivationModule(L.LightningModule):
-    """One validation epoch = one forward-only pass whose o_proj / down_proj input moments are recorded (wanda_sp,
-    FLAP); `score_fn(moments)` turns them into per-head and per-channel scores at the end.
+    """One validation epoch = one forward-only pass whose activation statistics are recorded: projection input
+    moments (wanda_sp, FLAP, OWL) or each layer's input / output similarity (ShortGPT); `score_fn(moments)` turns
+    them into per-head and per-channel scores at the end (and per-layer statistics, `extra`).
 
     The hooks belong to `self.recorder`, a context manager the caller wraps around `trainer.validate`, so they are
     removed whatever happens inside the pass."""
 
     def __init__(self, model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
-                 score_fn):
+                 score_fn, recorder=None):
         super().__init__()
         self.model = model
         self.structure = structure
         self.n_samples = n_samples
         self.score_fn = score_fn
-        self.recorder = InputRecorder(layers, structure)
+        self.recorder = recorder if recorder is not None else InputRecorder(layers, structure)
         self.model.requires_grad_(False)
         self.scores: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.extra: dict[str, torch.Tensor] = {}  # per-layer statistics of the score, stored with it
         self.moments: dict[tuple[int, str], InputMoments] | None = None
         self.calib_loss: float | None = None  # no objective in an activation pass
         self._seen = 0
@@ -371,14 +375,15 @@ class ActivationModule(L.LightningModule):
         seen, moments = self._seen, dict(self.recorder.moments)
         if self.trainer.world_size > 1:  # every process saw its shard: sum the moments
             reduce = self.trainer.strategy.reduce
-            moments = {k: InputMoments(reduce(m.count, reduce_op="sum"), reduce(m.total, reduce_op="sum"),
-                                       reduce(m.total_sq, reduce_op="sum")) for k, m in moments.items()}
+            moments = {k: type(m)(*(reduce(getattr(m, f.name), reduce_op="sum") for f in dataclasses.fields(m)))
+                       for k, m in moments.items()}
             seen = int(reduce(torch.tensor(seen, device=self.device), reduce_op="sum"))
         if seen != self.n_samples:
             raise GispError(f"the activation pass saw {seen} calibration sequences, expected {self.n_samples}: "
                             "do not limit validation batches (trainer.limit_val_batches) during pruning")
         self.moments = moments
-        self.scores = self.score_fn(moments)
+        heads, channels, *extra = self.score_fn(moments)
+        self.scores, self.extra = (heads, channels), (extra[0] if extra else {})
 
 
 def gradient_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
@@ -393,8 +398,13 @@ def activation_pass(model: nn.Module, layers: list[LayerModules], structure: Mod
                     pruner, grad_offload: str | None = None, checkpointing: bool = False) -> ActivationModule:
     """A forward-only pass: `grad_offload` and `checkpointing` (gradient-pass options) have nothing to act on."""
     score = get_score(pruner.score)
+    if score.recorder == "blocks":
+        recorder = BlockRecorder(decoder_layers(model, family_spec(model.config.model_type).layers), structure)
+    else:
+        recorder = InputRecorder(layers, structure, score.points)
     return ActivationModule(model, layers, structure, n_samples,
-                            score_fn=lambda moments: score.scores(layers, structure, moments, pruner))
+                            score_fn=lambda moments: score.scores(layers, structure, moments, pruner),
+                            recorder=recorder)
 
 
 PASSES: dict[str, Callable[..., L.LightningModule] | None] = {

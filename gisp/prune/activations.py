@@ -1,7 +1,10 @@
-"""Activation statistics of a calibration pass: per-feature moments of the inputs of o_proj and down_proj.
+"""Activation statistics of a calibration pass: per-feature moments of projection inputs, and how much each decoder
+layer changes its hidden states.
 
-Used by the activation scores (wanda_sp, FLAP) and FLAP's bias compensation. The recorder is a context manager so
-its forward pre-hooks are removed whatever happens inside the pass.
+`InputRecorder`: the inputs of o_proj and down_proj (wanda_sp, FLAP and FLAP's bias compensation), and with
+`points` also those of q_proj (= k, v) and gate_proj (= up) (OWL's outlier ratio). `BlockRecorder`: the cosine
+similarity of each decoder layer's input and output hidden states (ShortGPT's Block Influence). Both are context
+managers so their hooks are removed whatever happens inside the pass.
 """
 
 from __future__ import annotations
@@ -37,13 +40,23 @@ class InputMoments:
         return (self.mean_sq - self.mean.pow(2)).clamp_min(0.0)
 
 
-class InputRecorder:
-    """Context manager: forward pre-hooks on o_proj and down_proj of the unprotected layers that accumulate their
-    inputs' moments over the non-padding tokens. The hooks are removed on exit, also after an error."""
+# Where an input recorder hooks: key -> the projection whose input it records ("attn" / "mlp": o_proj / down_proj)
+POINTS = {"attn": "o", "mlp": "down", "q": "q", "gate": "gate"}
 
-    def __init__(self, layers: list[LayerModules], structure: ModelStructure):
+
+class InputRecorder:
+    """Context manager: forward pre-hooks on the projections of `points` (default o_proj and down_proj) of the
+    unprotected layers that accumulate their inputs' moments over the non-padding tokens. The hooks are removed on
+    exit, also after an error."""
+
+    def __init__(self, layers: list[LayerModules], structure: ModelStructure,
+                 points: tuple[str, ...] = ("attn", "mlp")):
+        unknown = [p for p in points if p not in POINTS]
+        if unknown:
+            raise GispError(f"unknown recording points {unknown}; known: {sorted(POINTS)}")
         self.layers = layers
         self.structure = structure
+        self.points = points
         self.moments: dict[tuple[int, str], InputMoments] = {}
         self.token_mask: torch.Tensor | None = None  # (B, T) bool of the current batch; None = every token
         self._handles: list = []
@@ -56,8 +69,9 @@ class InputRecorder:
         if self.active:
             raise GispError("the input recorder is already recording")
         for i in self.structure.unprotected:
-            self._handles.append(self.layers[i].o.register_forward_pre_hook(self._hook((i, "attn"))))
-            self._handles.append(self.layers[i].down.register_forward_pre_hook(self._hook((i, "mlp"))))
+            for point in self.points:
+                module = getattr(self.layers[i], POINTS[point])
+                self._handles.append(module.register_forward_pre_hook(self._hook((i, point))))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -81,3 +95,63 @@ class InputRecorder:
             m.total_sq += rows.pow(2).sum(dim=0)
 
         return pre_hook
+
+
+@dataclass
+class BlockMoments:
+    """Per decoder layer, over calibration tokens (float64): count and sum of cos(input, output hidden state)."""
+
+    count: torch.Tensor
+    cosine: torch.Tensor
+
+    @property
+    def block_influence(self) -> float:
+        """ShortGPT's BI: 1 - the mean cosine similarity of a layer's input and output hidden states."""
+        return float(1.0 - self.cosine / self.count)
+
+
+class BlockRecorder:
+    """Context manager: forward hooks on the decoder layers of the unprotected layers that accumulate, over the
+    non-padding tokens, the cosine similarity between each layer's input and output hidden state (a layer that
+    barely changes its input scores low: ShortGPT removes those first). Same interface as InputRecorder."""
+
+    def __init__(self, decoder_layers, structure: ModelStructure):
+        self.decoder_layers = decoder_layers
+        self.structure = structure
+        self.moments: dict[tuple[int, str], BlockMoments] = {}
+        self.token_mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> Self:
+        if self.active:
+            raise GispError("the block recorder is already recording")
+        for i in self.structure.unprotected:
+            self._handles.append(self.decoder_layers[i].register_forward_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.token_mask = None
+
+    def _hook(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = output[0] if isinstance(output, (tuple, list)) else output
+            cos = torch.nn.functional.cosine_similarity(x_in.detach().double(), x_out.detach().double(), dim=-1)
+            cos = cos.nan_to_num(0.5)  # as the reference: a zero vector counts as half-similar
+            if self.token_mask is not None:
+                cos = cos[self.token_mask.to(cos.device)]
+            m = self.moments.get((i, "block"))
+            if m is None:
+                zero = torch.zeros((), dtype=torch.float64, device=cos.device)
+                m = self.moments[(i, "block")] = BlockMoments(zero, zero.clone())
+            m.count += cos.numel()
+            m.cosine += cos.sum()
+
+        return hook

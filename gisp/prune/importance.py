@@ -197,21 +197,27 @@ ScoreFn = Callable[[list[LayerModules], ModelStructure, Any, Any], tuple[torch.T
 
 @dataclass(frozen=True)
 class Importance:
+    """`scores(layers, structure, stats, pruner)` returns (heads, channels), or (heads, channels, extra) where `extra`
+    holds per-layer statistics stored with the scores for the method's ranking rule (OWL's outlier ratios,
+    ShortGPT's block influence). `recorder`: what an activation pass records (`inputs` of `points`, or `blocks`)."""
+
     name: str
     signal: str  # which pass feeds it: one of SIGNALS
     scores: ScoreFn
+    recorder: str = "inputs"  # activations: InputRecorder ("inputs") or BlockRecorder ("blocks")
+    points: tuple[str, ...] = ("attn", "mlp")  # InputRecorder points
 
 
 SCORES: dict[str, Importance] = {}
 
 
-def register_score(name: str, signal: str):
+def register_score(name: str, signal: str, recorder: str = "inputs", points: tuple[str, ...] = ("attn", "mlp")):
     """Decorator: make `fn(layers, structure, stats, pruner)` selectable as `pruner.score=name`."""
     if signal not in SIGNALS:
         raise ValueError(f"signal {signal!r} is not one of {SIGNALS}")
 
     def decorate(fn: ScoreFn) -> ScoreFn:
-        SCORES[name] = Importance(name, signal, fn)
+        SCORES[name] = Importance(name, signal, fn, recorder, points)
         return fn
 
     return decorate
@@ -260,3 +266,45 @@ def weight_magnitude_scores(layers: list[LayerModules], structure: ModelStructur
 @register_score("random", "weights")
 def seeded_random_scores(layers: list[LayerModules], structure: ModelStructure, stats: None, pruner) -> tuple:
     return protect(*random_scores(structure, pruner.seed), structure)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OWL (Yin et al. 2023) on Wanda-sp, and ShortGPT (Men et al. 2024)
+
+
+def outlier_ratio(layer: LayerModules, moments: dict[str, InputMoments], m: float) -> float:
+    """OWL's layerwise outlier ratio: the share of the layer's weights (q, k, v, o, gate, up, down) whose Wanda score
+    |W_ij| * ||x_j|| exceeds `m` x the mean score of the whole layer (||x_j||: the root of the summed squares of input
+    feature j over the calibration tokens; any common scale cancels in the ratio)."""
+    inputs = {"q": "q", "k": "q", "v": "q", "o": "attn", "gate": "gate", "up": "gate", "down": "mlp"}
+    pieces = []
+    for name, point in inputs.items():
+        weight = getattr(layer, name).weight.detach().float()
+        pieces.append((weight.abs() * moments[point].total_sq.float().sqrt().to(weight.device)[None, :]).flatten())
+    scores = torch.cat(pieces)
+    return float((scores > m * scores.mean()).double().mean())
+
+
+@register_score("owl", "activations", points=("attn", "mlp", "q", "gate"))
+def owl_scores(layers: list[LayerModules], structure: ModelStructure, moments: dict[tuple[int, str], InputMoments],
+               pruner) -> tuple:
+    """Wanda-sp's head and channel scores, and each layer's outlier ratio for OWL's layerwise sparsity (ranking
+    `owl`, gisp.prune.ranking)."""
+    heads, channels = wanda_scores(layers, structure, moments, pruner)
+    ratios = torch.zeros(structure.n_layers, dtype=torch.float64)
+    for i in structure.unprotected:
+        ratios[i] = outlier_ratio(layers[i], {p: moments[(i, p)] for p in ("q", "attn", "gate", "mlp")},
+                                  pruner.option("outlier_m"))
+    return heads, channels, {"outlier_ratio": ratios}
+
+
+@register_score("block_influence", "activations", recorder="blocks")
+def block_influence_scores(layers: list[LayerModules], structure: ModelStructure, moments: dict, pruner) -> tuple:
+    """ShortGPT: a layer's Block Influence, 1 - mean cos(input, output hidden state) over the calibration tokens,
+    given to all its heads and channels (the ranking `layers` removes whole layers, lowest influence first)."""
+    influence = torch.full((structure.n_layers,), float("inf"), dtype=torch.float64)
+    for i in structure.unprotected:
+        influence[i] = moments[(i, "block")].block_influence
+    heads = influence[:, None].expand(structure.n_layers, structure.n_units).float().clone()
+    channels = influence[:, None].expand(structure.n_layers, structure.ffn).float().clone()
+    return heads, channels, {"block_influence": influence}

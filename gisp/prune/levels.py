@@ -73,17 +73,19 @@ def iterative_level(traj: Trajectory, structure: ModelStructure, target: float) 
                     f"after {traj.last_step} steps): prune further with gisp.run (sparsity=[...,{target}])")
 
 
-def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float,
-                  plan: Callable[[torch.Tensor, torch.Tensor, Masks, ModelStructure, float], object],
-                  bias: Callable[[Masks, dict[str, torch.Tensor]], OutputBias] | None = None) -> Level:
-    """The level at `target` of a one-shot method: its ranking rule `plan` on the stored scores."""
+def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float, plan: Callable[..., object],
+                  bias: Callable[[Masks, dict[str, torch.Tensor]], OutputBias] | None = None,
+                  pruner: PrunerSpec | None = None) -> Level:
+    """The level at `target` of a one-shot method: its ranking rule `plan` on the stored scores (and per-layer
+    statistics stored with them: OWL's outlier ratios, ShortGPT's block influence)."""
     if not traj.steps:
         raise GispError(f"the trajectory {traj.directory} has no scores yet: run gisp.run first")
     step = traj.steps[0]["step"]
     tensors = traj.scores_at(step)
     if target <= 0.0:
         return Level(target, Masks.dense(structure), 0.0, 0, None)
-    masks = plan(tensors["heads"], tensors["channels"], Masks.dense(structure), structure, target).masks
+    masks = plan(tensors["heads"], tensors["channels"], Masks.dense(structure), structure, target, stats=tensors,
+                 pruner=pruner).masks
     level_bias = bias(masks, tensors) if bias is not None else None
     return Level(target, masks, sparsity(masks, structure), step, None, level_bias,
                  structural_ratio=n_pruned(masks, structure) / structure.n_structures)
@@ -91,9 +93,13 @@ def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float,
 
 def landing_tolerance(structure: ModelStructure, ranking: str) -> float:
     """How far (in parameter sparsity) a level may land from its target: one structure for a global ranking (and
-    the iterative trajectory), one channel per unprotected layer for the uniform local rule."""
-    if ranking == "local":
+    the iterative trajectory), one channel per unprotected layer for the per-layer rules (local, OWL), one whole
+    layer for ShortGPT's layer removal."""
+    if ranking in ("local", "owl"):
         return len(structure.unprotected) * structure.channel_params / structure.decoder_params
+    if ranking == "layers":
+        layer = structure.n_units * structure.head_params + structure.ffn * structure.channel_params
+        return layer / structure.decoder_params
     return max(structure.head_params, structure.channel_params) / structure.decoder_params
 
 
@@ -124,4 +130,4 @@ def _read_level(traj: Trajectory, pruner: PrunerSpec, structure: ModelStructure,
             means = {(i, block): SimpleNamespace(mean=tensors[f"{block}_mean"][i])
                      for i in structure.unprotected for block in ("attn", "mlp")}
             return flap_bias(layers, structure, masks, means)
-    return oneshot_level(traj, structure, target, RANKINGS[pruner.ranking], bias)
+    return oneshot_level(traj, structure, target, RANKINGS[pruner.ranking], bias, pruner)

@@ -7,6 +7,8 @@
 | llm_pruner | gradients, once             | sum |W * g_bar| (first-order Taylor, element-wise)   | local            |
 | wanda_sp   | o/down inputs, once         | mean over rows of |W| * ||x_j||, summed per head      | local            |
 | flap       | o/down inputs, once         | Var(x_j) * ||W[:, j]||^2, standardized per module    | global, + bias   |
+| owl        | all projection inputs, once | Wanda-sp's, + each layer's outlier ratio             | per-layer (OWL)  |
+| shortgpt   | layer in/out states, once   | each layer's Block Influence, 1 - mean cos(in, out)  | whole layers     |
 | magnitude  | weights                     | sum of W^2 over the structure                        | local            |
 | random     | none                        | uniform random                                       | local            |
 
@@ -30,6 +32,9 @@ from gisp.prune.masks import Masks, OutputBias
 from gisp.prune.ranking import RANKINGS, Plan, plan_global
 
 GRAD_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float32": torch.float32, "float64": torch.float64}
+# Methods' own settings (`pruner.options`) and their defaults: OWL's threshold M and range lambda (the OWL release's
+# Hyper_m 5 and Lamda 0.08, also the GISP reference's owl_sp configs)
+OPTIONS: dict[str, Any] = {"outlier_m": 5.0, "outlier_lambda": 0.08}
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,15 @@ class PrunerSpec:
     seed: int = 0
     normalization: str = "reference"  # gradient scores: reference (GISP code) | paper (GISP text) | none
     grad_dtype: str | None = None  # gradient scores: accumulate the mean gradient in this dtype (float32 for bf16)
+    options: tuple[tuple[str, Any], ...] = ()  # a method's own settings (OWL's outlier_m, outlier_lambda)
 
     @property
     def signal(self) -> str:
         return get_score(self.score).signal
+
+    def option(self, name: str) -> Any:
+        """A method setting of `options`, or its default (OPTIONS)."""
+        return dict(self.options).get(name, OPTIONS[name])
 
     @property
     def grad_torch_dtype(self) -> torch.dtype | None:
@@ -55,13 +65,15 @@ class PrunerSpec:
 
 
 def pruner_spec(cfg: Mapping[str, Any]) -> PrunerSpec:
-    """Read and check a conf/pruner entry (before any model is loaded)."""
+    """Read and check a conf/pruner entry (before any model is loaded), or a stored definition's pruner."""
+    options = cfg.get("options") or {}
+    options = dict(options) if isinstance(options, (list, tuple)) else options  # a definition stores pairs
     try:
         spec = PrunerSpec(name=str(cfg["name"]), score=str(cfg["score"]), ranking=str(cfg["ranking"]),
                           iterative=bool(cfg.get("iterative", False)),
                           bias_compensation=bool(cfg.get("bias_compensation", False)), seed=int(cfg.get("seed", 0)),
                           normalization=str(cfg.get("normalization") or "reference"),
-                          grad_dtype=cfg.get("grad_dtype"))
+                          grad_dtype=cfg.get("grad_dtype"), options=tuple(sorted(options.items())))
     except KeyError as e:
         raise GispError(f"the pruner config lacks {e}; see conf/pruner/*.yaml for the fields") from None
     signal = get_score(spec.score).signal
@@ -78,6 +90,12 @@ def pruner_spec(cfg: Mapping[str, Any]) -> PrunerSpec:
         raise GispError(f"unknown pruner.normalization '{spec.normalization}'; choose one of {NORMALIZATIONS}")
     if spec.grad_dtype not in GRAD_DTYPES:
         raise GispError(f"pruner.grad_dtype must be null, float32 or float64, got {spec.grad_dtype}")
+    unknown = sorted(set(dict(spec.options)) - set(OPTIONS))
+    if unknown:
+        raise GispError(f"unknown pruner.options {unknown}; the methods' options are {sorted(OPTIONS)}")
+    for name, value in spec.options:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise GispError(f"pruner.options.{name} must be a number >= 0, got {value!r}")
     return spec
 
 

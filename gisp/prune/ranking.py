@@ -86,7 +86,7 @@ def plan_step(
 
 
 def plan_global(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
-                target: float) -> Plan:
+                target: float, **_) -> Plan:
     """One global ranking of all heads and channels (protected +inf), pruned by parameters to land on `target`."""
     return plan_step(heads, channels, current, structure, structure.n_structures, cap=target)
 
@@ -94,26 +94,30 @@ def plan_global(heads: torch.Tensor, channels: torch.Tensor, current: Masks, str
 def local_counts(structure: ModelStructure, target: float) -> tuple[int, int]:
     """Heads and channels to prune in EVERY unprotected layer so the decoder lands on `target` sparsity: the
     layer ratio r fixes the heads (int(r H), as wanda_sp / LLM-Pruner round), channels fill the rest."""
-    n_unprotected = len(structure.unprotected)
+    return layer_counts(structure, target * structure.decoder_params / len(structure.unprotected), target)
+
+
+def layer_counts(structure: ModelStructure, budget: float, target: float) -> tuple[int, int]:
+    """Heads and channels one unprotected layer prunes to give up `budget` parameters: the layer ratio r fixes the
+    heads (int(r H)), channels fill the rest."""
     per_layer = structure.n_units * structure.head_params + structure.ffn * structure.channel_params
-    budget = target * structure.decoder_params / n_unprotected  # parameters each layer gives up
     ratio = budget / per_layer
     if ratio >= 1.0:
         raise GispError(f"sparsity {target} needs more than every structure of the unprotected layers")
-    n_heads = int(ratio * structure.n_units + 1e-9)
+    n_heads = int(max(ratio, 0.0) * structure.n_units + 1e-9)
     n_channels = round((budget - n_heads * structure.head_params) / structure.channel_params)
     return n_heads, min(max(n_channels, 0), structure.ffn)
 
 
-def plan_local(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
-               target: float) -> Plan:
-    """The baselines' uniform rule: each unprotected layer prunes its own lowest-scored heads and channels, the
-    same number in every layer. Already pruned structures go first, so levels cut from one score are nested."""
+def _cut_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
+                counts: dict[int, tuple[int, int]], target: float) -> Plan:
+    """Each unprotected layer i prunes its own counts[i] = (heads, channels) lowest-scored structures; already pruned
+    structures go first, so levels cut from one score are nested."""
     _check_scores(heads, channels, structure)
-    n_heads, n_channels = local_counts(structure, target)
     units = unit_masks(current, structure)
     kept_heads, kept_channels = units.heads.clone(), units.channels.clone()
     for i in structure.unprotected:
+        n_heads, n_channels = counts[i]
         for scores, kept, n in ((heads[i], kept_heads[i], n_heads), (channels[i], kept_channels[i], n_channels)):
             key = scores.double().clone()
             key[~kept] = float("-inf")
@@ -123,5 +127,62 @@ def plan_local(heads: torch.Tensor, channels: torch.Tensor, current: Masks, stru
     return Plan(masks, sparsity(masks, structure), target)
 
 
-RANKINGS = {"global": plan_global, "local": plan_local}
-"""ranking name -> plan(heads, channels, current, structure, target): how a one-shot method cuts a level."""
+def plan_local(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
+               target: float, **_) -> Plan:
+    """The baselines' uniform rule: each unprotected layer prunes its own lowest-scored heads and channels, the
+    same number in every layer."""
+    counts = local_counts(structure, target)
+    return _cut_layers(heads, channels, current, structure, dict.fromkeys(structure.unprotected, counts), target)
+
+
+def owl_layer_sparsity(outliers: torch.Tensor, structure: ModelStructure, target: float, lam: float
+                       ) -> dict[int, float]:
+    """OWL's layerwise sparsity (Yin et al. 2023): over the unprotected layers, the outlier ratios D are scaled to
+    [0, 2 lambda]; a layer's sparsity is target - (that - its mean), so layers with more outliers keep more, and the
+    sparsities average to the target (floored at 0.01 as OWL does)."""
+    idx = list(structure.unprotected)
+    d = outliers[idx].double()
+    span = float(d.max() - d.min())
+    scaled = (d - d.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(d)
+    layer = target - (scaled - scaled.mean())
+    return {i: max(float(s), 0.01) for i, s in zip(idx, layer)}
+
+
+def plan_owl(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure, target: float,
+             stats: dict[str, torch.Tensor] | None = None, pruner=None, **_) -> Plan:
+    """OWL on Wanda-sp: layer i gives up its OWL sparsity of the parameters every layer would give up at `target`
+    (its heads int(r_i H), channels fill the rest), so the decoder lands on the target (within one channel per
+    layer); within a layer the lowest Wanda-sp scores go first."""
+    if stats is None or "outlier_ratio" not in stats:
+        raise GispError("ranking=owl needs the layers' outlier ratios: use it with pruner.score=owl (pruner=owl)")
+    lam = pruner.option("outlier_lambda") if pruner is not None else 0.08
+    per_layer = structure.decoder_params / len(structure.unprotected)
+    ratios = owl_layer_sparsity(stats["outlier_ratio"], structure, target, lam)
+    counts = {i: layer_counts(structure, r * per_layer, target) for i, r in ratios.items()}
+    return _cut_layers(heads, channels, current, structure, counts, target)
+
+
+def plan_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
+                target: float, stats: dict[str, torch.Tensor] | None = None, **_) -> Plan:
+    """ShortGPT: whole unprotected layers (all their heads and channels) in ascending block influence, as many as
+    land closest to `target` (within one layer); already removed layers go first, so levels are nested."""
+    if stats is None or "block_influence" not in stats:
+        raise GispError("ranking=layers needs the layers' block influence: use it with pruner.score=block_influence "
+                        "(pruner=shortgpt)")
+    influence = stats["block_influence"].double().clone()
+    gone = [i for i in structure.unprotected if not current.heads[i].any() and not current.channels[i].any()]
+    influence[gone] = float("-inf")
+    order = [i for i in torch.sort(influence, stable=True).indices.tolist() if i in structure.unprotected]
+    layer_params = structure.n_units * structure.head_params + structure.ffn * structure.channel_params
+    n = min(range(len(order) + 1), key=lambda k: (abs(k * layer_params / structure.decoder_params - target), k))
+    n = max(n, len(gone))
+    masks = current.clone()
+    for i in order[:n]:
+        masks.heads[i] = False
+        masks.channels[i] = False
+    return Plan(masks, sparsity(masks, structure), target)
+
+
+RANKINGS = {"global": plan_global, "local": plan_local, "owl": plan_owl, "layers": plan_layers}
+"""ranking name -> plan(heads, channels, current, structure, target, stats=..., pruner=...): how a one-shot method
+cuts a level from its stored scores (and per-layer statistics)."""

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gisp.errors import GispError
-from gisp.io import atomic_dir, read_json, write_json_atomic
+from gisp.io import atomic_dir, file_sha256, read_json, write_json_atomic
 from gisp.prune.levels import Level
 from gisp.prune.trajectory import target_key
 from gisp.recover.students import base_model, compact_student, merged
@@ -80,9 +80,9 @@ class Recovery:
     def checkpoints(self, key: str | None) -> Path:
         return self.part(key) / "checkpoints"
 
-    def save(self, key: str | None, student: nn.Module, adapter: bool) -> str:
+    def save(self, key: str | None, student: nn.Module, adapter: bool) -> tuple[str, str]:
         """Store what was trained (before merging): the peft adapter, or every weight; returns its path relative to
-        the run dir."""
+        the run dir and the sha256 of its weights file (results.json ties a recovered level's metrics to it)."""
         part = self.part(key)
         target = part / ("adapter" if adapter else "weights")
         if target.exists():
@@ -94,7 +94,8 @@ class Recovery:
                 state = {k: v.detach().contiguous().cpu() for k, v in base_model(student).state_dict().items()}
                 save_file(_untied(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.rmtree(self.checkpoints(key), ignore_errors=True)  # complete: the fit's checkpoints are spent
-        return str(target.relative_to(self.run_dir))
+        weights = target / ("adapter_model.safetensors" if adapter else "model.safetensors")
+        return str(target.relative_to(self.run_dir)), file_sha256(weights, cached=False)
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

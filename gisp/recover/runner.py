@@ -47,6 +47,8 @@ def record_recovery(results: dict, name: str, definition: dict, entries: dict[st
     for key, record in entries.items():
         target = results.setdefault("targets", {}).setdefault(key, {})
         slot = target.setdefault("recovered", {}).setdefault(name, {})
+        if slot.get("artefact_sha256") != record.get("artefact_sha256"):
+            slot.clear()  # other weights under this name (retrained): their metrics are not these weights'
         slot.update({k: v for k, v in record.items() if k != "status"})
 
 

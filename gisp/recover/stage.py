@@ -122,9 +122,9 @@ def _fit_level(recovery: Recovery, s: RecoverSettings, live, level: Level, key: 
     log.info("recovering level %s with %s (%s, %d training tokens)", key, s.method,
              "LoRA" if adapter else "every parameter", data.train_tokens)
     entry = _fit(recovery, key, student, teacher, None, None, s, data, trainer, loggers, progress, curve)
-    artefact = recovery.save(key, student, adapter) if rank_zero() else None
+    artefact, sha = recovery.save(key, student, adapter) if rank_zero() else (None, None)
     model = merged(student) if rank_zero() else None
-    return {**entry, "artefact": artefact}, model
+    return {**entry, "artefact": artefact, "artefact_sha256": sha}, model
 
 
 def _fit_nested(recovery: Recovery, s: RecoverSettings, live, levels: list[Level], keys: list[str],
@@ -158,10 +158,10 @@ def _fit_nested(recovery: Recovery, s: RecoverSettings, live, levels: list[Level
         entry = _fit(recovery, None, student, teacher, nested, view, s, data, trainer, loggers, progress, curve)
     finally:
         applier.remove()
-    artefact = recovery.save(None, student, adapter) if rank_zero() else None
+    artefact, sha = recovery.save(None, student, adapter) if rank_zero() else (None, None)
     live.model = merged(student)
     live.recovered = recovery.name
-    return {**entry, "artefact": artefact}
+    return {**entry, "artefact": artefact, "artefact_sha256": sha}
 
 
 def _fit(recovery: Recovery, key: str | None, student, teacher, nested: NestedLevels | None, view, s: RecoverSettings,

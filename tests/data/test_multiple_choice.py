@@ -166,7 +166,13 @@ def test_suite_end_to_end_on_tiny_model(tmp_path):
     suite = MultipleChoiceSuite(limit=2, batch_size=4, data_dir=DATA, work_dir=tmp_path)
     model, tok = tiny_model("llama"), byte_level_tokenizer()
     out = suite(model, tok, progress=False)
-    assert set(out) == {metric_key(t) for t in CMQA_TASKS} | {"cmqa_mean"}
+    values = {k for k in out if not k.endswith("_stderr")}
+    assert values == {metric_key(t) for t in CMQA_TASKS} | {"cmqa_mean"}
+    assert {f"{k}_stderr" for k in values} == set(out) - values  # lm-eval's errors, and the mean's
+    import math
+
+    se = [out[f"{metric_key(t)}_stderr"] for t in CMQA_TASKS]
+    assert out["cmqa_mean_stderr"] == pytest.approx(math.sqrt(sum(e * e for e in se)) / 7)
     assert {"boolq_acc", "winogrande_acc", "piqa_acc_norm", "openbookqa_acc_norm"} <= set(out)
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert out["cmqa_mean"] == pytest.approx(sum(out[metric_key(t)] for t in CMQA_TASKS) / 7)
@@ -177,7 +183,7 @@ def test_suite_end_to_end_on_tiny_model(tmp_path):
 
     subset = MultipleChoiceSuite(tasks=("boolq", "winogrande"), limit=1, data_dir=DATA, work_dir=tmp_path / "s")
     out = subset(model, tok, progress=False)
-    assert set(out) == {"boolq_acc", "winogrande_acc", "mc_mean"}
+    assert {k for k in out if not k.endswith("_stderr")} == {"boolq_acc", "winogrande_acc", "mc_mean"}
 
 
 @pytest.mark.slow

@@ -101,7 +101,7 @@ def test_local_task_accuracy_equals_hand_computation(tmp_path):
     assert isinstance(task, LmEvalTasks) and task.names == ("my_task",) and task.num_fewshot == 0
 
     metrics = task(model, tok, progress=False)
-    assert set(metrics) == {"my_task_acc", "my_task_acc_norm"}
+    assert set(metrics) == {"my_task_acc", "my_task_acc_norm", "my_task_acc_stderr", "my_task_acc_norm_stderr"}
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     acc, acc_norm = _oracle(model.eval(), tok, len(ITEMS))
     assert metrics["my_task_acc"] == pytest.approx(acc) and metrics["my_task_acc_norm"] == pytest.approx(acc_norm)
@@ -111,17 +111,21 @@ def test_local_task_accuracy_equals_hand_computation(tmp_path):
     assert info["lm_eval_version"] and info["num_fewshot"] == 0 and info["limit"] is None
 
     few = LmEvalTasks(names=("my_task",), include_path=str(root), limit=3, metrics={"my_task": "acc"})
-    assert few(model, tok, progress=False) == pytest.approx({"my_task_acc": _oracle(model, tok, 3)[0]})
+    got = few(model, tok, progress=False)
+    assert got["my_task_acc"] == pytest.approx(_oracle(model, tok, 3)[0]) and set(got) <= {"my_task_acc",
+                                                                                        "my_task_acc_stderr"}
     assert few.describe()["n_evaluated"] == {"my_task": 3}
 
 
-def test_metric_names_drop_stderr_and_none_filter():
+def test_metric_names_keep_stderr_and_drop_the_none_filter():
     results = {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
                          "exact_match,flexible-extract": 0.5},
                "arc_easy": {"acc,none": 0.4, "acc_stderr,none": 0.02, "acc_norm,none": 0.375}}
     assert flatten_results(results) == {"gsm8k_exact_match_strict_match": 0.25,
+                                        "gsm8k_exact_match_strict_match_stderr": 0.1,
                                         "gsm8k_exact_match_flexible_extract": 0.5,
-                                        "arc_easy_acc": 0.4, "arc_easy_acc_norm": 0.375}
+                                        "arc_easy_acc": 0.4, "arc_easy_acc_stderr": 0.02, "arc_easy_acc_norm": 0.375}
     assert flatten_results(results, {"arc_easy": ("acc_norm",)}) == {"arc_easy_acc_norm": 0.375}
+    assert flatten_results(results, {"arc_easy": ("acc",)}) == {"arc_easy_acc": 0.4, "arc_easy_acc_stderr": 0.02}
     with pytest.raises(GispError, match="arc_easy_f1"):
         flatten_results(results, {"arc_easy": ("f1",)})

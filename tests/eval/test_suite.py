@@ -102,9 +102,13 @@ def test_evaluator_wikitext2_subset():
     assert info["wikitext2_ppl_w64"]["n_windows"] == info["wikitext2_ppl_w64"]["stream_tokens"] // 64
     ev.tasks = ev.tasks[:1]  # scoring every 64-token window of the full text is not needed here
     out = ev(model, progress=False)
-    assert set(out) == {"wikitext2_ppl"}
+    assert set(out) == {"wikitext2_ppl", "wikitext2_ppl_stderr"}
     assert math.isfinite(out["wikitext2_ppl"]) and out["wikitext2_ppl"] > 1
     assert out["wikitext2_ppl"] == pytest.approx(reference_ppl(model, ev.windows["wikitext2_ppl"]), rel=1e-5)
+    with torch.no_grad():  # the standard error over the windows (delta method), window by window
+        means = torch.tensor([float(model(w[None], labels=w[None]).loss) for w in ev.windows["wikitext2_ppl"]])
+    want = out["wikitext2_ppl"] * float(means.double().std()) / math.sqrt(len(means))
+    assert out["wikitext2_ppl_stderr"] == pytest.approx(want, rel=1e-4)
 
 
 def test_evaluator_rejects_duplicate_metrics():

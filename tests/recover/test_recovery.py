@@ -317,3 +317,18 @@ def test_sigterm_stops_a_recovery_within_seconds_with_the_resume_command(run_dir
     assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - sent < 10, out[-3000:]
     assert "Resume with the same command" in out and "python -m gisp.recover" in out
     assert "recovered" not in read_json(run_dir / "results.json")["targets"]["0.5"]
+
+
+def test_recovery_over_two_ddp_processes(run_dir):
+    """trainer=ddp: the fits run over both processes (each reads its share of every batch), rank 0 stores and
+    evaluates; every recovered level is recorded once."""
+    proc = subprocess.run([sys.executable, "-m", "gisp.recover", f"run_dir={run_dir}", "recover=lora", *SMALL_CLI,
+                           "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "threads=1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr
+    results = read_json(run_dir / "results.json")
+    for key in ("0.3", "0.5"):
+        entry = results["targets"][key]["recovered"]["lora"]
+        assert entry["tokens"] >= SMALL["tokens"] and entry["metrics"]["wikitext2_ppl"] > 0
+        assert entry["steps"] == -(-SMALL["tokens"] // SMALL["seq_len"] // (SMALL["batch_size"] * 2))  # 2 processes
