@@ -20,7 +20,7 @@ from gisp.data.recipes import recipe_from_fields
 from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
 from gisp.eval.suite import EvalTaskSpec, eval_task_spec
-from gisp.models.loading import ModelSpec
+from gisp.models.loading import ModelSpec, model_name_from_path
 from gisp.models.structure import GQA_MODES
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.objectives import Objective, get_objective
@@ -28,6 +28,9 @@ from gisp.prune.schedule import structural_ratios
 from gisp.recover.settings import RecoverSettings, recover_settings
 
 log = logging.getLogger(__name__)
+
+# conf/model/hf.yaml: the model's name (and so its run dir's) from model.path
+OmegaConf.register_new_resolver("gisp_model_name", model_name_from_path, replace=True)
 
 # Config sections (besides the pruner and pruning settings, taken typed) that define a trajectory: jobs that agree on
 # them share one trajectory in the store, whatever their targets, evaluation, logger or devices.
@@ -93,8 +96,11 @@ class RunSettings:
         pruning settings, and the calibration set's content hash (how far one invocation goes is not part of it)."""
         prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
         pruner = {k: v for k, v in asdict(self.pruner).items() if k != "options" or v}  # no options: ids unchanged
-        return {**{k: self.resolved.get(k) for k in DEFINITION_KEYS}, "pruner": pruner,
-                "prune": prune, "calibration_sha256": calibration_sha256}
+        sections = {k: self.resolved.get(k) for k in DEFINITION_KEYS}
+        model = sections.get("model") or {}
+        if model.get("source") == "path" or model.get("dtype") == "auto":  # model=hf: what they resolved to
+            sections["model"] = {**model, "source": self.model.source, "dtype": self.model.dtype}
+        return {**sections, "pruner": pruner, "prune": prune, "calibration_sha256": calibration_sha256}
 
     @property
     def recover_recipe(self):

@@ -41,7 +41,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gisp.errors import GispError
-from gisp.models.families import family_spec, get_submodule
+from gisp.models.families import family_spec, get_submodule, unfuse
 from gisp.models.loading import DTYPES, ModelSpec
 from gisp.models.structure import ModelStructure, describe, layer_modules
 from gisp.prune.importance import scored_weights
@@ -135,7 +135,7 @@ def meta_structure(config, dtype: torch.dtype, protect: dict[str, Any], gqa_mode
                    ) -> tuple[ModelStructure, dict[str, int]]:
     """Build the model on the meta device (shapes only) and read its structure and parameter counts."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = unfuse(AutoModelForCausalLM.from_config(config, dtype=dtype))
     structure = describe(model, gqa_mode=gqa_mode, **protect)
     layers = layer_modules(model, family_spec(config.model_type))
     per_layer_scored = sum(p.numel() for p in scored_weights(layers[0], structure))

@@ -31,7 +31,9 @@ def tiny_config(family: str, layers: int = 4) -> transformers.PretrainedConfig:
     """The tiny shapes of conf/model/tiny_{family}.yaml (the one definition of the tiny models): hidden 64, 4 query
     heads; Llama without GQA, Mistral / Qwen2 / Qwen3 with 2 KV heads. A 300-token vocabulary for random ids."""
     node = yaml.safe_load((CONF / "model" / f"tiny_{family}.yaml").read_text())
-    fields = {**node["config"], "num_hidden_layers": layers, "vocab_size": 300}
+    # special ids inside the small vocabulary (some families default to ids of their real tokenizers)
+    fields = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **node["config"], "num_hidden_layers": layers,
+              "vocab_size": 300}
     return transformers.AutoConfig.for_model(node["model_type"], **fields)
 
 

@@ -18,6 +18,7 @@ COMPANIONS = {
     ("data", "local_text"): ["data.text.local_files=[austen/emma.txt]"],
     ("sweep", "table6_tiny"): ["calib=cmqa_margin"],
     ("trainer", "fsdp"): ["eval=none"],  # sharded: evaluate afterwards with gisp.evaluate
+    ("model", "hf"): ["model.path=Qwen/Qwen2.5-0.5B"],  # a model by path: the path is the option
 }
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]

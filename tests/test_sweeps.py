@@ -225,7 +225,7 @@ def test_a_seed_sweep_is_summarized_with_mean_std_and_noise(tmp_path):
         run(load_settings(_cfg(tmp_path, *overrides), overrides=overrides), sweep / str(job))
     write_summary(sweep)
     summary = (sweep / "summary.md").read_text()
-    rows = [line for line in summary.splitlines() if line.startswith("| gisp") or line.startswith("| wanda_sp")]
+    rows = [line for line in summary.splitlines() if line.startswith(("| gisp", "| wanda_sp"))]
     assert len(rows) == 6  # two methods x (dense, 0.3, 0.5): every seed is in its method's row
     assert all("(n=2)" in row for row in rows if "| 0.5 |" in row)
     seeds = [read_json(sweep / str(j) / "results.json")["targets"]["0.5"]["metrics"]["wikitext2_ppl"] for j in (0, 1)]

@@ -1,4 +1,4 @@
-"""llama.cpp export: a pruned Llama / Mistral decoder as a GGUF file of llama.cpp's `deci` architecture.
+"""llama.cpp export: a pruned Llama / Mistral / Granite / Phi-3 (default RoPE) decoder as a GGUF of llama.cpp's `deci`.
 
 `deci` (the Llama-3.x-Nemotron NAS models) is the llama.cpp graph that reads per-layer arrays for the query heads,
 KV heads and FFN width of every layer, 0 meaning "no attention" / "no MLP" there. The writer starts from the COMPACT
@@ -47,11 +47,11 @@ import torch
 from gisp.compact.gguf_vocab import add_tokenizer
 from gisp.errors import GispError
 from gisp.io import atomic_file
+from gisp.models.families import REGISTRY
 
 log = logging.getLogger(__name__)
 
 ARCH = "deci"
-FAMILIES = ("llama", "mistral")
 DTYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
           "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
           "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
@@ -113,20 +113,27 @@ def check_deci_compatible(config) -> None:
     """Refuse what deci cannot hold, naming the alternative, before anything is sliced or written. `config`: the
     dense model's HF config or a compact GispDecoderConfig."""
     family = getattr(config, "base_model_type", None) or config.model_type
+    if family not in REGISTRY:
+        raise GispError(f"GGUF export supports the families of gisp.models.families, not {family}; {HF_ALTERNATIVE}")
+    refusal = REGISTRY[family].gguf_refusal
+    if refusal:
+        raise GispError(f"{family} computes what llama.cpp's deci graph cannot hold exactly ({refusal}); "
+                        f"{HF_ALTERNATIVE}")
     if getattr(config, "qk_norm", False) or family == "qwen3":
         raise GispError(f"{family} normalizes queries and keys per head (QK-norm, e.g. Qwen3): llama.cpp's deci "
                         f"architecture has no QK-norm, so a GGUF cannot hold it; {HF_ALTERNATIVE}")
     if getattr(config, "attention_bias", False) or family == "qwen2":
         raise GispError(f"{family} has q/k/v biases (e.g. Qwen2): llama.cpp's deci architecture (the one with "
                         f"per-layer heads) has no place for them in gisp's GGUF export; {HF_ALTERNATIVE}")
-    if family not in FAMILIES:
-        raise GispError(f"GGUF export supports the {FAMILIES} families (llama.cpp deci), not {family}; "
-                        f"{HF_ALTERNATIVE}")
     if getattr(config, "mlp_bias", False):
         raise GispError(f"gate/up projection biases are not written to GGUF by gisp; {HF_ALTERNATIVE}")
     if config.hidden_act != "silu":
         raise GispError(f"deci's MLP is SiLU-gated, the model uses {config.hidden_act}; {HF_ALTERNATIVE}")
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    rope = config.rope_parameters or {}
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise GispError(f"{family} rotates only part of each head (partial_rotary_factor "
+                        f"{rope['partial_rotary_factor']}), which gisp's GGUF export does not write; {HF_ALTERNATIVE}")
+    rope_type = rope.get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
         raise GispError(f"RoPE scaling {rope_type!r} is not written to GGUF by gisp (default, linear and llama3 are); "
                         f"{HF_ALTERNATIVE}")
@@ -160,18 +167,33 @@ def _rope_factors(config) -> torch.Tensor | None:
 def deci_tensors(state: dict[str, torch.Tensor], config, plans: list[DeciLayer]) -> dict[str, torch.Tensor]:
     """GGUF tensor name -> tensor (HF layout: (out, in), the model's dtype) for every layer plan."""
     d_h, h = config.head_dim, config.hidden_size
-    out = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
-    if not config.tie_word_embeddings:
-        out["output.weight"] = state["lm_head.weight"]
+    embed = state["model.embed_tokens.weight"]
+    # Granite's multipliers, folded into the weights (deci has none): the embedding multiplier into token_embd, the
+    # logit divisor into the output matrix (then written even when tied), the attention multiplier into q (deci
+    # scales by 1/sqrt(d_h)), the residual multiplier into each block's output projection and bias
+    embed_scale, divisor = getattr(config, "embed_scale", 1.0), getattr(config, "logits_divisor", 1.0)
+    head = embed if config.tie_word_embeddings else state["lm_head.weight"]
+    out = {"token_embd.weight": _scaled(embed, embed_scale), "output_norm.weight": state["model.norm.weight"]}
+    if not config.tie_word_embeddings or embed_scale != 1.0 or divisor != 1.0:
+        out["output.weight"] = _scaled(head, 1.0 / divisor)
+    attn_scale = getattr(config, "attn_scale", None)
+    q_scale = 1.0 if attn_scale is None else attn_scale * math.sqrt(d_h)
+    residual = getattr(config, "residual_scale", 1.0)
     factors = _rope_factors(config)
     if factors is not None:
         out["rope_freqs.weight"] = factors
     for i, plan in enumerate(plans):
-        out.update(_layer_tensors(state, f"model.layers.{i}.", f"blk.{i}.", plan, d_h, h))
+        out.update(_layer_tensors(state, f"model.layers.{i}.", f"blk.{i}.", plan, d_h, h, q_scale, residual))
     return {k: v.detach() for k, v in out.items()}
 
 
-def _layer_tensors(state: dict, p: str, g: str, plan: DeciLayer, d_h: int, h: int) -> dict[str, torch.Tensor]:
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t x factor computed in float32 (the file stores at most float32): no bf16 rounding of the product."""
+    return t if factor == 1.0 else t.float() * factor
+
+
+def _layer_tensors(state: dict, p: str, g: str, plan: DeciLayer, d_h: int, h: int, q_scale: float = 1.0,
+                   residual: float = 1.0) -> dict[str, torch.Tensor]:
     """The GGUF tensors of one layer (compact names under prefix p, GGUF names under g); blocks the compact layer
     lacks (a zero head or channel added by the plan) read as zeros."""
 
@@ -184,21 +206,22 @@ def _layer_tensors(state: dict, p: str, g: str, plan: DeciLayer, d_h: int, h: in
     out = {}
     if plan.q:
         out[g + "attn_norm.weight"] = state.get(p + "input_layernorm.weight", torch.ones(h))
-        out[g + "attn_q.weight"] = _permute_rope(_pick(get("self_attn.q_proj.weight"), plan.q, d_h), len(plan.q), d_h)
+        q = _scaled(_pick(get("self_attn.q_proj.weight"), plan.q, d_h), q_scale)
+        out[g + "attn_q.weight"] = _permute_rope(q, len(plan.q), d_h)
         out[g + "attn_k.weight"] = _permute_rope(_pick(get("self_attn.k_proj.weight"), plan.kv, d_h), len(plan.kv), d_h)
         out[g + "attn_v.weight"] = _pick(get("self_attn.v_proj.weight"), plan.kv, d_h)
-        out[g + "attn_output.weight"] = _pick(get("self_attn.o_proj.weight", True), plan.q, d_h).t()
+        out[g + "attn_output.weight"] = _scaled(_pick(get("self_attn.o_proj.weight", True), plan.q, d_h).t(), residual)
         bias = state.get(p + "self_attn.o_proj.bias", state.get(p + "attn_out_bias"))
         if bias is not None:
-            out[g + "attn_output.bias"] = bias
+            out[g + "attn_output.bias"] = _scaled(bias, residual)
     if plan.channels:
         out[g + "ffn_norm.weight"] = state.get(p + "post_attention_layernorm.weight", torch.ones(h))
         out[g + "ffn_gate.weight"] = _pick(get("mlp.gate_proj.weight"), plan.channels, 1)
         out[g + "ffn_up.weight"] = _pick(get("mlp.up_proj.weight"), plan.channels, 1)
-        out[g + "ffn_down.weight"] = _pick(get("mlp.down_proj.weight", True), plan.channels, 1).t()
+        out[g + "ffn_down.weight"] = _scaled(_pick(get("mlp.down_proj.weight", True), plan.channels, 1).t(), residual)
         bias = state.get(p + "mlp.down_proj.bias", state.get(p + "mlp_out_bias"))
         if bias is not None:
-            out[g + "ffn_down.bias"] = bias
+            out[g + "ffn_down.bias"] = _scaled(bias, residual)
     return out
 
 
@@ -241,10 +264,11 @@ def write_deci_gguf(state: dict[str, torch.Tensor], config, tokenizer, out: str 
     tensors = deci_tensors(state, config, plans)
     n_vocab = tensors["token_embd.weight"].shape[0]
     context = config.max_position_embeddings
-    if getattr(config, "sliding_window", None) and config.sliding_window < context:
+    window = getattr(config, "attention_window", None)
+    if window and window < context:
         log.warning("deci has no sliding-window attention: the GGUF declares a context of %d (the model's window) "
-                    "instead of %d, within which attention is exact", config.sliding_window, context)
-        context = config.sliding_window
+                    "instead of %d, within which attention is exact", window, context)
+        context = window
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         w.add_name(name)

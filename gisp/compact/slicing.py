@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gisp.compact.configuration_gisp import GispDecoderConfig
+from gisp.compact.modeling_gisp import NORM_NAMES
 from gisp.errors import GispError
 from gisp.io import atomic_dir
-from gisp.models.families import REGISTRY, family_spec, get_submodule
+from gisp.models.families import REGISTRY, FamilySpec, family_spec, get_submodule
 from gisp.models.structure import ModelStructure, describe, layer_modules
 from gisp.prune.masks import Masks, OutputBias, sparsity
 
@@ -67,27 +68,64 @@ def output_biases(layers: list, bias: OutputBias | None) -> list[tuple[torch.Ten
     return out
 
 
+def _norm_state(norm: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    out = {name + ".weight": norm.weight.detach()}
+    if getattr(norm, "bias", None) is not None:  # LayerNorm (Phi-2, OPT)
+        out[name + ".bias"] = norm.bias.detach()
+    return out
+
+
+def _norm_of(block: nn.Module, path: str | None) -> nn.Module | None:
+    return get_submodule(block, path) if path else None
+
+
+@torch.no_grad()
+def _constant(bias: torch.Tensor, post_norm: nn.Module | None, dtype: torch.dtype) -> torch.Tensor:
+    """What a removed block still adds: its output bias, through the block's post-norm when it has one (exactly
+    what the masked model computes for a block whose every head / channel is zero)."""
+    b = bias.to(dtype)
+    return post_norm(b[None, None].to(post_norm.weight.device))[0, 0].cpu() if post_norm is not None else b
+
+
 def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure,
                        bias: OutputBias | None = None) -> tuple[dict, dict]:
     """The compact weights (names as in the compact model) and the per-layer layout for its config; `bias` is a
-    level's FLAP output bias (added to the o_proj / down_proj outputs, as MaskApplier.set(masks, bias) does)."""
+    level's FLAP output bias (added to the o_proj / down_proj outputs, as MaskApplier.set(masks, bias) does).
+
+    Norms are renamed by role (gisp.compact.modeling_gisp._NORM_NAMES); with a q / k norm over the whole
+    projection (OLMo 2) q_proj / k_proj keep every head's rows and the layout records the kept heads."""
     spec = family_spec(model.config.model_type)
     layers = layer_modules(model, spec)
     d = structure.head_dim
+    dtype = next(model.parameters()).dtype
+    statistic = spec.qk_norm_scope == "projection"
     state: dict[str, torch.Tensor] = {}
     layout = {"layer_q_to_kv": [], "layer_kv_heads": [], "layer_intermediate_sizes": []}
+    if statistic:
+        layout.update(layer_q_heads=[], layer_kv_keep=[])
     decoder = get_submodule(model, spec.layers)
     biases = output_biases(layers, bias)
     layout["output_bias"] = biases is not None
+    roles = {"attn_pre": spec.attn_pre_norm, "attn_post": spec.attn_post_norm, "mlp_pre": spec.mlp_pre_norm,
+             "mlp_post": spec.mlp_post_norm}
     for i, m in enumerate(layers):
         kept_q = masks.heads[i].nonzero().flatten().tolist()
         kept_c = masks.channels[i].nonzero().flatten().tolist()
         kept_kv, q_to_kv = kv_plan(kept_q, structure)
         p = f"model.layers.{i}."
         block = decoder[i]
+        norms = {role: _norm_of(block, path) for role, path in roles.items()}
+        needed = (["attn_pre", "attn_post"] if kept_q else []) + (["mlp_pre", "mlp_post"] if kept_c else [])
+        if spec.parallel and kept_c:
+            needed.append("attn_pre")  # the norm both parallel blocks read
+        for role in dict.fromkeys(needed):
+            if norms[role] is not None:
+                state.update(_norm_state(norms[role], p + NORM_NAMES[role]))
         if kept_q:
-            state[p + "input_layernorm.weight"] = get_submodule(block, spec.input_norm).weight.detach()
-            for name, lin, heads in (("q_proj", m.q, kept_q), ("k_proj", m.k, kept_kv), ("v_proj", m.v, kept_kv)):
+            all_q, all_kv = list(range(structure.n_heads)), list(range(structure.n_kv_heads))
+            rows = (("q_proj", m.q, all_q if statistic else kept_q), ("k_proj", m.k, all_kv if statistic else kept_kv),
+                    ("v_proj", m.v, kept_kv))
+            for name, lin, heads in rows:
                 state[p + f"self_attn.{name}.weight"] = _rows(lin.weight.detach(), heads, d)
                 if lin.bias is not None:
                     state[p + f"self_attn.{name}.bias"] = _rows(lin.bias.detach()[:, None], heads, d).flatten()
@@ -96,32 +134,60 @@ def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure
                 state[p + "self_attn.o_proj.bias"] = biases[i][0]
             attn = get_submodule(block, spec.attention)
             for name, norm in (("q_norm", spec.q_norm), ("k_norm", spec.k_norm)):
-                if hasattr(attn, norm):
-                    state[p + f"self_attn.{name}.weight"] = getattr(attn, norm).weight.detach()
+                if getattr(attn, norm, None) is not None:
+                    state.update(_norm_state(getattr(attn, norm), p + f"self_attn.{name}"))
         if kept_c:
-            idx = torch.tensor(kept_c, dtype=torch.long, device=m.gate.weight.device)
-            post_norm = get_submodule(block, spec.post_attention_norm)
-            state[p + "post_attention_layernorm.weight"] = post_norm.weight.detach()
-            state[p + "mlp.gate_proj.weight"] = m.gate.weight.detach().index_select(0, idx).contiguous()
-            state[p + "mlp.up_proj.weight"] = m.up.weight.detach().index_select(0, idx).contiguous()
-            state[p + "mlp.down_proj.weight"] = m.down.weight.detach().index_select(1, idx).contiguous()
+            idx = torch.tensor(kept_c, dtype=torch.long, device=m.up.weight.device)
             for name, lin in (("gate_proj", m.gate), ("up_proj", m.up)):
+                if lin is None:
+                    continue
+                state[p + f"mlp.{name}.weight"] = lin.weight.detach().index_select(0, idx).contiguous()
                 if lin.bias is not None:
                     state[p + f"mlp.{name}.bias"] = lin.bias.detach().index_select(0, idx).contiguous()
+            state[p + "mlp.down_proj.weight"] = m.down.weight.detach().index_select(1, idx).contiguous()
             if biases is not None:
                 state[p + "mlp.down_proj.bias"] = biases[i][1]
         if biases is not None and not kept_q:  # the attention block is gone, its bias stays: a constant
-            state[p + "attn_out_bias"] = biases[i][0]
+            state[p + "attn_out_bias"] = _constant(biases[i][0], norms["attn_post"], dtype)
         if biases is not None and not kept_c:
-            state[p + "mlp_out_bias"] = biases[i][1]
+            state[p + "mlp_out_bias"] = _constant(biases[i][1], norms["mlp_post"], dtype)
         layout["layer_q_to_kv"].append(q_to_kv)
         layout["layer_kv_heads"].append(len(kept_kv))
         layout["layer_intermediate_sizes"].append(len(kept_c))
+        if statistic:
+            layout["layer_q_heads"].append(kept_q)
+            layout["layer_kv_keep"].append(kept_kv)
     state["model.embed_tokens.weight"] = get_submodule(model, spec.embed_tokens).weight.detach()
-    state["model.norm.weight"] = get_submodule(model, spec.final_norm).weight.detach()
+    if spec.embed_positions:
+        state["model.embed_positions.weight"] = get_submodule(model, spec.embed_positions).weight.detach()
+    state.update(_norm_state(get_submodule(model, spec.final_norm), "model.norm"))
+    head = model.get_output_embeddings()
     if not model.config.tie_word_embeddings:
-        state["lm_head.weight"] = model.get_output_embeddings().weight.detach()
+        state["lm_head.weight"] = head.weight.detach()
+    if head.bias is not None:
+        state["lm_head.bias"] = head.bias.detach()
     return state, layout
+
+
+def _family_numerics(c, spec: FamilySpec) -> dict:
+    """The config fields of gisp.compact that carry what the family computes (FamilySpec's data, read off the
+    dense model's config)."""
+    scale = {"head_dim": None, "query_pre_attn_scalar": getattr(c, "query_pre_attn_scalar", 1.0) ** -0.5,
+             "attention_multiplier": getattr(c, "attention_multiplier", None)}[spec.attn_scale]
+    embed = {"none": 1.0, "sqrt_hidden": c.hidden_size**0.5,
+             "embedding_multiplier": getattr(c, "embedding_multiplier", 1.0)}[spec.embed_scale]
+    roles = {"attn_pre": spec.attn_pre_norm, "attn_post": spec.attn_post_norm, "mlp_pre": spec.mlp_pre_norm,
+             "mlp_post": spec.mlp_post_norm}
+    return {
+        "norm": spec.norm, "layer_norms": [role for role, path in roles.items() if path], "parallel": spec.parallel,
+        "attn_scale": scale, "embed_scale": embed, "embed_scale_in_dtype": spec.embed_scale == "sqrt_hidden",
+        "attn_softcap": getattr(c, spec.attn_softcap_attr, None) if spec.attn_softcap_attr else None,
+        "final_softcap": getattr(c, spec.final_softcap_attr, None) if spec.final_softcap_attr else None,
+        "residual_scale": getattr(c, spec.residual_scale_attr) if spec.residual_scale_attr else 1.0,
+        "logits_divisor": getattr(c, spec.logits_divisor_attr) if spec.logits_divisor_attr else 1.0,
+        "positions": "learned" if spec.embed_positions else "rope", "position_offset": spec.position_offset,
+        "rope_per_layer_type": spec.rope_per_layer_type, "mlp_gated": spec.gate_proj is not None,
+    }
 
 
 def compact_config(model: nn.Module, structure: ModelStructure, layout: dict) -> GispDecoderConfig:
@@ -130,15 +196,20 @@ def compact_config(model: nn.Module, structure: ModelStructure, layout: dict) ->
     first = layer_modules(model, spec)[0]
     attn = get_submodule(get_submodule(model, spec.layers)[0], spec.attention)
     sliding = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+    has_qk_norm = getattr(attn, spec.q_norm, None) is not None
+    rope = getattr(c, "rope_parameters", None)
     config = GispDecoderConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, head_dim=structure.head_dim,
+        vocab_size=c.vocab_size, hidden_size=getattr(c, spec.hidden_attr), head_dim=structure.head_dim,
         num_hidden_layers=structure.n_layers, num_attention_heads=structure.n_heads,
-        num_key_value_heads=structure.n_kv_heads, hidden_act=c.hidden_act, rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=c.max_position_embeddings, rope_parameters=dict(c.rope_parameters),
-        attention_bias=first.q.bias is not None, mlp_bias=first.gate.bias is not None,
-        qk_norm=hasattr(attn, spec.q_norm), sliding_window=sliding, base_model_type=c.model_type,
-        tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id, **layout,
+        num_key_value_heads=structure.n_kv_heads, hidden_act=getattr(c, spec.act_attr),
+        rms_norm_eps=getattr(c, spec.eps_attr, 1e-5),  # 1e-5: OPT's LayerNorm, torch's default
+        max_position_embeddings=c.max_position_embeddings,
+        rope_parameters=dict(rope) if rope else None, attention_bias=first.q.bias is not None,
+        mlp_bias=first.up.bias is not None, qk_norm=spec.qk_norm_scope if has_qk_norm else False,
+        attention_window=sliding, attention_types=list(getattr(c, "layer_types", None) or []) or None,
+        base_model_type=c.model_type, tie_word_embeddings=c.tie_word_embeddings,
+        lm_head_bias=model.get_output_embeddings().bias is not None, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, **_family_numerics(c, spec), **layout,
     )
     config.auto_map = {"AutoConfig": "configuration_gisp.GispDecoderConfig",
                        "AutoModelForCausalLM": "modeling_gisp.GispDecoderForCausalLM"}

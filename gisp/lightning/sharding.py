@@ -170,7 +170,7 @@ def partial_layer_scores(layer: LayerModules, structure: ModelStructure, grad_of
     heads = rows(layer.q).view(U, w).sum(dim=1) + cols(layer.o).view(U, w).sum(dim=1)
     if structure.kv_in_unit:
         heads += rows(layer.k).view(U, d_h).sum(dim=1) + rows(layer.v).view(U, d_h).sum(dim=1)
-    channels = rows(layer.gate) + rows(layer.up) + cols(layer.down)  # (F,)
+    channels = sum(rows(m) for m in layer.channel_rows) + cols(layer.down)  # (F,)
     return heads, channels
 
 

@@ -146,6 +146,36 @@ def _join(spec: ModelSpec, pieces: list[Path], out: Path) -> Path:
     return out
 
 
+# GGUF `general.architecture` -> transformers model_type, for the families both transformers' GGUF loader and gisp
+# know (a GGUF of another architecture is refused from its header, before anything is dequantized)
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                      "gemma2": "gemma2", "gemma3": "gemma3_text"}
+
+
+def gguf_model_type(path: Path) -> str:
+    """The model_type a local GGUF file converts to, from its header (only the metadata is read)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.fields["general.architecture"].contents()
+    except (OSError, ValueError, KeyError) as exc:
+        raise GispError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {first_line(exc)})") from exc
+    return GGUF_ARCHITECTURES.get(arch, arch)
+
+
+def load_gguf_file(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local GGUF file (`model=hf model.path=FILE.gguf`, as llama.cpp and Ollama users hold models), converted
+    once into the cache like the packaged ones, keyed by its sha256."""
+    path = Path(spec.path).expanduser()
+    sha = _sha256(path, cache_dir)
+    folder = cache_dir / "models" / f"{spec.name}-{sha[:16]}"
+    if not (folder / _SOURCE_RECORD).is_file():
+        _convert_gguf(spec, path, sha, folder)
+    return load_folder(spec, folder, torch_dtype)
+
+
 def load_gguf_package(
     spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -28,6 +28,7 @@ from gisp.errors import GispError
 from gisp.hub import hub_offline
 from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.models.families import REGISTRY as FAMILIES
+from gisp.models.families import family_spec, unfuse
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,41 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if isinstance(self.parts, list):  # from a config node
             object.__setattr__(self, "parts", tuple(self.parts))
+        if self.source == "path":  # model=hf: what the path is decides the source
+            object.__setattr__(self, "source", path_source(self.name, self.path))
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", auto_dtype())
+
+
+def path_source(name: str, path: str | None) -> str:
+    """The source of `model=hf model.path=...`: a local .gguf file, a local folder, or a hub id (ORG/NAME)."""
+    if not path:
+        raise GispError(f"Model '{name}': model=hf needs model.path=ORG/NAME (the hub), a local save_pretrained "
+                        "folder, or a local .gguf file")
+    local = Path(path).expanduser()
+    if path.lower().endswith(".gguf"):
+        if not local.is_file():
+            raise GispError(f"Model '{name}': GGUF file {local} does not exist (model.path)")
+        return "gguf_file"
+    if local.is_dir():
+        return "local"
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise GispError(f"Model '{name}': model.path={path} is not a folder, a .gguf file or a hub id ORG/NAME")
+    return "hub"
+
+
+def model_name_from_path(path: str | None) -> str:
+    """A run-dir name from a model path: 'Qwen/Qwen2.5-0.5B' -> 'qwen2_5_0_5b', '/m/phi-2/' -> 'phi_2'."""
+    if not path:
+        return "hf"
+    stem = Path(str(path).rstrip("/")).name.removesuffix(".gguf").removesuffix(".GGUF")
+    return "".join(c if c.isalnum() else "_" for c in stem.lower()).strip("_") or "hf"
+
+
+def auto_dtype() -> str:
+    """model.dtype=auto: bfloat16 on a CUDA GPU that has it (half the memory, the precision models ship in), else
+    float32 (CPU matmuls in bf16 are slow and round the scores)."""
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool = False
@@ -78,17 +114,38 @@ def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool
             f"Model '{spec.name}': unknown source '{spec.source}'. Valid sources: {', '.join(MODEL_SOURCES)} "
             f"(set model.source=...)."
         )
+    check_family(spec)
     if empty and spec.source in EMPTY_SOURCES:
         config, tokenizer = EMPTY_SOURCES[spec.source](spec)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, **_model_kwargs(spec, _torch_dtype(spec.dtype)))
     else:
         model, tokenizer = MODEL_SOURCES[spec.source](spec, Path(cache_dir), _torch_dtype(spec.dtype))
+    if model.config.model_type in FAMILIES:
+        unfuse(model)  # fused projections (Phi-3) as separate ones: every family is pruned the same way
     if tokenizer.pad_token is None:
         # Batching needs a pad id; padded positions are masked out, so reusing EOS is harmless.
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def check_family(spec: ModelSpec) -> None:
+    """Refuse a model of a family gisp cannot prune from its config alone, before any weights are read (a local
+    folder's config.json, a GGUF file's header; hub and packaged models are checked when they load)."""
+    model_type = None
+    if spec.source == "local":
+        config = _local_folder(spec) / "config.json"
+        if config.is_file():
+            import json
+
+            model_type = json.loads(config.read_text()).get("model_type")
+    elif spec.source == "gguf_file":
+        from gisp.models.gguf import gguf_model_type
+
+        model_type = gguf_model_type(Path(spec.path).expanduser())
+    if model_type is not None and model_type not in FAMILIES:
+        family_spec(model_type)  # raises, naming the supported families and the extension guide
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -262,8 +319,14 @@ def _load_gguf_parts(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype)
     return load_gguf_parts(spec, cache_dir, torch_dtype)
 
 
+def _load_gguf_file(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype):
+    from gisp.models.gguf import load_gguf_file
+
+    return load_gguf_file(spec, cache_dir, torch_dtype)
+
+
 MODEL_SOURCES = {"hub": _load_hub, "local": _load_local, "gguf_package": _load_gguf_package,
-                 "gguf_parts": _load_gguf_parts, "random": _build_random}
+                 "gguf_parts": _load_gguf_parts, "gguf_file": _load_gguf_file, "random": _build_random}
 """model.source -> loader(spec, cache_dir, torch_dtype) -> (model, tokenizer)."""
 
 

@@ -17,22 +17,32 @@ from dataclasses import dataclass
 from torch import nn
 
 from gisp.errors import GispError
-from gisp.models.families import FamilySpec, family_spec, get_submodule
+from gisp.models.families import FamilySpec, family_spec, get_submodule, projection
 
 GQA_MODES = ("query", "group")
 
 
 @dataclass(frozen=True)
 class LayerModules:
-    """The seven projections of one decoder layer."""
+    """The projections of one decoder layer (a plain MLP, Phi-2's or OPT's, has no gate: channel j is row j of up
+    and column j of down)."""
 
     q: nn.Linear
     k: nn.Linear
     v: nn.Linear
     o: nn.Linear
-    gate: nn.Linear
+    gate: nn.Linear | None
     up: nn.Linear
     down: nn.Linear
+
+    @property
+    def channel_rows(self) -> list[nn.Linear]:
+        """The projections whose ROWS are the MLP channels (gate and up, or up alone)."""
+        return [m for m in (self.gate, self.up) if m is not None]
+
+    @property
+    def all(self) -> list[nn.Linear]:
+        return [m for m in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down) if m is not None]
 
 
 @dataclass(frozen=True)
@@ -117,10 +127,10 @@ def layer_modules(model: nn.Module, spec: FamilySpec) -> list[LayerModules]:
         attn, mlp = get_submodule(layer, spec.attention), get_submodule(layer, spec.mlp)
         out.append(
             LayerModules(
-                q=get_submodule(attn, spec.q_proj), k=get_submodule(attn, spec.k_proj),
-                v=get_submodule(attn, spec.v_proj), o=get_submodule(attn, spec.o_proj),
-                gate=get_submodule(mlp, spec.gate_proj), up=get_submodule(mlp, spec.up_proj),
-                down=get_submodule(mlp, spec.down_proj),
+                q=projection(attn, spec.q_proj, spec.fused_qkv), k=projection(attn, spec.k_proj, spec.fused_qkv),
+                v=projection(attn, spec.v_proj, spec.fused_qkv), o=get_submodule(attn, spec.o_proj),
+                gate=projection(mlp, spec.gate_proj, spec.fused_gate_up) if spec.gate_proj else None,
+                up=projection(mlp, spec.up_proj, spec.fused_gate_up), down=get_submodule(mlp, spec.down_proj),
             )
         )
     return out
@@ -148,7 +158,7 @@ def describe(model: nn.Module, protected: tuple[int, ...] | None = None, gqa_mod
     n_layers = getattr(config, spec.n_layers_attr)
     mods = layer_modules(model, spec)
     for i, m in enumerate(mods):
-        shapes = (m.q.weight.shape, m.k.weight.shape, m.o.weight.shape, m.gate.weight.shape, m.down.weight.shape)
+        shapes = (m.q.weight.shape, m.k.weight.shape, m.o.weight.shape, m.up.weight.shape, m.down.weight.shape)
         expected = ((n_heads * head_dim, hidden), (n_kv * head_dim, hidden), (hidden, n_heads * head_dim),
                     (ffn, hidden), (hidden, ffn))
         if tuple(tuple(s) for s in shapes) != expected:
@@ -156,10 +166,18 @@ def describe(model: nn.Module, protected: tuple[int, ...] | None = None, gqa_mod
                             "is this model already physically pruned? Prune the dense model instead.")
     m0 = mods[0]
     group_size = n_heads // n_kv if gqa_mode == "group" else 1
-    head_params = group_size * head_dim * (hidden + _bias_size(m0.q)) + group_size * hidden * head_dim
+    # what a pruned head unit removes: its o columns, and its q rows, except where the q / k norm runs over the
+    # whole projection (OLMo 2): the pruned heads' q / k rows then stay for that statistic (gisp.compact keeps
+    # them), so they are not counted as removed
+    statistic_rows = spec.qk_norm_scope == "projection"
+    head_params = group_size * hidden * head_dim
+    if not statistic_rows:
+        head_params += group_size * head_dim * (hidden + _bias_size(m0.q))
     if n_kv == n_heads or gqa_mode == "group":  # the unit's own K and V rows go with it
-        head_params += head_dim * (2 * hidden + _bias_size(m0.k) + _bias_size(m0.v))
-    channel_params = hidden * 3 + _bias_size(m0.gate) + _bias_size(m0.up)
+        head_params += head_dim * (hidden + _bias_size(m0.v))
+        if not statistic_rows:
+            head_params += head_dim * (hidden + _bias_size(m0.k))
+    channel_params = hidden * (1 + len(m0.channel_rows)) + sum(_bias_size(m) for m in m0.channel_rows)
     layers = get_submodule(model, spec.layers)
     decoder_params = sum(p.numel() for p in layers.parameters())
     if protected is None:

@@ -40,8 +40,9 @@ class InputMoments:
         return (self.mean_sq - self.mean.pow(2)).clamp_min(0.0)
 
 
-# Where an input recorder hooks: key -> the projection whose input it records ("attn" / "mlp": o_proj / down_proj)
-POINTS = {"attn": "o", "mlp": "down", "q": "q", "gate": "gate"}
+# Where an input recorder hooks: key -> the projection whose input it records ("attn" / "mlp": o_proj / down_proj;
+# "gate": the MLP's input, read at up_proj, which every MLP has)
+POINTS = {"attn": "o", "mlp": "down", "q": "q", "gate": "up"}
 
 
 class InputRecorder:

@@ -35,7 +35,7 @@ GradOf = Callable[[torch.Tensor], "torch.Tensor | None"]
 def scored_weights(layer: LayerModules, structure: ModelStructure) -> list[nn.Parameter]:
     """Weights whose gradient the score needs: q, o, gate, up, down, and k, v when a unit owns them (no GQA, or
     group mode; query-mode GQA heads are q + o)."""
-    weights = [layer.q.weight, layer.o.weight, layer.gate.weight, layer.up.weight, layer.down.weight]
+    weights = [layer.q.weight, layer.o.weight, *(m.weight for m in layer.channel_rows), layer.down.weight]
     if structure.kv_in_unit:
         weights += [layer.k.weight, layer.v.weight]
     return weights
@@ -85,7 +85,7 @@ def layer_scores(layer: LayerModules, structure: ModelStructure, grad_of: GradOf
     if structure.kv_in_unit:
         heads += rows(layer.k).view(U, d_h).sum(dim=1)
         heads += rows(layer.v).view(U, d_h).sum(dim=1)
-    channels = rows(layer.gate) + rows(layer.up) + cols(layer.down)  # (F,)
+    channels = sum(rows(m) for m in layer.channel_rows) + cols(layer.down)  # (F,)
     return heads.cpu(), channels.cpu()
 
 
@@ -168,7 +168,7 @@ def magnitude_scores(layer: LayerModules, structure: ModelStructure) -> tuple[to
     heads = sq(layer.q).view(U, w, d).sum(dim=(1, 2)) + sq(layer.o).view(d, U, w).sum(dim=(0, 2))
     if structure.kv_in_unit:
         heads += sq(layer.k).view(U, d_h, d).sum(dim=(1, 2)) + sq(layer.v).view(U, d_h, d).sum(dim=(1, 2))
-    channels = sq(layer.gate).sum(dim=1) + sq(layer.up).sum(dim=1) + sq(layer.down).sum(dim=0)
+    channels = sum(sq(m).sum(dim=1) for m in layer.channel_rows) + sq(layer.down).sum(dim=0)
     return heads.cpu(), channels.cpu()
 
 
@@ -279,6 +279,8 @@ def outlier_ratio(layer: LayerModules, moments: dict[str, InputMoments], m: floa
     inputs = {"q": "q", "k": "q", "v": "q", "o": "attn", "gate": "gate", "up": "gate", "down": "mlp"}
     pieces = []
     for name, point in inputs.items():
+        if getattr(layer, name) is None:  # a plain MLP has no gate
+            continue
         weight = getattr(layer, name).weight.detach().float()
         pieces.append((weight.abs() * moments[point].total_sq.float().sqrt().to(weight.device)[None, :]).flatten())
     scores = torch.cat(pieces)

@@ -43,11 +43,12 @@ def compact_student(model: nn.Module, masks: Masks, structure: ModelStructure, b
 
 
 def projection_names(targets: tuple[str, ...], model: nn.Module) -> list[str]:
-    """Module names of the projections `targets` (q, k, ..., down) in `model` (compact or dense of any family)."""
+    """Module names of the projections `targets` (q, k, ..., down) in `model` (compact or dense of any family); a
+    plain MLP (Phi-2, OPT) has no gate, which is then left out."""
     if isinstance(model, GispDecoderForCausalLM):
-        return [COMPACT_NAMES[t] for t in targets]
+        return [COMPACT_NAMES[t] for t in targets if t != "gate" or model.config.mlp_gated]
     spec = family_spec(model.config.model_type)
-    return [getattr(spec, f"{t}_proj") for t in targets]
+    return [getattr(spec, f"{t}_proj") for t in targets if getattr(spec, f"{t}_proj")]
 
 
 def with_lora(model: nn.Module, lora: LoraSettings):
