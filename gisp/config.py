@@ -97,9 +97,6 @@ class RunSettings:
         prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
         pruner = {k: v for k, v in asdict(self.pruner).items() if k != "options" or v}  # no options: ids unchanged
         sections = {k: self.resolved.get(k) for k in DEFINITION_KEYS}
-        model = sections.get("model") or {}
-        if model.get("source") == "path" or model.get("dtype") == "auto":  # model=hf: what they resolved to
-            sections["model"] = {**model, "source": self.model.source, "dtype": self.model.dtype}
         return {**sections, "pruner": pruner, "prune": prune, "calibration_sha256": calibration_sha256}
 
     @property
@@ -254,10 +251,14 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
         raise GispError(f"recover={recover.method} with {_processes(trainer)} processes: gisp.run recovers in one "
                         "process; prune here with recover=none, then recover over the processes with its own "
                         f"command: python -m gisp.recover run_dir=RUN recover={recover.method} trainer=...")
+    model = model_spec(cfg.model)
     resolved = plain(cfg)
+    # model=hf: config.yaml records what `source: path` and `dtype: auto` resolved to here, so that gisp.evaluate,
+    # export, recover and a resume load the run's model the same way on another machine (a GPU run's bf16 on a CPU)
+    resolved["model"] = {**resolved["model"], "source": model.source, "dtype": model.dtype}
     loggers = _with_wandb_group(plain(cfg.get("logger")) or {}, sweep, resolved, targets)
     return RunSettings(
-        model=model_spec(cfg.model), calibration=calibration, objective=objective, pruner=pruner,
+        model=model, calibration=calibration, objective=objective, pruner=pruner,
         schedule=schedule, prune=prune, evaluation=evaluation, targets=targets, seed=int(cfg.seed),
         split_seed=int(cfg.get("split_seed", 1234)), threads=_int_or_none(cfg.get("threads"), "threads", 1),
         data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=Path(cfg.cache_dir).expanduser(),

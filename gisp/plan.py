@@ -114,8 +114,16 @@ def model_config(spec: ModelSpec):
         tok = byte_level_tokenizer()
         fields = {"vocab_size": len(tok), **(spec.config or {})}
         return AutoConfig.for_model(spec.model_type, **fields)
-    if spec.source == "local":
-        return AutoConfig.from_pretrained(spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
+    if spec.source in ("local", "gguf_file"):
+        path = Path(spec.path).expanduser()
+        try:
+            if spec.source == "gguf_file":  # the header only: transformers reads no tensors for a config
+                return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            return AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                              trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise GispError(f"model {spec.name}: cannot read the config of {path} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); check model.path") from None
     key = {"gguf_package": f"{spec.package}:{spec.file}", "gguf_parts": spec.sha256}.get(spec.source, spec.path)
     if key in KNOWN_CONFIGS:
         fields = dict(KNOWN_CONFIGS[key])

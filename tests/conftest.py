@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 def tiny_config(family: str, layers: int = 4) -> transformers.PretrainedConfig:
     """The tiny shapes of conf/model/tiny_{family}.yaml (the one definition of the tiny models): hidden 64, 4 query
-    heads; Llama without GQA, Mistral / Qwen2 / Qwen3 with 2 KV heads. A 300-token vocabulary for random ids."""
+    heads; the GQA families with 2 KV heads; every family of conf/model/tiny_*.yaml. A 300-token vocabulary."""
     node = yaml.safe_load((CONF / "model" / f"tiny_{family}.yaml").read_text())
     # special ids inside the small vocabulary (some families default to ids of their real tokenizers)
     fields = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **node["config"], "num_hidden_layers": layers,

@@ -1,9 +1,10 @@
 """A Hugging Face tokenizer as llama.cpp's GGUF tokenizer metadata (`tokenizer.ggml.*` and the chat template).
 
-Two tokenizer families cover the Llama and Mistral models: byte-level BPE (GPT-2 style: Llama-3, SmolLM2) becomes
-llama.cpp's `gpt2` model with its merges and a pre-tokenizer name; BPE with byte fallback (SentencePiece style:
-Llama-2, Mistral) becomes the `llama` model, whose merge order llama.cpp reads from token scores: a token made by
-merge r scores -r, so the highest-scoring bigram is the merge the HF tokenizer applies first.
+Two tokenizer families cover the models exported to GGUF (Llama, Mistral, Granite, Phi-3): byte-level BPE (GPT-2
+style: Llama-3, SmolLM2, Granite) becomes llama.cpp's `gpt2` model with its merges and a pre-tokenizer name; BPE
+with byte fallback (SentencePiece style: Llama-2, Mistral, Phi-3) becomes the `llama` model, whose merge order
+llama.cpp reads from token scores: a token made by merge r scores -r, so the highest-scoring bigram is the merge
+the HF tokenizer applies first.
 
 llama.cpp identifies a byte-level pre-tokenizer by NAME (each name is a fixed set of split regexes). The name is read
 off the tokenizer's own pre-tokenizer description; one it does not know falls back to llama.cpp's `default` with a

@@ -92,7 +92,7 @@ def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure
     """The compact weights (names as in the compact model) and the per-layer layout for its config; `bias` is a
     level's FLAP output bias (added to the o_proj / down_proj outputs, as MaskApplier.set(masks, bias) does).
 
-    Norms are renamed by role (gisp.compact.modeling_gisp._NORM_NAMES); with a q / k norm over the whole
+    Norms are renamed by role (gisp.compact.modeling_gisp.NORM_NAMES); with a q / k norm over the whole
     projection (OLMo 2) q_proj / k_proj keep every head's rows and the layout records the kept heads."""
     spec = family_spec(model.config.model_type)
     layers = layer_modules(model, spec)

@@ -10,7 +10,7 @@ Canonical pieces: a layer has an attention block (q, k, v, o projections, option
 (gate, up, down; a plain MLP has up and down only), and up to four norms by role: before / after the attention
 block, before / after the MLP (Gemma has all four, OLMo 2 only the two after, Phi-2 one shared by both blocks that
 run in parallel). Fused projections (Phi-3's qkv_proj and gate_up_proj) are split into separate ones when the model
-is loaded (`unfuse`, exact), so every family is pruned through the same seven projections.
+is loaded (`unfuse`, exact), so every family is pruned through the same projections (seven, or six for a plain MLP).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class FamilySpec:
     mlp_pre_norm: str | None = "post_attention_layernorm"
     mlp_post_norm: str | None = None  # on the MLP's output (Gemma, OLMo 2)
     parallel: bool = False  # attention and MLP both read the attention's input norm and add up (Phi-2)
-    q_norm: str = "q_norm"  # per-head query / key norms (Qwen3, Gemma 3); absent in other families
+    q_norm: str = "q_norm"  # query / key norms (Qwen3, Gemma 3 per head; Phi-2 q_layernorm; OLMo 2 see scope)
     k_norm: str = "k_norm"
     qk_norm_scope: str = "head"  # "projection": over the whole q / k projection (OLMo 2), see describe()
     embed_tokens: str = "model.embed_tokens"
@@ -62,7 +62,7 @@ class FamilySpec:
     act_attr: str = "hidden_act"
     eps_attr: str = "rms_norm_eps"
     # The computation, as data (gisp.compact reads these)
-    norm: str = "rms"  # rms | rms_unit_offset (Gemma: x * (1 + w)) | layer (LayerNorm with bias)
+    norm: str = "rms"  # rms | rms_weight_fp32 (OLMo 2) | rms_unit_offset (Gemma: x * (1 + w)) | layer (LayerNorm)
     attn_scale: str = "head_dim"  # head_dim (1/sqrt(d)) | query_pre_attn_scalar (Gemma) | attention_multiplier
     attn_softcap_attr: str | None = None  # Gemma 2: tanh soft-capping of the attention logits
     final_softcap_attr: str | None = None  # Gemma 2 / 3: of the output logits
@@ -70,6 +70,9 @@ class FamilySpec:
     residual_scale_attr: str | None = None  # Granite: each block's output x residual_multiplier
     logits_divisor_attr: str | None = None  # Granite: logits / logits_scaling
     rope_per_layer_type: bool = False  # Gemma 3: rope_parameters keyed by layer type (two bases)
+    # Config settings the computation above assumes: (attribute, value); a value "@name" means "equal to the
+    # attribute name". A config that sets one otherwise is refused (an absent attribute takes the family default).
+    requires: tuple[tuple[str, object], ...] = ()
     # Why llama.cpp's deci graph cannot compute the family exactly ("" = it can: a Llama block, multipliers folded
     # into the weights; gisp.compact.gguf still checks each config, e.g. for biases, QK-norm or the RoPE type)
     gguf_refusal: str = ""
@@ -86,6 +89,9 @@ OPT = FamilySpec(layers="model.decoder.layers", o_proj="out_proj", mlp="", gate_
                  embed_tokens="model.decoder.embed_tokens", embed_positions="model.decoder.embed_positions",
                  position_offset=2, final_norm="model.decoder.final_layer_norm", n_kv_heads_attr="num_attention_heads",
                  ffn_attr="ffn_dim", act_attr="activation_function", eps_attr="layer_norm_eps", norm="layer",
+                 # OPT-350m: norms after the blocks, no final norm, embeddings projected from a narrower width
+                 requires=(("do_layer_norm_before", True), ("_remove_final_layer_norm", False),
+                           ("word_embed_proj_dim", "@hidden_size")),
                  gguf_refusal="learned absolute positions, LayerNorm with bias, a ReLU MLP")
 GEMMA2 = FamilySpec(attn_post_norm="post_attention_layernorm", mlp_pre_norm="pre_feedforward_layernorm",
                     mlp_post_norm="post_feedforward_layernorm", act_attr="hidden_activation", norm="rms_unit_offset",
@@ -118,7 +124,7 @@ REGISTRY: dict[str, FamilySpec] = {
     "olmo2": OLMO2,
     "granite": GRANITE,
 }
-MIXTURES_OF_EXPERTS = ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "jamba", "arctic", "grok-1", "gpt_oss")
+MIXTURES_OF_EXPERTS = ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "jamba", "arctic", "gpt_oss", "llama4")
 EXTENDING = "README.md, 'Extending gisp': a FamilySpec entry, a tiny config, the conformance suite"
 
 
@@ -137,6 +143,22 @@ def family_spec(model_type: str) -> FamilySpec:
             f"model family '{model_type}' is not supported{hint}; supported: {sorted(REGISTRY)}. A decoder whose "
             f"heads and MLP channels are rows and columns of its projections can be added as data: see {EXTENDING}"
         ) from None
+
+
+def check_config(model_type: str, config) -> FamilySpec:
+    """The family's spec, after checking that `config` (a transformers config or its dict) sets nothing the
+    family's layout here does not compute (`FamilySpec.requires`)."""
+    spec = family_spec(model_type)
+    get = config.get if isinstance(config, dict) else (lambda name, default=None: getattr(config, name, default))
+    for name, want in spec.requires:
+        have = get(name, None)
+        if isinstance(want, str) and want.startswith("@"):
+            want = get(want[1:], None)
+        if have is not None and want is not None and have != want:
+            raise GispError(f"this {model_type} model sets {name}={have!r}; gisp's {model_type} layout computes "
+                            f"{name}={want!r} only (as the family's common checkpoints do), so its pruning and export "
+                            f"would not be exact. Supported variants: {EXTENDING}")
+    return spec
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:

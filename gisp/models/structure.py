@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from gisp.errors import GispError
-from gisp.models.families import FamilySpec, family_spec, get_submodule, projection
+from gisp.models.families import FamilySpec, check_config, get_submodule, projection
 
 GQA_MODES = ("query", "group")
 
@@ -93,6 +93,12 @@ class ModelStructure:
         return self.n_layers * (self.n_units + self.ffn)
 
     @property
+    def gated(self) -> bool:
+        """Whether a channel has a gate row (SwiGLU / GeGLU) or not (a plain MLP: up and down only); per-channel
+        biases are 1 parameter per projection, less than `hidden`, so the quotient counts the weight rows."""
+        return self.channel_params // self.hidden >= 3
+
+    @property
     def unprotected(self) -> list[int]:
         return [i for i in range(self.n_layers) if i not in self.protected]
 
@@ -149,7 +155,7 @@ def describe(model: nn.Module, protected: tuple[int, ...] | None = None, gqa_mod
         raise GispError(f"prune.gqa_mode={gqa_mode!r} is not one of {GQA_MODES}: query prunes query heads (the "
                         "reference), group prunes whole KV groups (K/V rows too, the KV cache shrinks)")
     config = model.config
-    spec = family_spec(config.model_type)
+    spec = check_config(config.model_type, config)
     n_heads = getattr(config, spec.n_heads_attr)
     n_kv = getattr(config, spec.n_kv_heads_attr, None) or n_heads
     hidden = getattr(config, spec.hidden_attr)

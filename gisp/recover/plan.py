@@ -73,6 +73,8 @@ def adapted_shapes(shapes: list[tuple[int, int, int]], structure: ModelStructure
         dims = {"q": (d, q * dh), "k": (d, kv * dh), "v": (d, kv * dh), "o": (q * dh, d),
                 "gate": (d, f), "up": (d, f), "down": (f, d)}
         for name in targets:
+            if name == "gate" and not structure.gated:  # a plain MLP (Phi-2, OPT) has no gate to adapt
+                continue
             block = f if name in ("gate", "up", "down") else q
             if block:
                 out.append(dims[name])

@@ -11,6 +11,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+import yaml
 from conftest import MODEL_CACHE, SMOKE, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -19,10 +20,11 @@ from gisp.errors import GispError
 from gisp.export import export_from_run
 from gisp.io import read_json
 from gisp.models.byte_tokenizer import byte_level_tokenizer
-from gisp.models.families import family_spec
+from gisp.models.families import check_config, family_spec
 from gisp.models.loading import ModelSpec, load_model_and_tokenizer, model_name_from_path
 from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
+from gisp.plan import model_config
 from gisp.prune.masks import MaskApplier, Masks
 
 
@@ -42,6 +44,8 @@ def test_a_local_folder_is_pruned_evaluated_and_exported(compose_cfg, tmp_path):
     settings = load_settings(cfg)
     assert (settings.model.source, settings.model.dtype) == ("local", "float32")  # dtype=auto on a CPU
     results = run(settings, run_dir=tmp_path / "run")
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert (recorded["source"], recorded["dtype"]) == ("local", "float32")  # what they resolved to, for reloading
     level = results["targets"]["0.3"]
     assert abs(level["sparsity"] - 0.3) < 0.03 and level["metrics"]["wikitext2_ppl"] > 1.0
     out = export_from_run(tmp_path / "run", tmp_path / "export", target=0.3, cache_dir=tmp_path / "cache")
@@ -122,6 +126,29 @@ def test_unsupported_families_are_refused_before_the_weights_load(tmp_path, monk
     with pytest.raises(GispError, match="model family 'mamba' is not supported"):
         load_model_and_tokenizer(ModelSpec(name="m", source="path", path=str(mamba)), tmp_path)
     assert not (tmp_path / "models").exists()  # nothing converted
+
+
+def test_variants_the_family_layout_does_not_compute_are_refused(tmp_path, monkeypatch):
+    """OPT-350m's post-norm blocks and projected embeddings: refused from config.json alone (pruning would run, but
+    no export could be exact); the family's default variant is accepted."""
+    folder = tmp_path / "opt-350m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "opt", "hidden_size": 1024, "word_embed_proj_dim": 512, '
+                                        '"do_layer_norm_before": false}')
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(GispError, match=r"sets do_layer_norm_before=False.*Extending gisp"):
+        load_model_and_tokenizer(ModelSpec(name="opt", source="path", path=str(folder)), tmp_path)
+    assert check_config("opt", tiny_model("opt").config) is family_spec("opt")
+
+
+def test_a_home_relative_folder_plans_and_loads(tmp_path, monkeypatch):
+    """`model.path=~/...` works for the config-only paths too (memory plans, gisp.export's mask check)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved("llama", tmp_path / "models" / "mine")
+    spec = ModelSpec(name="mine", source="path", path="~/models/mine")
+    assert spec.source == "local" and model_config(spec).model_type == "llama"
+    with pytest.raises(GispError, match=r"cannot read the config of .*missing"):
+        model_config(ModelSpec(name="x", source="local", path="~/missing"))
 
 
 def test_the_cli_names_the_run_dir_after_the_path(tmp_path):
