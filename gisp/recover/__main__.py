@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from gisp.cli import same_command, user_errors
 from gisp.config import build_loggers, eval_tasks, finalize_loggers, parse_targets, plain
+from gisp.errors import GispError
 from gisp.eval.report import levels_text
 from gisp.recover.runner import recover_run
 from gisp.recover.settings import recover_settings
@@ -27,6 +28,12 @@ def stop_message(signal_name: str) -> str:
 @user_errors(stop_message=stop_message, resumable=False)
 def main(cfg: DictConfig) -> None:
     settings = recover_settings(plain(cfg.recover))
+    trainer = plain(cfg.trainer) or {}
+    if trainer.get("strategy") == "gisp_fsdp":
+        # Recovery trains one process's whole student; FSDP training (sharded LoRA / weights and their optimizer) is
+        # not built yet, so refuse it here rather than inside Lightning after the model loaded.
+        raise GispError("gisp.recover does not train under trainer=fsdp yet: use trainer=ddp (every process holds the "
+                        "model; the training memory plan says whether it fits), or one GPU with more memory")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     targets = list(parse_targets(cfg.targets)) if cfg.targets is not None else None
@@ -41,7 +48,7 @@ def main(cfg: DictConfig) -> None:
 
     status = "failed"
     try:
-        results = recover_run(cfg.run_dir, settings, targets, tasks, trainer=plain(cfg.trainer), loggers=loggers,
+        results = recover_run(cfg.run_dir, settings, targets, tasks, trainer=trainer, loggers=loggers,
                               progress=bool(cfg.progress), data_dir=cfg.get("data_dir"), cache_dir=cfg.get("cache_dir"),
                               trust_remote_code=bool(cfg.get("trust_remote_code")))
         status = "success"

@@ -284,6 +284,15 @@ def _wait_for(path, proc, log, timeout=240):
         time.sleep(0.02)
 
 
+def test_fsdp_recovery_is_refused_before_anything_loads(run_dir):
+    proc = subprocess.run(_recover_cli(run_dir, "sharded", "trainer=fsdp", "trainer.accelerator=cpu",
+                                       "trainer.devices=2"), cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "does not train under trainer=fsdp yet" in out, out[-2000:]
+    assert "Traceback" not in out and not (run_dir / "recovered" / "sharded").exists()
+
+
 def test_a_killed_recovery_resumes_to_the_uninterrupted_weights(run_dir):
     """SIGKILL after a checkpoint, then the same command: the adapter equals an uninterrupted run's, bit for bit."""
     assert subprocess.run(_recover_cli(run_dir, "whole"), cwd=REPO, capture_output=True, timeout=600,
