@@ -102,13 +102,7 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
             write_json_atomic(run.results_path, results)
             for logger in loggers or []:
                 logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=level.step if level else 0)
-        if not mark_mixed(results):  # every level is measured with one protocol per task again
-            results["complete"] = True
-        write_json_atomic(run.results_path, results)
-        live.applier.remove()
-        plot_results(results, run.path / "metrics.png")
-        log_results_table(loggers or [], results)
-        return results
+        return _finish(run, results, live, loggers)
 
 
 def _evaluate_recovered(run: RunDir, results: dict, name: str, targets: list[float], live, evaluator, progress: bool,
@@ -126,6 +120,12 @@ def _evaluate_recovered(run: RunDir, results: dict, name: str, targets: list[flo
         write_json_atomic(run.results_path, results)
 
     evaluate_recovered(results, name, list(levels), model_of, evaluator, run.path, progress, write)
+    return _finish(run, results, live, loggers)
+
+
+def _finish(run: RunDir, results: dict, live, loggers: list | None) -> dict[str, Any]:
+    """The end of an evaluation: complete again once every level is measured with one protocol per task (else it
+    stays marked mixed), written, the masks removed, the figure and the loggers' table updated."""
     if not mark_mixed(results):
         results["complete"] = True
     write_json_atomic(run.results_path, results)

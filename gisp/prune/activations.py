@@ -45,20 +45,14 @@ class InputMoments:
 POINTS = {"attn": "o", "mlp": "down", "q": "q", "gate": "up"}
 
 
-class InputRecorder:
-    """Context manager: forward pre-hooks on the projections of `points` (default o_proj and down_proj) of the
-    unprotected layers that accumulate their inputs' moments over the non-padding tokens. The hooks are removed on
-    exit, also after an error."""
+class _HookRecorder:
+    """What both recorders share: hooks registered on entering (`_register`, once), all removed on exit (also after
+    an error), and the token mask of the current batch (None = every token)."""
 
-    def __init__(self, layers: list[LayerModules], structure: ModelStructure,
-                 points: tuple[str, ...] = ("attn", "mlp")):
-        unknown = [p for p in points if p not in POINTS]
-        if unknown:
-            raise GispError(f"unknown recording points {unknown}; known: {sorted(POINTS)}")
-        self.layers = layers
+    name = "recorder"
+
+    def __init__(self, structure: ModelStructure):
         self.structure = structure
-        self.points = points
-        self.moments: dict[tuple[int, str], InputMoments] = {}
         self.token_mask: torch.Tensor | None = None  # (B, T) bool of the current batch; None = every token
         self._handles: list = []
 
@@ -68,11 +62,8 @@ class InputRecorder:
 
     def __enter__(self) -> Self:
         if self.active:
-            raise GispError("the input recorder is already recording")
-        for i in self.structure.unprotected:
-            for point in self.points:
-                module = getattr(self.layers[i], POINTS[point])
-                self._handles.append(module.register_forward_pre_hook(self._hook((i, point))))
+            raise GispError(f"the {self.name} is already recording")
+        self._handles.extend(self._register())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -80,6 +71,31 @@ class InputRecorder:
             h.remove()
         self._handles.clear()
         self.token_mask = None
+
+    def _register(self) -> list:
+        raise NotImplementedError
+
+
+class InputRecorder(_HookRecorder):
+    """Context manager: forward pre-hooks on the projections of `points` (default o_proj and down_proj) of the
+    unprotected layers that accumulate their inputs' moments over the non-padding tokens. The hooks are removed on
+    exit, also after an error."""
+
+    name = "input recorder"
+
+    def __init__(self, layers: list[LayerModules], structure: ModelStructure,
+                 points: tuple[str, ...] = ("attn", "mlp")):
+        unknown = [p for p in points if p not in POINTS]
+        if unknown:
+            raise GispError(f"unknown recording points {unknown}; known: {sorted(POINTS)}")
+        super().__init__(structure)
+        self.layers = layers
+        self.points = points
+        self.moments: dict[tuple[int, str], InputMoments] = {}
+
+    def _register(self) -> list:
+        return [getattr(self.layers[i], POINTS[point]).register_forward_pre_hook(self._hook((i, point)))
+                for i in self.structure.unprotected for point in self.points]
 
     def _hook(self, key: tuple[int, str]):
         def pre_hook(module: torch.nn.Module, args: tuple) -> None:
@@ -111,34 +127,21 @@ class BlockMoments:
         return float(1.0 - self.cosine / self.count)
 
 
-class BlockRecorder:
+class BlockRecorder(_HookRecorder):
     """Context manager: forward hooks on the decoder layers of the unprotected layers that accumulate, over the
     non-padding tokens, the cosine similarity between each layer's input and output hidden state (a layer that
     barely changes its input scores low: ShortGPT removes those first). Same interface as InputRecorder."""
 
+    name = "block recorder"
+
     def __init__(self, decoder_layers, structure: ModelStructure):
+        super().__init__(structure)
         self.decoder_layers = decoder_layers
-        self.structure = structure
         self.moments: dict[tuple[int, str], BlockMoments] = {}
-        self.token_mask: torch.Tensor | None = None
-        self._handles: list = []
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> Self:
-        if self.active:
-            raise GispError("the block recorder is already recording")
-        for i in self.structure.unprotected:
-            self._handles.append(self.decoder_layers[i].register_forward_hook(self._hook(i), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.token_mask = None
+    def _register(self) -> list:
+        return [self.decoder_layers[i].register_forward_hook(self._hook(i), with_kwargs=True)
+                for i in self.structure.unprotected]
 
     def _hook(self, i: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
