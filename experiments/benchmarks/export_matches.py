@@ -56,7 +56,7 @@ def main() -> None:
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 torch.set_num_threads({args.threads})
-m = AutoModelForCausalLM.from_pretrained({args.export_dir!r}, trust_remote_code=True, dtype=torch.float32).eval()
+m = AutoModelForCausalLM.from_pretrained({str(Path(args.export_dir).resolve())!r}, trust_remote_code=True, dtype=torch.float32).eval()
 d = torch.load({str(Path(tmp) / 'expected.pt')!r}, weights_only=True)
 with torch.no_grad():
     diff = (m(d["ids"]).logits - d["logits"]).abs().max().item()
@@ -66,8 +66,10 @@ print(json.dumps({{"max_abs_diff": diff, "largest_logit": d["logits"].abs().max(
                   "greedy_equal": bool(torch.equal(greedy, d["greedy"])),
                   "params": sum(p.numel() for p in m.parameters())}}))
 """
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                              cwd=tmp)
+        # cwd: a folder without gisp, so the fresh process cannot import it from the checkout
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, cwd=tmp)
+        if proc.returncode != 0:
+            raise SystemExit(f"the export did not load or run without gisp:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{spec.name} level {args.target} (sparsity {level['sparsity']:.4f}): export {out['params']:,} "
           f"parameters vs dense {dense_params:,} ({out['params'] / dense_params:.3f}x)")

