@@ -50,13 +50,14 @@ def main() -> None:
         logits = model(ids).logits
         greedy = model.generate(ids[:, :16], max_new_tokens=16, do_sample=False)
     dense_params = sum(p.numel() for p in model.parameters())
+    export_dir = str(Path(args.export_dir).resolve())  # the fresh process runs in a temporary folder
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"ids": ids, "logits": logits, "greedy": greedy}, Path(tmp) / "expected.pt")
         script = f"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 torch.set_num_threads({args.threads})
-m = AutoModelForCausalLM.from_pretrained({str(Path(args.export_dir).resolve())!r}, trust_remote_code=True, dtype=torch.float32).eval()
+m = AutoModelForCausalLM.from_pretrained({export_dir!r}, trust_remote_code=True, dtype=torch.float32).eval()
 d = torch.load({str(Path(tmp) / 'expected.pt')!r}, weights_only=True)
 with torch.no_grad():
     diff = (m(d["ids"]).logits - d["logits"]).abs().max().item()

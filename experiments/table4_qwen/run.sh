@@ -4,7 +4,7 @@
 # its standard error. GISP's trajectory is the default run's (`python -m gisp.run model=qwen2_5_coder_0_5b`), read
 # from the store when that run was made. SEEDS="0 1 2" for error bars (about 3x the time); METHODS=gisp,owl,... for
 # a subset. Needs `make install-qwen`.
-# About 20 min per seed on 2 CPU cores (two jobs at a time, one thread each):
+# About 15 min per seed for six methods on 2 CPU cores (two jobs at a time, one thread each):
 #   bash experiments/table4_qwen/run.sh
 set -euo pipefail
 OUT=${OUT:-outputs/table4_qwen}
