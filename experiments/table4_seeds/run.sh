@@ -3,7 +3,7 @@
 # ShortGPT, magnitude, random) at 20-50%, calibration seeds 0, 1, 2 (WikiText-2 validation, 32 x 128 tokens; GISP:
 # the default 10-step linear schedule), WikiText-2 test perplexity at ctx 128 (the default 32 windows, the same for
 # every run) with its standard error. One multirun of 27 jobs, two at a time with one thread each (joblib), from the
-# repo root; about 45 min on 2 CPU cores:
+# repo root; 30 min on 2 CPU cores:
 #   bash experiments/table4_seeds/run.sh
 # GISP's trajectories land in the store and are shared with experiments/calibration_budget (its full-budget point).
 set -euo pipefail
