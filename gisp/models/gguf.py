@@ -125,9 +125,10 @@ def load_gguf_parts(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
             try:
                 pieces.append(_locate_part(spec, part))
             except GispError:
-                if is_installed(part.partition(":")[0]):
+                package = part.partition(":")[0]
+                if is_installed(package):
                     raise  # installed, but without the file: _locate_gguf's message says so
-                missing.append(part.partition(":")[0])
+                missing.append(package)
         if missing:  # one message for all of them (not the single-package hint of _locate_gguf)
             raise GispError(f"Model '{spec.name}': {len(missing)} of the {len(spec.parts)} packages its GGUF is split "
                             f"over are not installed ({', '.join(missing)}). Fix: `{parts_install(spec)}`")
