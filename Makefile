@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # llama.cpp's AMX kernels on CPUs that report AMX, and those crash in VMs that do not enable AMX state.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: install install-llama install-qwen demo test lint
+.PHONY: install install-llama install-qwen demo test test-fast docs lint
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,9 +28,17 @@ install-qwen: install
 demo: install
 	$(BIN)/python -m gisp.run
 
-# GISP_REQUIRE_LLAMA_CPP: the GGUF tests fail instead of skipping when llama-cpp-python is missing
+# GISP_REQUIRE_LLAMA_CPP: the GGUF tests fail instead of skipping when llama-cpp-python is missing. The suite builds
+# the docs too (tests/test_docs.py: mkdocs build --strict).
 test: install-llama
 	GISP_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q
+
+# The edit-test loop: every module, no end-to-end test (docs/testing.md), under 5 minutes on 2 cores
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+docs: install
+	$(BIN)/mkdocs build --strict
 
 lint:
 	$(BIN)/ruff check gisp tests experiments

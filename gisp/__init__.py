@@ -5,9 +5,11 @@ The public API (imported lazily, so `import gisp` stays fast):
     gisp.run_pruning(settings, run_dir)    prune along the trajectory (settings: gisp.load_settings(cfg));
                                            `gisp.run` is the command-line module, hence the longer name
     gisp.evaluate_run(run_dir, tasks, ...)  evaluate saved levels ("deploy many")
-    gisp.export_from_run(run_dir, out, target=0.4)   a physically smaller Hugging Face folder (format="gguf":
+    gisp.export_from_run(run_dir, out, sparsity=0.4)   a physically smaller Hugging Face folder (format="gguf":
                                            a llama.cpp file; gisp.export_gguf for a live model and masks)
+    gisp.recover_run(run_dir, settings, sparsity=[0.5])   recover levels (LoRA, distillation, nested)
     gisp.RunDir(path)                       reopen a run: config, trajectory, results, model, levels
+    gisp.Results(run_dir)                   the one owner of a run dir's results.json
     gisp.Masks, gisp.MaskApplier            keep-masks and their reversible application to a live model
 """
 
@@ -22,9 +24,11 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "run_pruning": ("gisp.pipeline", "run"),
     "load_settings": "gisp.config",
     "RunSettings": "gisp.config",
-    "evaluate_run": "gisp.evaluate",
-    "export_from_run": "gisp.export",
-    "export_from_masks": "gisp.export",
+    "evaluate_run": "gisp.deploy",
+    "export_from_run": "gisp.deploy",
+    "export_from_masks": "gisp.deploy",
+    "recover_run": "gisp.recovery.runner",
+    "Results": "gisp.results",
     "export_compact": "gisp.compact.slicing",
     "export_gguf": "gisp.compact.gguf",
     "RunDir": "gisp.runs",
@@ -38,6 +42,7 @@ __all__ = [
     "GispError",
     "MaskApplier",
     "Masks",
+    "Results",
     "RunDir",
     "RunSettings",
     "evaluate_run",
@@ -46,6 +51,7 @@ __all__ = [
     "export_from_run",
     "export_gguf",
     "load_settings",
+    "recover_run",
     "run_pruning",
 ]
 

@@ -1,6 +1,11 @@
-"""What every command line shares: a GispError becomes one clear message and exit code 2 (no traceback); SIGTERM
-and SIGINT (scancel, SLURM time limits, preemption, Ctrl-C) stop the command at once with a non-zero exit code and
-the command that resumes it."""
+"""What every command line shares (the command layer: gisp.run, evaluate, export, recover, plan): Hydra's config
+turned into plain values, a GispError as one clear message and exit code 2 (no traceback), SIGTERM and SIGINT
+(scancel, SLURM time limits, preemption, Ctrl-C) stopping the command at once with a non-zero exit code and the
+command that resumes it, and the checks Hydra must not get ahead of.
+
+Hydra and OmegaConf are used here and in the command modules only; the library below takes plain values and typed
+settings.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import functools
 import json
 import logging
 import logging.handlers
+import secrets
 import shlex
 import signal
 import sys
@@ -17,10 +23,45 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from gisp.errors import GispError
+from gisp.models.spec import model_name_from_path
 
 log = logging.getLogger("gisp")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# conf/model/hf.yaml: the model's name (and so its run dir's) from model.path
+OmegaConf.register_new_resolver("gisp_model_name", model_name_from_path, replace=True)
+# conf/hydra/launcher/gpu_node.yaml: job n of a sweep sees GPU n modulo the node's GPUs.
+OmegaConf.register_new_resolver("gisp_gpu_slot", lambda job, gpus: str(int(job) % max(int(gpus), 1)), replace=True)
+# Default run / sweep dirs: the second + a short random suffix fixed for this process (two commands started in the
+# same second get different dirs). DDP children get the parent's run dir from Lightning (hydra.run.dir=...).
+_UNIQUE = secrets.token_hex(3)
+OmegaConf.register_new_resolver("gisp_unique", lambda: _UNIQUE, replace=True)
+
+
+def plain_config(cfg: DictConfig | dict) -> dict:
+    """A command's config as plain Python values (interpolations resolved); a mandatory value left unset (`???`) is a
+    GispError naming the key."""
+    if not OmegaConf.is_config(cfg):
+        return dict(cfg)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise GispError(f"{key} must be set (the config leaves it `???`): pass {key}=... on the command line") from None
+
+
+def compose_config(name: str, overrides: list[str]) -> dict:
+    """The plain config `python -m gisp.<command> OVERRIDES` would see, composed with Hydra's compose API (`name`: the
+    command's primary config, e.g. "config" for gisp.run)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return plain_config(compose(name, overrides=list(overrides)))
 
 USER_ERROR_EXIT = 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -145,6 +186,15 @@ def hydra_overrides() -> list[str] | None:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def evaluation_overrides() -> list[str] | None:
+    """This command's evaluation settings (eval=..., eval.tasks...., split_seed, data_dir), to repeat them in a
+    command a refusal suggests; None outside a Hydra app."""
+    from gisp.results import evaluation_settings
+
+    overrides = hydra_overrides()
+    return None if overrides is None else evaluation_settings(overrides)
 
 
 def hydra_sweep_name() -> str | None:

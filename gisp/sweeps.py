@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from gisp.eval.aggregate import group_runs, noise_notes
-from gisp.eval.report import plot_runs, protocol_notes, runs_table
+from gisp.eval.report import plot_runs, protocol_notes, runs_pivot, runs_table
 from gisp.io import read_json, write_text_atomic
 
 log = logging.getLogger("gisp")
@@ -32,13 +32,17 @@ def collect(sweep_dir: Path) -> list[tuple[str, dict]]:
     return group_runs(runs)
 
 
-def write_summary(sweep_dir: str | Path) -> Path | None:
+def write_summary(sweep_dir: str | Path, pivot: str | None = None, percent: bool = False) -> Path | None:
+    """summary.md and summary.png of a sweep dir; `pivot`: also one row per setting, one column per level, of this
+    metric (like the paper's tables; `percent`: accuracies x100)."""
     sweep_dir = Path(sweep_dir)
     runs = collect(sweep_dir)
     if not runs:
         log.warning("sweep %s: no complete job results to summarize", sweep_dir)
         return None
-    table = runs_table(runs)
+    table = runs_table(runs, percent=percent)
+    if pivot:
+        table = f"## {pivot}\n\n{runs_pivot(runs, pivot, percent)}\n\n## Every metric\n\n{table}"
     notes = "".join(f"\n> note: {n}\n" for n in protocol_notes(runs))
     noise = noise_notes(runs)
     within = ("\n## Differences within the noise\n\n" + "\n".join(f"- {n}" for n in noise) + "\n") if noise else ""
@@ -49,5 +53,10 @@ def write_summary(sweep_dir: str | Path) -> Path | None:
 
 
 class SweepSummary(Callback):
+    """`pivot` (a metric) and `percent`: set by a grid's config (hydra.callbacks.sweep_summary.pivot=...)."""
+
+    def __init__(self, pivot: str | None = None, percent: bool = False) -> None:
+        self.pivot, self.percent = pivot, percent
+
     def on_multirun_end(self, config, **kwargs) -> None:
-        write_summary(config.hydra.sweep.dir)
+        write_summary(config.hydra.sweep.dir, self.pivot, self.percent)

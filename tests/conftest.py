@@ -61,23 +61,38 @@ def family(request) -> str:
     return request.param
 
 
+def compose(name: str, *overrides: str) -> dict:
+    """The plain config `python -m gisp.<command> OVERRIDES` would see (`name`: the command's primary config)."""
+    from gisp.cli import compose_config
+
+    return compose_config(name, list(overrides))
+
+
+def compose_hydra(name: str, *overrides: str):
+    """The DictConfig of `python -m gisp.<command> OVERRIDES` with Hydra's own node (launchers, sweeper params)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import gisp.cli  # noqa: F401  (registers gisp's resolvers)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(name, overrides=list(overrides), return_hydra_config=True)
+
+
 @pytest.fixture
 def compose_cfg(tmp_path):
-    """compose_cfg(*overrides) -> the app's config, as `python -m gisp.run OVERRIDES` would see it."""
-    from hydra import compose, initialize_config_dir
+    """compose_cfg(*overrides) -> gisp.run's config (plain values), as `python -m gisp.run OVERRIDES` would see it."""
 
-    def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=["logger=none", "progress=false", "threads=1",
-                                                f"cache_dir={MODEL_CACHE}", f"store_dir={tmp_path / 'store'}",
-                                                *overrides])
+    def _compose(*overrides: str) -> dict:
+        return compose("config", "logger=none", "progress=false", "threads=1", f"cache_dir={MODEL_CACHE}",
+                       f"store_dir={tmp_path / 'store'}", *overrides)
 
     return _compose
 
 
 def conf_text_source(config: str, *path: str):
-    """The TextSource of a conf YAML, e.g. conf_text_source("eval/wikitext2", "tasks", "wikitext2_ppl", "text"): tests
-    use the same sources as the runs (no copies of the YAML in the library)."""
+    """The TextSource of a conf YAML, e.g. conf_text_source("eval/wikitext2_128", "tasks", "wikitext2_ppl", "text"):
+    tests use the same sources as the runs (no copies of the YAML in the library)."""
     from gisp.data.recipes import text_source
 
     node = yaml.safe_load((CONF / f"{config}.yaml").read_text())

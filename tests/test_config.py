@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
-from conftest import CONF
-from hydra import compose, initialize_config_dir
+from conftest import CONF, compose, compose_hydra
 
 from gisp.config import RunSettings, load_settings
 from gisp.errors import GispError
@@ -17,6 +17,7 @@ COMPANIONS = {
     ("objective", "margin"): ["data=cmqa"],
     ("data", "local_text"): ["data.text.local_files=[austen/emma.txt]"],
     ("sweep", "table6_tiny"): ["calib=cmqa_margin"],
+    ("experiment", "table6_tiny"): ["calib=cmqa_margin"],
     ("trainer", "fsdp"): ["eval=none"],  # sharded: evaluate afterwards with gisp.evaluate
     ("model", "hf"): ["model.path=Qwen/Qwen2.5-0.5B"],  # a model by path: the path is the option
 }
@@ -25,8 +26,7 @@ OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).gl
 
 
 def _settings(*overrides: str) -> RunSettings:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return load_settings(compose("config", overrides=list(overrides)))
+    return load_settings(compose("config", *list(overrides)))
 
 
 def test_every_group_has_options():
@@ -80,3 +80,47 @@ def test_trajectory_definition_ignores_targets_evaluation_and_invocation_length(
         assert _settings(*other).definition("sha") != a, other
     assert _settings().definition("other data") != a  # the calibration content is part of the identity
     assert Path(str(_settings().cache_dir)).is_absolute()
+
+
+def grids() -> list[str]:
+    return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")) + \
+        [f"sweep={p.stem}" for p in sorted((CONF / "sweep").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("grid", grids())
+def test_every_experiment_and_its_grid_jobs_pass_the_checks(grid):
+    choice = grid if grid.startswith("sweep=") else f"experiment={grid}"
+    params = compose_hydra("config", choice).hydra.sweeper.params or {}
+    jobs = list(itertools.product(*[[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]))
+    for job in jobs:
+        load_settings(compose("config", choice, *job), here=False)
+    assert jobs
+
+
+@pytest.mark.parametrize("primary", ["evaluate", "export", "recovery"])
+def test_the_other_commands_configs_compose(primary):
+    cfg = compose(primary, "run_dir=/some/run")
+    assert cfg["sparsity"] is None and "seed" in cfg and "store_dir" in cfg  # conf/common.yaml is included
+
+
+def test_the_old_names_still_work_with_a_warning(caplog):
+    """One release of grace for the names the vocabulary replaced: targets / target (sparsity), recover.levels,
+    sweep=NAME (experiment=NAME)."""
+    import logging
+
+    from gisp.config import levels_setting
+    from gisp.recovery.settings import recover_settings
+
+    caplog.set_level(logging.WARNING)
+    assert levels_setting(compose("evaluate", "run_dir=/r", "targets=[0.3,0.2]"), old="targets") == (0.2, 0.3)
+    assert levels_setting(compose("export", "target=0.4"), old="target") == (0.4,)
+    assert levels_setting(compose("recovery", "run_dir=/r", "sparsity=[0.5]"), old="targets") == (0.5,)
+    with pytest.raises(GispError, match="give sparsity=... only"):
+        levels_setting(compose("evaluate", "run_dir=/r", "targets=[0.3]", "sparsity=[0.3]"), old="targets")
+    assert recover_settings({"method": "nested", "levels": [0.3]}).levels == (0.3,)
+    old_grid = load_settings(compose("config", "sweep=table4_tiny"), here=False)
+    new_grid = load_settings(compose("config", "experiment=table4_tiny"), here=False)
+    assert old_grid.definition("x") == new_grid.definition("x")
+    warned = caplog.text
+    assert "targets= is deprecated" in warned and "target= is deprecated" in warned
+    assert "recover.levels is deprecated" in warned and "sweep=table4_tiny is now experiment=table4_tiny" in warned

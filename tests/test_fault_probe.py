@@ -15,23 +15,22 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CONF, REPO, SMOKE
-from hydra import compose, initialize_config_dir
+from conftest import REPO, SMOKE, compose
 
 from gisp.cli import Interrupted, user_errors
-from gisp.config import eval_tasks, load_settings
+from gisp.config import load_settings
+from gisp.deploy import evaluate_run
 from gisp.errors import GispError
 from gisp.eval.report import levels, levels_text, protocol_notes
-from gisp.evaluate import evaluate_run
+from gisp.eval.suite import eval_task_specs
 from gisp.io import FolderLock, read_json, read_jsonl
 from gisp.pipeline import run
 from gisp.runs import RunDir
 
 
 def _cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["logger=none", "progress=false", f"cache_dir={tmp_path / 'cache'}",
-                                            f"store_dir={tmp_path / 'store'}", *SMOKE, *overrides])
+    return compose("config", *["logger=none", "progress=false", f"cache_dir={tmp_path / 'cache'}",
+                                        f"store_dir={tmp_path / 'store'}", *SMOKE, *overrides])
 
 
 def _cli(*args, timeout=300):
@@ -58,7 +57,7 @@ def finished(tmp_path):
 
 def test_a_protocol_switch_stopped_half_way_says_it_is_mixed_until_finished(finished, monkeypatch):
     tmp, run_dir, _ = finished
-    fewer = eval_tasks(_cfg(tmp, "eval.tasks.wikitext2_ppl.max_windows=4").eval)
+    fewer = eval_task_specs(_cfg(tmp, "eval.tasks.wikitext2_ppl.max_windows=4")["eval"])
     from gisp.eval.suite import Evaluator
 
     calls, real = [], Evaluator.__call__
@@ -89,12 +88,12 @@ def test_a_protocol_switch_stopped_half_way_says_it_is_mixed_until_finished(fini
 
 def test_the_protocol_refusal_names_a_command_that_works(finished):
     tmp, run_dir, _ = finished
-    fewer = eval_tasks(_cfg(tmp, "eval.tasks.wikitext2_ppl.max_windows=4").eval)
+    fewer = eval_task_specs(_cfg(tmp, "eval.tasks.wikitext2_ppl.max_windows=4")["eval"])
     with pytest.raises(GispError) as refused:
         evaluate_run(run_dir, fewer, [0.4], dense=False, progress=False)  # a new level with new settings
     command = shlex.split(str(refused.value).splitlines()[-1])
-    targets = next(w for w in command if w.startswith("targets="))
-    assert targets == "targets=[0.3,0.4,0.5]" and "dense=true" in command
+    targets = next(w for w in command if w.startswith("sparsity="))
+    assert targets == "sparsity=[0.3,0.4,0.5]" and "dense=true" in command
     followed = evaluate_run(run_dir, fewer, [0.3, 0.4, 0.5], dense=True, progress=False)
     assert followed["complete"] and followed["evaluation"]["wikitext2_ppl"]["n_windows"] == 4
 
@@ -165,7 +164,7 @@ def test_an_edited_step_record_is_refused(finished):
     with pytest.raises(GispError, match="step 1 records sparsity=0.2"):  # and in the command that would reuse it
         run(load_settings(_cfg(tmp, "sparsity=[0.2,0.3,0.5]")), run_dir)
     assert "0.2" not in read_json(run_dir / "results.json")["targets"]
-    proc = _cli("gisp.evaluate", f"run_dir={run_dir}", "targets=[0.2]", "logger=none")
+    proc = _cli("gisp.evaluate", f"run_dir={run_dir}", "sparsity=[0.2]", "logger=none")
     _one_line_refusal(proc, "step 1 records sparsity=0.2")
 
 
@@ -190,7 +189,7 @@ def test_a_linked_levels_folder_is_never_written_through(finished, tmp_path_fact
     outside = tmp_path_factory.mktemp("outside")
     shutil.rmtree(run_dir / "levels")
     (run_dir / "levels").symlink_to(outside, target_is_directory=True)
-    tasks = eval_tasks(_cfg(tmp).eval)
+    tasks = eval_task_specs(_cfg(tmp)["eval"])
     with pytest.raises(GispError, match="outside the run dir"):
         evaluate_run(run_dir, tasks, [0.4], dense=False, progress=False)
     with pytest.raises(GispError, match="outside the run dir"):
@@ -199,7 +198,7 @@ def test_a_linked_levels_folder_is_never_written_through(finished, tmp_path_fact
 
 
 def test_edited_level_files_and_unnested_steps_are_refused(finished, tmp_path):
-    from gisp.export import export_from_run
+    from gisp.deploy import export_from_run
     from gisp.prune.masks import Masks
 
     tmp, run_dir, _ = finished
@@ -208,11 +207,11 @@ def test_edited_level_files_and_unnested_steps_are_refused(finished, tmp_path):
     masks.channels[2, :5] = ~masks.channels[2, :5]
     masks.save(level)
     with pytest.raises(GispError, match="level_0.3.safetensors does not hold the masks"):
-        export_from_run(run_dir, tmp_path / "out", target=0.3, cache_dir=tmp / "cache")
+        export_from_run(run_dir, tmp_path / "out", sparsity=0.3, cache_dir=tmp / "cache")
     with pytest.raises(GispError, match="level_0.3.safetensors does not hold the masks"):
-        evaluate_run(run_dir, eval_tasks(_cfg(tmp).eval), [0.3], dense=False, progress=False)
+        evaluate_run(run_dir, eval_task_specs(_cfg(tmp)["eval"]), [0.3], dense=False, progress=False)
     level.unlink()  # gisp writes it again from the trajectory
-    assert evaluate_run(run_dir, eval_tasks(_cfg(tmp).eval), [0.3], dense=False, progress=False)["complete"]
+    assert evaluate_run(run_dir, eval_task_specs(_cfg(tmp)["eval"]), [0.3], dense=False, progress=False)["complete"]
 
     def swap(m):  # steps 1 and 2 swapped with their records and checksums: every file intact, but not nested
         a, b = m["steps"][0], m["steps"][1]
@@ -234,8 +233,8 @@ def test_unwritable_paths_are_one_line_before_loading(finished, tmp_path_factory
     tmp_path = tmp_path_factory.mktemp("probe")
     (tmp_path / "file").write_text("x")
     cases = [
-        (("gisp.export", f"run_dir={run_dir}", "target=0.3", "out=/proc/x"), "output folder /proc cannot be written"),
-        (("gisp.export", f"run_dir={run_dir}", "target=0.3", "format=gguf", f"out={tmp_path / 'file' / 'x.gguf'}"),
+        (("gisp.export", f"run_dir={run_dir}", "sparsity=0.3", "out=/proc/x"), "output folder /proc cannot be written"),
+        (("gisp.export", f"run_dir={run_dir}", "sparsity=0.3", "format=gguf", f"out={tmp_path / 'file' / 'x.gguf'}"),
          "is a file, not a folder"),
         (("gisp.run", *SMOKE, "logger=none", f"store_dir={tmp / 'store'}", f"hydra.run.dir={tmp_path / 'file'}"),
          "is a file, not a run dir"),

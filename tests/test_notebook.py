@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import CONF, REPO
+from conftest import REPO, compose
 
 from gisp.config import load_settings
 from gisp.pipeline import run
@@ -33,19 +33,16 @@ def tiny_overrides(text_file) -> list[str]:
 def runs(tmp_path_factory):
     """One real tiny Mistral run to 30% and 50%, and two copies of it: one relabelled oneshot, one without the
     method's "pruner" key (read as gisp; two runs sharing a method are told apart by their dir names)."""
-    from hydra import compose, initialize_config_dir
-
     tmp = tmp_path_factory.mktemp("notebook")
     text = "\n\n".join(p.read_text() for p in sorted((REPO / "gisp").glob("*.py")))[:60_000]  # any text will do
     (tmp / "text.txt").write_text(text)
     overrides = ["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=none", "progress=false", "threads=1",
                  f"cache_dir={tmp / 'cache'}", *tiny_overrides(tmp / "text.txt")]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose("config", *overrides)
     runs = tmp / "runs"
     run(load_settings(cfg), run_dir=runs / "run_gisp")
-    from gisp.recover.runner import recover_run
-    from gisp.recover.settings import recover_settings
+    from gisp.recovery.runner import recover_run
+    from gisp.recovery.settings import recover_settings
 
     recover_run(runs / "run_gisp", recover_settings({"method": "lora", "tokens": 1024, "seq_len": 32, "batch_size": 4,
                                                      "val_tokens": 256}), progress=False)  # pruned vs recovered

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SMOKE
+from conftest import REPO, SMOKE, compose
 
-from gisp.config import eval_tasks, load_settings, model_spec
+from gisp.config import load_settings, model_spec
 from gisp.errors import GispError
+from gisp.eval.suite import eval_task_specs
 from gisp.io import read_json
 from gisp.models.families import family_spec
 from gisp.models.loading import load_model_and_tokenizer
@@ -30,13 +31,10 @@ def masks_of(run_dir):
 @pytest.fixture(scope="module")
 def mistral_run(tmp_path_factory):
     """One tiny Mistral (GQA) run to 30% and 50%, shared by the checks below."""
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-
+    
     tmp = tmp_path_factory.mktemp("mistral")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=csv", "progress=false",
-                                           f"cache_dir={tmp / 'cache'}", f"store_dir={tmp / 'store'}", *SMOKE])
+    cfg = compose("config", *["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=csv", "progress=false",
+                                       f"cache_dir={tmp / 'cache'}", f"store_dir={tmp / 'store'}", *SMOKE])
     results = run(load_settings(cfg), run_dir=tmp / "run")
     return cfg, tmp / "run", results
 
@@ -76,7 +74,7 @@ def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
     """A fresh dense model + the step's masks gives the perplexity measured live during the run, and the same
     logits as the reference's weight-zeroing of that step's structures."""
     cfg, run_dir, results = mistral_run
-    model, tok = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
+    model, tok = load_model_and_tokenizer(model_spec(cfg["model"]), cfg["cache_dir"])
     structure = describe(model)
     layers = layer_modules(model, family_spec("mistral"))
     entry = results["targets"]["0.5"]
@@ -86,7 +84,7 @@ def test_restoring_a_snapshot_reproduces_the_step(mistral_run):
     from gisp.data.sources import resolve_data_dir
     from gisp.eval.suite import build_evaluator
 
-    evaluator = build_evaluator(eval_tasks(cfg.eval), tok, resolve_data_dir(None))
+    evaluator = build_evaluator(eval_task_specs(cfg["eval"]), tok, resolve_data_dir(None))
     assert evaluator(model, progress=False)["wikitext2_ppl"] == pytest.approx(entry["metrics"]["wikitext2_ppl"],
                                                                               rel=1e-6)
     ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
@@ -106,7 +104,7 @@ def test_resume_gives_the_uninterrupted_masks(mistral_run, compose_cfg, tmp_path
     assert run(load_settings(cfg), run_dir=tmp_path / "r") is None
     assert not (tmp_path / "r" / "results.json").exists()
     assert len(masks_of(tmp_path / "r")) == 2
-    cfg.prune.max_steps_per_run = None
+    cfg["prune"]["max_steps_per_run"] = None
     resumed = run(load_settings(cfg), run_dir=tmp_path / "r")
     full, again = masks_of(full_dir), masks_of(tmp_path / "r")
     assert [s for s, _ in full] == [s for s, _ in again]
@@ -171,7 +169,7 @@ def test_an_unknown_model_is_refused_on_the_command_line(tmp_path):
 
 def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
     cfg = compose_cfg("model=tiny_mistral", "sparsity=0.2", *SMOKE)
-    cfg.logger = compose_cfg("logger=wandb").logger  # the default logger: wandb, offline
+    cfg["logger"] = compose_cfg("logger=wandb")["logger"]  # the default logger: wandb, offline
     run(load_settings(cfg), run_dir=tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
@@ -187,16 +185,16 @@ def test_wandb_offline_logger_writes_a_run(compose_cfg, tmp_path):
 
 def test_export_from_run_dir(mistral_run, tmp_path):
     from gisp.compact import GispDecoderForCausalLM
-    from gisp.export import export_from_run
+    from gisp.deploy import export_from_run
 
     cfg, run_dir, results = mistral_run
     with pytest.raises(GispError, match="never reached sparsity 0.9"):
-        export_from_run(run_dir, tmp_path / "x", target=0.9, cache_dir=cfg.cache_dir)
+        export_from_run(run_dir, tmp_path / "x", sparsity=0.9, cache_dir=cfg["cache_dir"])
     assert not (tmp_path / "x").exists()
-    out = export_from_run(run_dir, tmp_path / "t50", target=0.5, cache_dir=cfg.cache_dir)
+    out = export_from_run(run_dir, tmp_path / "t50", sparsity=0.5, cache_dir=cfg["cache_dir"])
     with pytest.raises(GispError, match="already exists"):
-        export_from_run(run_dir, out, target=0.5, cache_dir=cfg.cache_dir)
-    model, _ = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
+        export_from_run(run_dir, out, sparsity=0.5, cache_dir=cfg["cache_dir"])
+    model, _ = load_model_and_tokenizer(model_spec(cfg["model"]), cfg["cache_dir"])
     structure = describe(model)
     MaskApplier(layer_modules(model, family_spec("mistral")), structure).set(
         Masks.load(run_dir / results["targets"]["0.5"]["masks"]))

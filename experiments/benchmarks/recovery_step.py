@@ -37,9 +37,9 @@ def main() -> None:
     from gisp.models.families import family_spec
     from gisp.models.structure import layer_modules
     from gisp.prune.masks import MaskApplier, Masks
-    from gisp.recover.losses import head_loss
-    from gisp.recover.settings import LoraSettings
-    from gisp.recover.students import base_model, compact_student, hidden_states, output_head, with_lora
+    from gisp.recovery.losses import head_loss
+    from gisp.recovery.settings import LoraSettings
+    from gisp.recovery.students import base_model, compact_student, hidden_states, output_head, with_lora
     from gisp.runs import RunDir
 
     run = RunDir(args.run_dir)

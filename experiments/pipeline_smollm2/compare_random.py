@@ -18,7 +18,7 @@ import torch
 
 from gisp.data.sources import resolve_data_dir
 from gisp.eval.suite import build_evaluator, eval_task_spec
-from gisp.prune.methods import random_plan
+from gisp.prune.methods import random_cut
 from gisp.runs import RunDir
 
 
@@ -49,7 +49,7 @@ def main() -> None:
         gisp = evaluator(model)["wikitext2_ppl"]
         randoms = []
         for seed in range(args.seeds):
-            applier.set(random_plan(structure, float(key), seed=seed).masks)
+            applier.set(random_cut(structure, float(key), seed=seed).masks)
             randoms.append(evaluator(model)["wikitext2_ppl"])
         rows.append(f"| {key} | {entry['sparsity']:.4f} | {gisp:.2f} | {statistics.mean(randoms):.1f} "
                     f"(seeds: {', '.join(f'{r:.1f}' for r in randoms)}) |")

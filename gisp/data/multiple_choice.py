@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import bz2
 import csv
-import functools
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,31 +358,7 @@ def load_questions(task: str, part: str, data_dir: str | Path | None = None, sou
         ids = [f"{stem}:{row}" for row in prov["rows"]]
     else:
         ids = [f"{prov['split']}:{i}" for i in range(len(docs))]
+    from gisp.eval.harness import compiled_templates
+
     with compiled_templates():
         return [render(task, doc, doc_id) for doc, doc_id in zip(docs, ids)], prov
-
-
-@contextmanager
-def compiled_templates():
-    """lm-eval compiles a task's jinja prompt template again for every document it renders (`env.from_string` in
-    `lm_eval.utils.apply_template`): rendering the 14,000 calibration questions spent 25 s compiling the same dozen
-    templates. Inside this block each template string is compiled once; jinja templates are immutable, so rendering
-    is unchanged (the rendering tests compare with lm-eval's own tasks). lm-eval is left as it was on exit."""
-    from lm_eval import utils
-
-    env = utils.env
-    if "from_string" in vars(env):  # inside another such block already
-        yield
-        return
-    compile_once = functools.lru_cache(maxsize=256)(env.from_string)
-
-    def from_string(source, globals=None, template_class=None):
-        if globals is None and template_class is None and isinstance(source, str):
-            return compile_once(source)
-        return type(env).from_string(env, source, globals, template_class)
-
-    env.from_string = from_string
-    try:
-        yield
-    finally:
-        del env.from_string  # the Environment's own method again

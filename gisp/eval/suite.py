@@ -182,7 +182,7 @@ EVAL_KINDS: dict[str, EvalKind] = {
     "perplexity": EvalKind(lambda: PerplexityTask, _perplexity, extra_fields=("text",)),
     "multiple_choice": _suite("gisp.eval.multiple_choice", "MultipleChoiceSuite"),
     "gsm8k": _suite("gisp.eval.gsm8k", "GSM8KTask"),
-    "lm_eval": _suite("gisp.eval.named_tasks", "LmEvalTasks"),
+    "lm_eval": _suite("gisp.eval.lm_eval_tasks", "LmEvalTasks"),
 }
 
 
@@ -202,6 +202,12 @@ def eval_task_spec(name: str, node: dict) -> EvalTaskSpec:
         raise GispError(f"eval task {name!r}: a perplexity task needs `text` (a text source, see "
                         "conf/eval/wikitext2.yaml)")
     return EvalTaskSpec(name, kind, tuple(sorted(node.items())))
+
+
+def eval_task_specs(node: dict | None) -> tuple[EvalTaskSpec, ...]:
+    """The `eval` group of a command's config (`tasks: {name: {kind: ..., ...}}`, plain values) as checked specs."""
+    tasks = (node or {}).get("tasks") or {}
+    return tuple(eval_task_spec(name, fields) for name, fields in tasks.items())
 
 
 def build_suites(tasks: list[EvalTaskSpec] | tuple[EvalTaskSpec, ...], data_dir: Path | None,

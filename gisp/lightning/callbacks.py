@@ -138,7 +138,7 @@ class OneShotPruning(_TrajectoryCallback):
 
 
 def _throughput(pl_module: L.LightningModule) -> dict[str, float | None]:
-    """tokens/s and MFU of the scoring pass (GISPModule.throughput), for the step record and the loggers."""
+    """tokens/s and MFU of the scoring pass (GradientPass.throughput), for the step record and the loggers."""
     t = getattr(pl_module, "throughput", None) or {}
     return {"tokens_per_s": t.get("tokens_per_s"), "mfu": t.get("mfu")} if t else {}
 

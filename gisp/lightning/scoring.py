@@ -1,14 +1,14 @@
 """The scoring passes as LightningModules: one validation epoch = one pass over the calibration set.
 
-`PASSES` maps a score's signal to the module that computes it: `gradients` (GISPModule, a backward pass),
-`activations` (ActivationModule, a forward pass with input hooks); `weights` scores need no pass.
+`PASSES` maps a score's signal to the module that computes it: `gradients` (GradientPass, a backward pass),
+`activations` (ActivationPass, a forward pass with input hooks); `weights` scores need no pass.
 
 Lightning runs the validation loop (devices, progress bar, DDP / FSDP ranks); each validation step computes the
 objective with gradients enabled and runs backward, accumulating the signed gradient of the scored weights only.
 At the end of the epoch the summed gradients are all-reduced across processes (DDP; under FSDP every backward
 reduce-scatters into the shards and only the score vectors are all-reduced, see gisp.lightning.sharding), so every
 process computes the same scores and the same masks. Each pass records its throughput (`throughput`: tokens/s, and
-the MFU on a GPU of known peak) and the bytes its gradients held (`memory`), which gisp.plan predicts.
+the MFU on a GPU of known peak) and the bytes its gradients held (`memory`), which gisp.memory.scoring predicts.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from gisp.lightning.sharding import (
     shard_model,
     sharded_scores,
 )
+from gisp.lightning.throughput import throughput
 from gisp.models.families import family_spec
 from gisp.models.structure import LayerModules, ModelStructure
 from gisp.prune.activations import BlockRecorder, InputMoments, InputRecorder
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 GRAD_OFFLOAD = (None, "cpu")  # prune.grad_offload
 
 
-class GISPModule(L.LightningModule):
+class GradientPass(L.LightningModule):
     """The gradient scoring pass. Where the mean gradient of the scored weights accumulates:
 
     - plain: in each weight's `.grad`, in the weights' dtype (the reference);
@@ -311,25 +312,7 @@ def non_finite(layer: int, p: torch.Tensor) -> GispError:
     )
 
 
-def throughput(tokens: int, seconds: float, structure: ModelStructure, model: nn.Module, world_size: int,
-               device: torch.device, seq_len: int) -> dict[str, float | None]:
-    """tokens/s of the whole pass (all processes) and, on a GPU of known peak, the model FLOPs utilization
-    (`seq_len`: the mean sequence length, for the attention FLOPs)."""
-    from gisp.plan import peak_flops, scoring_flops_per_token
-
-    per_s = tokens / max(seconds, 1e-9)
-    mfu = None
-    if device.type == "cuda":
-        dtype = next(model.parameters()).dtype
-        peak = peak_flops(torch.cuda.get_device_name(device), dtype)
-        if peak:
-            flops = scoring_flops_per_token(structure, model.config.vocab_size, seq_len)
-            mfu = per_s * flops / (world_size * peak)
-    return {"tokens_per_s": round(per_s, 2), "mfu": None if mfu is None else round(mfu, 4),
-            "seconds": round(seconds, 3), "tokens": tokens}
-
-
-class ActivationModule(L.LightningModule):
+class ActivationPass(L.LightningModule):
     """One validation epoch = one forward-only pass whose activation statistics are recorded: projection input
     moments (wanda_sp, FLAP, OWL) or each layer's input / output similarity (ShortGPT); `score_fn(moments)` turns
     them into per-head and per-channel scores at the end (and per-layer statistics, `extra`).
@@ -387,22 +370,22 @@ class ActivationModule(L.LightningModule):
 
 
 def gradient_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
-                  pruner, grad_offload: str | None = None, checkpointing: bool = False) -> GISPModule:
+                  pruner, grad_offload: str | None = None, checkpointing: bool = False) -> GradientPass:
     score = get_score(pruner.score)
-    return GISPModule(model, layers, structure, n_samples, pruner.normalization, pruner.grad_torch_dtype,
+    return GradientPass(model, layers, structure, n_samples, pruner.normalization, pruner.grad_torch_dtype,
                       score_fn=lambda grad_of: score.scores(layers, structure, grad_of, pruner),
                       grad_offload=grad_offload, checkpointing=checkpointing, shardable=pruner.score == "taylor")
 
 
 def activation_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
-                    pruner, grad_offload: str | None = None, checkpointing: bool = False) -> ActivationModule:
+                    pruner, grad_offload: str | None = None, checkpointing: bool = False) -> ActivationPass:
     """A forward-only pass: `grad_offload` and `checkpointing` (gradient-pass options) have nothing to act on."""
     score = get_score(pruner.score)
     if score.recorder == "blocks":
         recorder = BlockRecorder(decoder_layers(model, family_spec(model.config.model_type).layers), structure)
     else:
         recorder = InputRecorder(layers, structure, score.points)
-    return ActivationModule(model, layers, structure, n_samples,
+    return ActivationPass(model, layers, structure, n_samples,
                             score_fn=lambda moments: score.scores(layers, structure, moments, pruner),
                             recorder=recorder)
 

@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from gisp.errors import GispError
 from gisp.io import write_text_atomic
-from gisp.models.loading import ModelSpec, first_line, load_folder
+from gisp.models.folder import load_folder
+from gisp.models.spec import ModelSpec, first_line
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import (
@@ -30,76 +28,11 @@ from gisp.hub import hub_offline
 from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.models.families import REGISTRY as FAMILIES
 from gisp.models.families import check_config, unfuse
+from gisp.models.folder import folder_errors, load_folder, local_folder, model_kwargs
+from gisp.models.gguf import gguf_model_type, load_gguf_file, load_gguf_package, load_gguf_parts
+from gisp.models.spec import DTYPES, ModelSpec, first_line
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a model comes from and how to build it; plain values so it is hashable and Hydra-free.
-
-    ``source`` picks the fields that matter: ``hub``/``local`` use ``path`` (+ ``revision``),
-    ``gguf_package`` uses ``package`` + ``file``, ``gguf_parts`` uses ``parts`` (``"package:file"`` pieces of one
-    GGUF file, in order) + ``sha256`` (of the joined file), ``random`` uses ``model_type`` + ``config`` + ``seed``.
-    ``attn_implementation=None`` keeps the transformers default (sdpa).
-    """
-
-    name: str
-    source: str
-    path: str | None = None
-    revision: str | None = None
-    package: str | None = None
-    file: str | None = None
-    model_type: str | None = None
-    config: dict | None = None
-    seed: int = 0
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    parts: tuple[str, ...] | None = None
-    sha256: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.parts, list):  # from a config node
-            object.__setattr__(self, "parts", tuple(self.parts))
-        if self.source == "path":  # model=hf: what the path is decides the source
-            object.__setattr__(self, "source", path_source(self.name, self.path))
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", auto_dtype())
-
-
-def path_source(name: str, path: str | None) -> str:
-    """The source of `model=hf model.path=...`: a local .gguf file, a local folder, or a hub id (ORG/NAME)."""
-    if not path:
-        raise GispError(f"Model '{name}': model=hf needs model.path=ORG/NAME (the hub), a local save_pretrained "
-                        "folder, or a local .gguf file")
-    local = Path(path).expanduser()
-    if path.lower().endswith(".gguf"):
-        if not local.is_file():
-            raise GispError(f"Model '{name}': GGUF file {local} does not exist (model.path)")
-        return "gguf_file"
-    if local.is_dir():
-        return "local"
-    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise GispError(f"Model '{name}': model.path={path} is not a folder, a .gguf file or a hub id ORG/NAME")
-    return "hub"
-
-
-def model_name_from_path(path: str | None) -> str:
-    """A run-dir name from a model path: 'Qwen/Qwen2.5-0.5B' -> 'qwen2_5_0_5b', '/m/phi-2/' -> 'phi_2'."""
-    if not path:
-        return "hf"
-    stem = Path(str(path).rstrip("/")).name.removesuffix(".gguf").removesuffix(".GGUF")
-    return "".join(c if c.isalnum() else "_" for c in stem.lower()).strip("_") or "hf"
-
-
-def auto_dtype() -> str:
-    """model.dtype=auto: bfloat16 on a CUDA GPU that has it (half the memory, the precision models ship in), else
-    float32 (CPU matmuls in bf16 are slow and round the scores)."""
-    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)  # not V100 / T4
-    return "bfloat16" if native else "float32"
 
 
 def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool = False
@@ -120,7 +53,7 @@ def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path, empty: bool
     if empty and spec.source in EMPTY_SOURCES:
         config, tokenizer = EMPTY_SOURCES[spec.source](spec)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, **_model_kwargs(spec, _torch_dtype(spec.dtype)))
+            model = AutoModelForCausalLM.from_config(config, **model_kwargs(spec, _torch_dtype(spec.dtype)))
     else:
         model, tokenizer = MODEL_SOURCES[spec.source](spec, Path(cache_dir), _torch_dtype(spec.dtype))
     if model.config.model_type in FAMILIES:
@@ -137,14 +70,12 @@ def check_family(spec: ModelSpec) -> None:
     config.json, a GGUF file's header, the hub's config.json (packaged and random models are gisp's own)."""
     config: dict | None = None
     if spec.source == "local":
-        path = _local_folder(spec) / "config.json"
+        path = local_folder(spec) / "config.json"
         if path.is_file():
             import json
 
             config = json.loads(path.read_text())
     elif spec.source == "gguf_file":
-        from gisp.models.gguf import gguf_model_type
-
         config = {"model_type": gguf_model_type(Path(spec.path).expanduser())}
     elif spec.source == "hub":
         with _hub_access(spec):
@@ -164,14 +95,6 @@ def _torch_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise GispError(f"Unknown model dtype '{name}'. Valid: {', '.join(DTYPES)} (set model.dtype=...).") from None
-
-
-def _model_kwargs(spec: ModelSpec, torch_dtype: torch.dtype) -> dict[str, Any]:
-    """Keyword arguments shared by every ``from_pretrained``/``from_config`` call."""
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": spec.trust_remote_code}
-    if spec.attn_implementation is not None:
-        kwargs["attn_implementation"] = spec.attn_implementation
-    return kwargs
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -195,7 +118,7 @@ def _load_hub(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
             location, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(
-            location, revision=spec.revision, **_model_kwargs(spec, torch_dtype)
+            location, revision=spec.revision, **model_kwargs(spec, torch_dtype)
         )
     return model, tokenizer
 
@@ -229,52 +152,7 @@ def _hub_access(spec: ModelSpec) -> Iterator[None]:
 
 def _load_local(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return load_folder(spec, _local_folder(spec), torch_dtype)
-
-
-def _local_folder(spec: ModelSpec) -> Path:
-    """The saved HF folder of a local model; checked first so a typo never turns into a hub lookup."""
-    if not spec.path:
-        raise GispError(f"Model '{spec.name}': source=local needs model.path=DIR (a save_pretrained folder).")
-    folder = Path(spec.path).expanduser()
-    if not folder.is_dir():
-        raise GispError(
-            f"Model '{spec.name}': local model folder '{folder}' does not exist. Fix: set model.path to a folder "
-            f"written by save_pretrained (with config.json), or use `model=smollm2_135m`."
-        )
-    return folder
-
-
-def load_folder(
-    spec: ModelSpec, folder: Path, torch_dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer from a local folder, turning an unreadable folder into a GispError."""
-    with _folder_errors(spec, folder):
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(folder), local_files_only=True, trust_remote_code=spec.trust_remote_code
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), local_files_only=True, **_model_kwargs(spec, torch_dtype)
-        )
-    return model, tokenizer
-
-
-@contextmanager
-def _folder_errors(spec: ModelSpec, folder: Path) -> Iterator[None]:
-    try:
-        yield
-    except (OSError, ValueError) as exc:
-        raise GispError(
-            f"Model '{spec.name}': could not load a model from '{folder}' ({type(exc).__name__}: "
-            f"{first_line(exc)}). Fix: the folder needs config.json, weights and tokenizer files as written by "
-            f"save_pretrained; delete it if it is a broken gisp cache entry."
-        ) from exc
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception message, to keep GispError messages short."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+    return load_folder(spec, local_folder(spec), torch_dtype)
 
 
 # -------------------------------------------------------------------------------------------------- random
@@ -290,7 +168,7 @@ def _build_random(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype
     config, tokenizer = _random_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, **_model_kwargs(spec, torch_dtype))
+        model = AutoModelForCausalLM.from_config(config, **model_kwargs(spec, torch_dtype))
     return model, tokenizer
 
 
@@ -317,26 +195,8 @@ def _random_config(spec: ModelSpec):
     return config, tokenizer
 
 
-def _load_gguf_package(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype):
-    from gisp.models.gguf import load_gguf_package  # the GGUF machinery only when it is used
-
-    return load_gguf_package(spec, cache_dir, torch_dtype)
-
-
-def _load_gguf_parts(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype):
-    from gisp.models.gguf import load_gguf_parts
-
-    return load_gguf_parts(spec, cache_dir, torch_dtype)
-
-
-def _load_gguf_file(spec: ModelSpec, cache_dir: Path, torch_dtype: torch.dtype):
-    from gisp.models.gguf import load_gguf_file
-
-    return load_gguf_file(spec, cache_dir, torch_dtype)
-
-
-MODEL_SOURCES = {"hub": _load_hub, "local": _load_local, "gguf_package": _load_gguf_package,
-                 "gguf_parts": _load_gguf_parts, "gguf_file": _load_gguf_file, "random": _build_random}
+MODEL_SOURCES = {"hub": _load_hub, "local": _load_local, "gguf_package": load_gguf_package,
+                 "gguf_parts": load_gguf_parts, "gguf_file": load_gguf_file, "random": _build_random}
 """model.source -> loader(spec, cache_dir, torch_dtype) -> (model, tokenizer)."""
 
 
@@ -350,8 +210,8 @@ def _hub_config(spec: ModelSpec):
 
 
 def _local_config(spec: ModelSpec):
-    folder = _local_folder(spec)
-    with _folder_errors(spec, folder):
+    folder = local_folder(spec)
+    with folder_errors(spec, folder):
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True,
                                             trust_remote_code=spec.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,

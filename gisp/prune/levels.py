@@ -73,10 +73,10 @@ def iterative_level(traj: Trajectory, structure: ModelStructure, target: float) 
                     f"after {traj.last_step} steps): prune further with gisp.run (sparsity=[...,{target}])")
 
 
-def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float, plan: Callable[..., object],
+def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float, cut: Callable[..., object],
                   bias: Callable[[Masks, dict[str, torch.Tensor]], OutputBias] | None = None,
                   pruner: PrunerSpec | None = None) -> Level:
-    """The level at `target` of a one-shot method: its ranking rule `plan` on the stored scores (and per-layer
+    """The level at `target` of a one-shot method: its ranking rule `cut` on the stored scores (and per-layer
     statistics stored with them: OWL's outlier ratios, ShortGPT's block influence)."""
     if not traj.steps:
         raise GispError(f"the trajectory {traj.directory} has no scores yet: run gisp.run first")
@@ -84,7 +84,7 @@ def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float, pl
     tensors = traj.scores_at(step)
     if target <= 0.0:
         return Level(target, Masks.dense(structure), 0.0, 0, None)
-    masks = plan(tensors["heads"], tensors["channels"], Masks.dense(structure), structure, target, stats=tensors,
+    masks = cut(tensors["heads"], tensors["channels"], Masks.dense(structure), structure, target, stats=tensors,
                  pruner=pruner).masks
     level_bias = bias(masks, tensors) if bias is not None else None
     return Level(target, masks, sparsity(masks, structure), step, None, level_bias,

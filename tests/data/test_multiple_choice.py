@@ -194,7 +194,7 @@ def test_smollm2_beats_chance(compose_cfg, tmp_path):
     from gisp.models.loading import load_model_and_tokenizer
 
     cfg = compose_cfg()
-    model, tok = load_model_and_tokenizer(model_spec(cfg.model), cfg.cache_dir)
+    model, tok = load_model_and_tokenizer(model_spec(cfg["model"]), cfg["cache_dir"])
     torch.set_num_threads(2)  # a heavy behaviour check: both cores (the tests run one at a time)
     suite = MultipleChoiceSuite(tasks=("piqa", "arc_easy"), limit=100, data_dir=DATA, work_dir=tmp_path)
     out = suite(model, tok, progress=False)

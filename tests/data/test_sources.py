@@ -27,7 +27,7 @@ needs_data = pytest.mark.skipif(
     reason="offline data directory (../shared/data or GISP_DATA_DIR) not found",
 )
 
-WIKITEXT2_TEST = conf_text_source("eval/wikitext2", "tasks", "wikitext2_ppl", "text")
+WIKITEXT2_TEST = conf_text_source("eval/wikitext2_128", "tasks", "wikitext2_ppl", "text")
 AUSTEN = conf_text_source("data/austen", "text")
 # sha256 of "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]): the canonical text.
 WIKITEXT2_TEST_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"

@@ -12,7 +12,7 @@ import yaml
 from conftest import CONF, tiny_model
 
 from gisp.errors import GispError
-from gisp.eval.named_tasks import LmEvalTasks, flatten_results
+from gisp.eval.lm_eval_tasks import LmEvalTasks, flatten_results
 from gisp.eval.suite import EVAL_KINDS, eval_task_spec
 from gisp.models.byte_tokenizer import byte_level_tokenizer
 

@@ -18,7 +18,7 @@ from gisp.models.byte_tokenizer import byte_level_tokenizer
 
 DATA_DIR = resolve_data_dir(None)
 
-WIKITEXT2_TEST = conf_text_source("eval/wikitext2", "tasks", "wikitext2_ppl", "text")
+WIKITEXT2_TEST = conf_text_source("eval/wikitext2_128", "tasks", "wikitext2_ppl", "text")
 
 
 def load_test_tokenizer():

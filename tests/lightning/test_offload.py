@@ -10,21 +10,22 @@ from conftest import SMOKE, saved_tensor_bytes, tiny_config, tiny_model
 from gisp.config import load_settings
 from gisp.data.calibration import from_windows
 from gisp.lightning.datamodule import CalibrationData
-from gisp.lightning.scoring import GISPModule
+from gisp.lightning.scoring import GradientPass
+from gisp.memory.scoring import PlanInputs, build_plan
+from gisp.memory.shapes import meta_structure
 from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
-from gisp.plan import PlanInputs, build_plan, meta_structure
 from gisp.prune.objectives import OBJECTIVES
 from gisp.runs import RunDir
 
 
-def scoring_pass(family: str, dtype: torch.dtype = torch.float32, batch_size: int = 2, **options) -> GISPModule:
+def scoring_pass(family: str, dtype: torch.dtype = torch.float32, batch_size: int = 2, **options) -> GradientPass:
     """One Lightning scoring pass over 6 random sequences of a tiny model; the module keeps scores and memory."""
     ids = torch.randint(0, 300, (6, 20), generator=torch.Generator().manual_seed(5))
     model = tiny_model(family).to(dtype)
     structure = describe(model)
-    module = GISPModule(model, layer_modules(model, family_spec(family)), structure, n_samples=6, **options)
+    module = GradientPass(model, layer_modules(model, family_spec(family)), structure, n_samples=6, **options)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
     trainer.validate(module, datamodule=CalibrationData(from_windows(ids, OBJECTIVES["ppl"]), batch_size),

@@ -13,7 +13,8 @@ from conftest import MODEL_CACHE
 
 from gisp.errors import GispError
 from gisp.models.byte_tokenizer import byte_level_tokenizer
-from gisp.models.loading import ModelSpec, load_model_and_tokenizer
+from gisp.models.loading import load_model_and_tokenizer
+from gisp.models.spec import ModelSpec
 
 TINY_LLAMA = ModelSpec(
     name="tiny_llama",

@@ -16,15 +16,16 @@ from conftest import MODEL_CACHE, SMOKE, tiny_model
 from transformers import AutoModelForCausalLM
 
 from gisp.config import load_settings
+from gisp.deploy import export_from_run
 from gisp.errors import GispError
-from gisp.export import export_from_run
 from gisp.io import read_json
+from gisp.memory.shapes import model_config
 from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.models.families import check_config, family_spec
-from gisp.models.loading import ModelSpec, load_model_and_tokenizer, model_name_from_path
+from gisp.models.loading import load_model_and_tokenizer
+from gisp.models.spec import ModelSpec, model_name_from_path
 from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
-from gisp.plan import model_config
 from gisp.prune.masks import MaskApplier, Masks
 
 
@@ -40,7 +41,7 @@ def test_a_local_folder_is_pruned_evaluated_and_exported(compose_cfg, tmp_path):
     and gives the masked model's logits."""
     folder = saved("phi3", tmp_path / "My-Phi3.Mini")
     cfg = compose_cfg("model=hf", f"model.path={folder}", *SMOKE, "sparsity=[0.3]")
-    assert cfg.model.name == "my_phi3_mini"
+    assert cfg["model"]["name"] == "my_phi3_mini"
     settings = load_settings(cfg)
     assert (settings.model.source, settings.model.dtype) == ("local", "float32")  # dtype=auto on a CPU
     results = run(settings, run_dir=tmp_path / "run")
@@ -48,7 +49,7 @@ def test_a_local_folder_is_pruned_evaluated_and_exported(compose_cfg, tmp_path):
     assert (recorded["source"], recorded["dtype"]) == ("local", "float32")  # what they resolved to, for reloading
     level = results["targets"]["0.3"]
     assert abs(level["sparsity"] - 0.3) < 0.03 and level["metrics"]["wikitext2_ppl"] > 1.0
-    out = export_from_run(tmp_path / "run", tmp_path / "export", target=0.3, cache_dir=tmp_path / "cache")
+    out = export_from_run(tmp_path / "run", tmp_path / "export", sparsity=0.3, cache_dir=tmp_path / "cache")
 
     model, _ = load_model_and_tokenizer(settings.model, tmp_path / "cache")
     structure = describe(model)

@@ -17,8 +17,8 @@ from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
 from gisp.prune.importance import get_score, normalize, scored_weights, structure_scores
 from gisp.prune.masks import MaskApplier, Masks, n_pruned, sparsity, unit_masks
-from gisp.prune.methods import pruner_spec, random_plan
-from gisp.prune.ranking import global_order, local_counts, plan_global, plan_local, plan_step
+from gisp.prune.methods import pruner_spec, random_cut
+from gisp.prune.ranking import cut_global, cut_local, cut_step, global_order, local_counts
 
 
 @pytest.fixture
@@ -118,29 +118,29 @@ def test_plans_keep_whole_groups_and_land_within_one_unit(model):
     heads[list(s.protected)], channels[list(s.protected)] = float("inf"), float("inf")
     previous = Masks.dense(s)
     for target in (0.1, 0.25, 0.4, 0.55):
-        plan = plan_global(heads, channels, previous, s, target)
+        plan = cut_global(heads, channels, previous, s, target)
         assert whole_groups(plan.masks, 2) and plan.masks.is_nested_in(previous)
         assert abs(plan.sparsity - target) <= s.head_params / s.decoder_params
         assert plan.masks.heads[list(s.protected)].all()
         previous = plan.masks
     assert (~previous.heads).any()  # groups were pruned, not only channels
-    local = plan_local(heads, channels, Masks.dense(s), s, 0.55)
+    local = cut_local(heads, channels, Masks.dense(s), s, 0.55)
     n_units, _ = local_counts(s, 0.55)
     assert whole_groups(local.masks, 2) and n_units >= 1
     assert all(int((~unit_masks(local.masks, s).heads[i]).sum()) == n_units for i in s.unprotected)
-    step = plan_step(heads, channels, Masks.dense(s), s, 7)
+    step = cut_step(heads, channels, Masks.dense(s), s, 7)
     assert n_pruned(step.masks, s) == 7 and whole_groups(step.masks, 2)
     order = global_order(heads, channels, step.masks)  # query-head masks read per group
     assert set(order[:7].tolist()) == set(torch.nonzero(torch.cat([~unit_masks(step.masks, s).heads.flatten(),
                                                                    ~step.masks.channels.flatten()])).flatten().tolist())
     with pytest.raises(GispError, match="do not fit"):
-        plan_step(torch.rand(6, 4), channels, Masks.dense(s), s, 3)  # query-mode scores in group mode
+        cut_step(torch.rand(6, 4), channels, Masks.dense(s), s, 3)  # query-mode scores in group mode
 
 
 def test_query_mode_is_unchanged(model):
     """The default: a unit is a query head, plans equal the pre-group code's (one structure = one query head)."""
     s = describe(model)
-    plan = random_plan(s, 0.4, seed=3)
+    plan = random_cut(s, 0.4, seed=3)
     assert plan.masks.heads.shape == (6, 4) and not whole_groups(plan.masks, 2)  # groups split freely
     pruned_q = int((~plan.masks.heads).sum())
     expected = (pruned_q * s.head_params + int((~plan.masks.channels).sum()) * s.channel_params) / s.decoder_params
@@ -152,7 +152,7 @@ def test_group_export_drops_kv_heads_and_matches_masked_model(model, tmp_path):
     from gisp.compact.slicing import export_compact
 
     s = describe(model, gqa_mode="group")
-    masks = random_plan(s, 0.4, seed=1).masks
+    masks = random_cut(s, 0.4, seed=1).masks
     assert whole_groups(masks, 2)
     MaskApplier(layer_modules(model, family_spec("mistral")), s).set(masks)
     compact = GispDecoderForCausalLM.from_pretrained(export_compact(model, None, masks, tmp_path / "g", structure=s))

@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from gisp.data.calibration import from_windows
 from gisp.lightning.datamodule import CalibrationData
-from gisp.lightning.scoring import GISPModule
+from gisp.lightning.scoring import GradientPass
 from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
 from gisp.prune.importance import normalize, structure_scores
@@ -84,7 +84,7 @@ def test_lightning_pass_mean_gradient_equals_full_batch(family, batch_size):
 
     model = tiny_model(family)
     layers = layer_modules(model, family_spec(family))
-    module = GISPModule(model, layers, structure, n_samples=6)
+    module = GradientPass(model, layers, structure, n_samples=6)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
     calib = from_windows(ids, OBJECTIVES["ppl"])
@@ -118,7 +118,7 @@ def test_float32_accumulation_for_a_bf16_model():
 
     model = tiny_model("mistral").to(torch.bfloat16)
     layers = layer_modules(model, family_spec("mistral"))
-    module = GISPModule(model, layers, structure, n_samples=6, grad_dtype=torch.float32)
+    module = GradientPass(model, layers, structure, n_samples=6, grad_dtype=torch.float32)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
     trainer.validate(module, datamodule=CalibrationData(from_windows(ids, OBJECTIVES["ppl"]), 1), verbose=False)

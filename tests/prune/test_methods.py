@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import SMOKE, tiny_model
+from conftest import SMOKE, compose, tiny_model
 from test_importance import full_batch_grads, slow_scores
 
 from gisp.config import load_settings
@@ -14,7 +14,7 @@ from gisp.data.calibration import from_windows
 from gisp.errors import GispError
 from gisp.io import read_json
 from gisp.lightning.datamodule import CalibrationData
-from gisp.lightning.scoring import ActivationModule
+from gisp.lightning.scoring import ActivationPass
 from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
@@ -23,7 +23,7 @@ from gisp.prune.importance import get_score
 from gisp.prune.masks import MaskApplier, Masks, sparsity
 from gisp.prune.methods import flap_bias, pruner_spec
 from gisp.prune.objectives import OBJECTIVES
-from gisp.prune.ranking import local_counts, plan_global, plan_local
+from gisp.prune.ranking import cut_global, cut_local, local_counts
 from gisp.runs import RunDir
 
 PRUNERS = ["gisp", "oneshot", "llm_pruner", "wanda_sp", "flap", "magnitude", "random"]
@@ -53,7 +53,7 @@ def recorded_inputs(model, layers, ids, lengths=None):
 
 
 def activation_pass(model, layers, structure, calib, spec, batch_size=4):
-    module = ActivationModule(model, layers, structure, len(calib),
+    module = ActivationPass(model, layers, structure, len(calib),
                               score_fn=lambda moments: get_score(spec.score).scores(layers, structure, moments, spec))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
@@ -171,7 +171,7 @@ def test_llm_pruner_is_local_taylor_on_the_dense_gradient(family):
     ids = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(1))
     full_batch_grads(model, ids)
     heads, channels = (s.detach() for s in slow_scores(model, structure))
-    plan = plan_local(heads, channels, Masks.dense(structure), structure, 0.3)
+    plan = cut_local(heads, channels, Masks.dense(structure), structure, 0.3)
     n_heads, n_channels = local_counts(structure, 0.3)
     assert n_heads + n_channels > 0
     for i in range(structure.n_layers):
@@ -194,7 +194,7 @@ def test_local_and_global_rules_land_on_targets():
     global_tol = max(structure.head_params, structure.channel_params) / structure.decoder_params
     previous = {"local": Masks.dense(structure), "global": Masks.dense(structure)}
     for target in (0.1, 0.25, 0.4, 0.55):
-        for rule, plan_fn, tol in (("local", plan_local, local_tol), ("global", plan_global, global_tol)):
+        for rule, plan_fn, tol in (("local", cut_local, local_tol), ("global", cut_global, global_tol)):
             plan = plan_fn(heads, channels, previous[rule], structure, target)
             assert abs(plan.sparsity - target) <= tol, (rule, target, plan.sparsity)
             assert plan.masks.is_nested_in(previous[rule])
@@ -242,17 +242,14 @@ def test_flap_bias_keeps_the_mean_output(family):
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory):
     """Every method through the real pipeline on a tiny GQA model, three targets, no evaluation."""
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-
+    
     tmp = tmp_path_factory.mktemp("methods")
     runs = {}
     for pruner in PRUNERS:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=["model=tiny_mistral", "model.config.num_hidden_layers=6",
-                                               "sparsity=[0.2,0.35,0.5]", "logger=none", "progress=false",
-                                               "eval=none", f"pruner={pruner}", f"store_dir={tmp / 'store'}",
-                                               f"cache_dir={tmp / 'cache'}", *SMOKE])
+        cfg = compose("config", *["model=tiny_mistral", "model.config.num_hidden_layers=6",
+                                           "sparsity=[0.2,0.35,0.5]", "logger=none", "progress=false",
+                                           "eval=none", f"pruner={pruner}", f"store_dir={tmp / 'store'}",
+                                           f"cache_dir={tmp / 'cache'}", *SMOKE])
         runs[pruner] = (run(load_settings(cfg), run_dir=tmp / pruner), tmp / pruner)
     return runs
 
@@ -323,11 +320,11 @@ def test_flap_level_exports_with_its_bias(method_runs, tmp_path):
     """A FLAP level at 40% exports (o_proj / down_proj biases) and its compact model equals the masked model with
     the level's bias; the level's own layers without heads keep the attention bias as a constant."""
     from gisp.compact import GispDecoderForCausalLM
-    from gisp.export import export_from_run
+    from gisp.deploy import export_from_run
     from gisp.runs import RunDir
 
     _, run_dir = method_runs["flap"]
-    out = export_from_run(run_dir, tmp_path / "out", target=0.4, cache_dir=tmp_path / "cache")
+    out = export_from_run(run_dir, tmp_path / "out", sparsity=0.4, cache_dir=tmp_path / "cache")
     run = RunDir(run_dir)
     live = run.load_model(tmp_path / "cache")
     level = run.level(target=0.4, live=live)

@@ -11,7 +11,7 @@ from gisp.data.calibration import encode_pair, from_pairs, from_questions, from_
 from gisp.data.multiple_choice import Candidate, MCQuestion
 from gisp.errors import GispError
 from gisp.lightning.datamodule import CalibrationData
-from gisp.lightning.scoring import GISPModule
+from gisp.lightning.scoring import GradientPass
 from gisp.models.byte_tokenizer import byte_level_tokenizer
 from gisp.models.families import family_spec
 from gisp.models.structure import describe, layer_modules
@@ -112,7 +112,7 @@ def test_margin_one_backward_equals_the_two_sweep_definition(batch_size):
     ref = structure_scores(oracle_layers, structure, "reference", grad_of=lambda w: g_pos[id(w)] - g_neg[id(w)])
 
     model = tiny_model("llama")
-    module = GISPModule(model, layer_modules(model, family_spec("llama")), structure, n_samples=len(calib))
+    module = GradientPass(model, layer_modules(model, family_spec("llama")), structure, n_samples=len(calib))
     _trainer().validate(module, datamodule=CalibrationData(calib, batch_size), verbose=False)
     torch.testing.assert_close(module.scores[0], ref[0], rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(module.scores[1], ref[1], rtol=1e-4, atol=1e-9)

@@ -17,7 +17,7 @@ from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
 from gisp.prune.masks import Masks
 from gisp.prune.methods import pruner_spec
-from gisp.prune.ranking import owl_layer_sparsity, plan_layers, plan_owl
+from gisp.prune.ranking import cut_layers, cut_owl, owl_layer_sparsity
 from gisp.runs import RunDir
 
 OWL = {"name": "owl", "score": "owl", "ranking": "owl", "options": {"outlier_m": 2.0, "outlier_lambda": 0.08}}
@@ -75,7 +75,7 @@ def test_owl_outlier_ratios_and_layer_sparsities_equal_a_slow_reference(family):
     assert [ratios[i] for i in unprotected] == pytest.approx((1 - r).tolist())
     assert sum(ratios.values()) / len(ratios) == pytest.approx(0.4)
     heads, channels = module.scores
-    levels = [plan_owl(heads, channels, Masks.dense(structure), structure, t, stats=module.extra, pruner=spec)
+    levels = [cut_owl(heads, channels, Masks.dense(structure), structure, t, stats=module.extra, pruner=spec)
               for t in (0.2, 0.3, 0.4)]
     for t, level in zip((0.2, 0.3, 0.4), levels):
         tolerance = len(unprotected) * structure.channel_params / structure.decoder_params
@@ -109,7 +109,7 @@ def test_block_influence_equals_the_hidden_state_similarity(family):
         cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(x_in, x_out)]
         assert float(module.extra["block_influence"][i]) == pytest.approx(1 - sum(cos) / len(cos), abs=1e-9)
     heads, channels = module.scores
-    plan = plan_layers(heads, channels, Masks.dense(structure), structure, 0.3, stats=module.extra)
+    plan = cut_layers(heads, channels, Masks.dense(structure), structure, 0.3, stats=module.extra)
     removed = [i for i in range(structure.n_layers) if not plan.masks.heads[i].any()]
     assert removed and all(not plan.masks.channels[i].any() for i in removed)  # whole layers
     bi = module.extra["block_influence"]
@@ -122,7 +122,7 @@ def test_owl_and_shortgpt_land_on_their_targets_and_export(compose_cfg, tmp_path
     """Through the real pipeline: nested levels on their targets (OWL within a channel per layer, ShortGPT within
     one layer); a ShortGPT level exports (whole layers without blocks) to HF and to GGUF, equal to the masked model."""
     from gisp.compact import GispDecoderForCausalLM
-    from gisp.export import export_from_run
+    from gisp.deploy import export_from_run
 
     for pruner, tolerance_layers in (("owl", False), ("shortgpt", True)):
         cfg = compose_cfg(*SMOKE, f"pruner={pruner}", "sparsity=[0.2,0.3,0.45]", "model.config.num_hidden_layers=8",
@@ -141,7 +141,7 @@ def test_owl_and_shortgpt_land_on_their_targets_and_export(compose_cfg, tmp_path
     live = RunDir(tmp_path / "shortgpt").load_model()
     level = RunDir(tmp_path / "shortgpt").level(target=0.45)
     live.set_level(level)
-    out = export_from_run(tmp_path / "shortgpt", tmp_path / "hf", target=0.45)
+    out = export_from_run(tmp_path / "shortgpt", tmp_path / "hf", sparsity=0.45)
     compact = GispDecoderForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_owl_and_shortgpt_land_on_their_targets_and_export(compose_cfg, tmp_path
         torch.testing.assert_close(compact(ids).logits, want, rtol=1e-4, atol=1e-5)
     assert sum(not q for q in compact.config.layer_q_to_kv) >= 1  # layers without attention
     llama_cpp = pytest.importorskip("llama_cpp")
-    gguf = export_from_run(tmp_path / "shortgpt", tmp_path / "s.gguf", target=0.45, format="gguf", dtype="f32")
+    gguf = export_from_run(tmp_path / "shortgpt", tmp_path / "s.gguf", sparsity=0.45, format="gguf", dtype="f32")
     llm = llama_cpp.Llama(model_path=str(gguf), logits_all=True, n_threads=1, verbose=False, n_ctx=64)
     llm.eval(ids[0].tolist())
     torch.testing.assert_close(torch.tensor(llm.scores[:24]), want[0], rtol=1e-3, atol=2e-3)

@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from gisp.models.structure import describe, protected_layers
 from gisp.prune.masks import Masks, sparsity
-from gisp.prune.ranking import plan_step
+from gisp.prune.ranking import cut_step
 from gisp.prune.schedule import structural_ratios, structures_to_prune
 
 
@@ -31,7 +31,7 @@ def random_scores(structure, seed=0):
 def test_prunes_exactly_the_lowest(structure):
     heads, channels = random_scores(structure)
     n = 100
-    plan = plan_step(heads, channels, Masks.dense(structure), structure, n)
+    plan = cut_step(heads, channels, Masks.dense(structure), structure, n)
     flat = torch.cat([heads.flatten(), channels.flatten()])
     threshold = torch.sort(flat).values[n - 1]
     pruned = plan.masks.flat_pruned()
@@ -46,23 +46,23 @@ def test_ties_break_by_index_and_pruned_stay_pruned(structure):
     channels = torch.zeros(structure.n_layers, structure.ffn)
     for i in structure.protected:
         heads[i], channels[i] = float("inf"), float("inf")
-    first = plan_step(heads, channels, Masks.dense(structure), structure, 10)
+    first = cut_step(heads, channels, Masks.dense(structure), structure, 10)
     # all ties: the first 10 indices in (all heads, then all channels) order
     assert int((~first.masks.heads).sum()) == 10 and (~first.masks.heads.flatten()[:10]).all()
     # the already pruned structures now score HIGHEST: they must stay pruned anyway (nested masks)
     heads2 = torch.where(first.masks.heads, torch.rand_like(heads), torch.full_like(heads, 100.0))
     heads2[list(structure.protected)] = float("inf")
-    second = plan_step(heads2, channels, first.masks, structure, 30)
+    second = cut_step(heads2, channels, first.masks, structure, 30)
     assert second.masks.is_nested_in(first.masks) and second.masks.n_pruned == 30
-    assert plan_step(heads, channels, Masks.dense(structure), structure, 10).masks.heads.equal(first.masks.heads)
+    assert cut_step(heads, channels, Masks.dense(structure), structure, 10).masks.heads.equal(first.masks.heads)
 
 
 def test_cap_lands_on_target(structure):
     heads, channels = random_scores(structure, seed=3)
-    plan = plan_step(heads, channels, Masks.dense(structure), structure, 10_000, cap=0.3)
+    plan = cut_step(heads, channels, Masks.dense(structure), structure, 10_000, cap=0.3)
     assert plan.landed_target == 0.3
     assert abs(plan.sparsity - 0.3) <= structure.head_params / structure.decoder_params / 2 + 1e-12
-    below = plan_step(heads, channels, Masks.dense(structure), structure, 5, cap=0.3)
+    below = cut_step(heads, channels, Masks.dense(structure), structure, 5, cap=0.3)
     assert below.landed_target is None and below.masks.n_pruned == 5
 
 

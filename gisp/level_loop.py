@@ -1,0 +1,69 @@
+"""The one level loop: evaluate each level of a run (pruned, recovered, ...) that lacks metrics of the current
+evaluation protocols, and record them in results.json after each level.
+
+gisp.run (the levels it just read out), gisp.evaluate (saved levels, deploy many) and gisp.recover (recovered levels)
+all go through `evaluate_levels`; what differs is how a level becomes a model, which each `LevelJob` says with its
+`model()` context (masks on the dense model, a recovered compact model, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from gisp.results import Results
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LevelJob:
+    """One level to evaluate: its key in results.json, its record there (updated in place), the level as a model for
+    as long as it is evaluated, and the step loggers file its metrics under (the trajectory step it is cut from)."""
+
+    key: str
+    entry: dict
+    model: Callable[[], AbstractContextManager[nn.Module]]
+    step: int = 0
+
+
+@contextmanager
+def as_is(model: nn.Module) -> Iterator[nn.Module]:
+    """A model that needs no setting up."""
+    yield model
+
+
+def evaluate_levels(results: Results, jobs: list[LevelJob], evaluator, *, progress: bool = True,
+                    loggers: list | tuple = (), computed: dict[str, dict[str, float]] | None = None,
+                    hint: list[str] | None = None) -> None:
+    """Evaluate the jobs whose records lack metrics of the evaluator's current protocols; results.json is written after
+    each level (an interrupted loop keeps what it finished). `computed`: perplexities a level already has from a
+    multi-process pass (only its suites run here). `hint`: the command's evaluation overrides, for the refusal that
+    names how to re-evaluate when protocols would mix. Without an evaluator the records are written as they are."""
+    if evaluator is None:
+        results.write()
+        return
+    descriptions = evaluator.describe()
+    results.check_protocols(descriptions, [job.key for job in jobs], hint)
+    for job in jobs:
+        if not results.needs_evaluation(job.entry, descriptions):
+            log.info("%s: already evaluated with these settings", job.key)
+            job.entry.setdefault("metrics", {})
+            continue
+        log.info("evaluating %s", job.key)
+        with job.model() as model:
+            if job.key in (computed or {}):
+                metrics = evaluator.merge(computed[job.key], evaluator.suite_metrics(model, progress=progress))
+            else:
+                metrics = evaluator(model, progress=progress)
+        descriptions = evaluator.describe()  # items evaluated are known now
+        results.record_metrics(job.entry, metrics, descriptions, evaluator.metric_tasks)
+        results.write()
+        log.info("evaluation at %s: %s", job.key, metrics)
+        for logger in loggers:
+            logger.log_metrics({f"eval/{m}": v for m, v in metrics.items()}, step=job.step)
+    results.write()
