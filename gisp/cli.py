@@ -59,9 +59,16 @@ def compose_config(name: str, overrides: list[str]) -> dict:
     """The plain config `python -m gisp.<command> OVERRIDES` would see, composed with Hydra's compose API (`name`: the
     command's primary config, e.g. "config" for gisp.run)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return plain_config(compose(name, overrides=list(overrides)))
+        try:
+            cfg = compose(name, overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:  # an unknown key, a missing group: the user's to fix
+            raise GispError(f"{str(e).strip().splitlines()[0]}: check the overrides (python -m gisp.<command> "
+                            "--help lists the groups)") from None
+        return plain_config(cfg)
 
 USER_ERROR_EXIT = 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -150,26 +157,91 @@ def user_errors(fn: Callable | None = None, *, stop_message: Callable[[str], str
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _STARTED
+        _STARTED = True
         try:
             with stop_on_signals():
                 return fn(*args, **kwargs)
         except GispError as e:
             log.error("%s", e)
-            sys.exit(USER_ERROR_EXIT)
+            return _failed(e, USER_ERROR_EXIT)
         except Interrupted as e:
             log.error("%s", stop_message(str(e)))
             sys.exit(128 + e.signum)
         except Exception as e:
             if not _distributed_failure(e):
+                if _sweep_job() is not None:  # one job of a sweep: the others go on, the summary names this one
+                    log.exception("this job failed")
+                    return _failed(e, 1)
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             log.error("another process of this multi-process run stopped (%s): the trajectory keeps its last "
                       "complete step. Check the other processes' logs, then %s:\n  %s", first[:300],
                       "resume with" if resumable else "run the same command again",
                       resume_command() if resumable else same_command())
-            sys.exit(USER_ERROR_EXIT)
+            return _failed(e, USER_ERROR_EXIT)
 
     return wrapper
+
+
+# Set once a command's body starts: a Hydra exit before it is Hydra refusing the command line (run_command).
+_STARTED = False
+FAILED_JOBS = ".failed_jobs"  # in a sweep dir: one record per failed job (gisp.sweeps names them in summary.md)
+
+
+def _sweep_job() -> tuple[Path, int] | None:
+    """(sweep dir, job number) when this command runs as one job of a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
+
+
+def _failed(error: BaseException, code: int) -> None:
+    """A single command exits with `code`. A job of a sweep does not: a failed job must not stop the others (Hydra's
+    launchers end the whole multirun on an exit, and the joblib launcher takes the job beside it down with it), so
+    it records its failure in the sweep dir and returns; the sweep summary names it and the multirun exits 1."""
+    job = _sweep_job()
+    if job is None:
+        sys.exit(code)
+    from hydra.core.hydra_config import HydraConfig
+
+    from gisp.io import write_json_atomic
+
+    sweep_dir, number = job
+    output = Path(HydraConfig.get().runtime.output_dir)
+    write_json_atomic(sweep_dir / FAILED_JOBS / f"{number}.json", {
+        "job": number, "dir": str(output), "overrides": list(HydraConfig.get().overrides.task),
+        "error": str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__,
+        "kind": "refused" if isinstance(error, GispError) else type(error).__name__, "exit_code": code,
+        "log": str(output / "run.log") if (output / "run.log").is_file() else None})
+
+
+def run_command(main: Callable[[], None]) -> None:
+    """How every command module starts (`if __name__ == "__main__": run_command(main)`):
+
+    - a path typed with `~` (`model.path=~/models/x.gguf`) is what users type, but Hydra's override grammar has no
+      `~` inside a value: such a value is passed to Hydra quoted, as `model.path="~/models/x.gguf"`;
+    - Hydra refuses a command line it cannot compose (an unknown key, a missing config group) with its message and
+      exit code 1 before the command starts: that is a user error, exit code 2 as for every other refusal."""
+    sys.argv = [sys.argv[0], *(_quoted_home(a) for a in sys.argv[1:])]
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _STARTED:
+            sys.exit(USER_ERROR_EXIT)
+        raise
+
+
+def _quoted_home(arg: str) -> str:
+    key, eq, value = arg.partition("=")
+    if not eq or not value.startswith("~") or key.startswith("-") or any(c in value for c in "'\"[]{},"):
+        return arg
+    return f'{key}="{value}"'
+
 
 
 def hydra_output_dir() -> Path:

@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gisp.cli import evaluation_overrides, hydra_output_dir, plain_config, same_command, user_errors
+from gisp.cli import evaluation_overrides, hydra_output_dir, plain_config, run_command, same_command, user_errors
 from gisp.config import levels_setting
 from gisp.deploy import evaluate_run
 from gisp.eval.report import levels_text
@@ -46,4 +46,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

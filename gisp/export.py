@@ -12,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from gisp.cli import plain_config, same_command, user_errors
+from gisp.cli import plain_config, run_command, same_command, user_errors
 from gisp.config import cache_dir_setting, levels_setting, model_spec
 from gisp.deploy import export_folder_to_gguf, export_from_masks, export_from_run
 from gisp.errors import GispError
@@ -57,4 +57,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

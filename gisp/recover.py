@@ -9,7 +9,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gisp.cli import evaluation_overrides, plain_config, same_command, user_errors
+from gisp.cli import evaluation_overrides, plain_config, run_command, same_command, user_errors
 from gisp.config import levels_setting
 from gisp.errors import GispError
 from gisp.eval.report import levels_text
@@ -51,4 +51,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

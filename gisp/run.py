@@ -6,7 +6,15 @@ import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from gisp.cli import RunRecord, hydra_output_dir, hydra_overrides, hydra_sweep_name, plain_config, user_errors
+from gisp.cli import (
+    RunRecord,
+    hydra_output_dir,
+    hydra_overrides,
+    hydra_sweep_name,
+    plain_config,
+    run_command,
+    user_errors,
+)
 from gisp.config import load_settings
 from gisp.errors import GispError
 from gisp.eval.report import levels_text
@@ -33,4 +41,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

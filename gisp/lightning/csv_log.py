@@ -8,6 +8,7 @@ keeps one folder and appends; when a later invocation logs new columns, the head
 from __future__ import annotations
 
 import csv
+import io
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger
@@ -28,6 +29,23 @@ class RunCSVLogger(CSVLogger):
     def __init__(self, save_dir: str, name: str = "csv", **kwargs: Any) -> None:
         kwargs.pop("version", None)
         super().__init__(save_dir, name=name, version="", **kwargs)
+
+    def drop_steps_from(self, step: int) -> None:
+        """Remove the rows of `step` and later (a resumed fit logs them again), atomically."""
+        from gisp.io import write_text_atomic
+
+        path = self.experiment.metrics_file_path
+        if not self._fs.isfile(path):
+            return
+        with self._fs.open(path, "r", newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows or "step" not in rows[0]:
+            return
+        at = rows[0].index("step")
+        kept = [rows[0], *(r for r in rows[1:] if not (r[at] and int(float(r[at])) >= step))]
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(kept)
+        write_text_atomic(path, out.getvalue())
 
     @property
     def experiment(self) -> _AppendingWriter:

@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gisp.errors import GispError
 from gisp.lightning.progress import ScoringProgressBar
@@ -32,7 +31,7 @@ from gisp.recovery.artefacts import NESTED, Recovery
 from gisp.recovery.data import TrainingSet, training_set
 from gisp.recovery.settings import RecoverSettings
 from gisp.recovery.students import all_trainable, base_model, compact_student, merged, with_lora
-from gisp.recovery.training import NestedLevels, RecoveryModule, TokenCurve, TrainingData, schedule
+from gisp.recovery.training import AtomicCheckpoint, NestedLevels, RecoveryModule, TokenCurve, TrainingData, schedule
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,21 @@ def recover_levels(run_dir: Path, s: RecoverSettings, live, levels: list[Level],
     return out
 
 
+def checked_checkpoint(path: Path, key: str | None) -> int | None:
+    """The optimizer steps a fit's `last.ckpt` holds (None: no checkpoint). One that cannot be read (a disk that
+    filled up, a file edited or cut short) is refused, naming it and the fix, instead of a Lightning traceback on
+    every rerun. Read with weights_only=True: only tensors and plain values, never pickled code."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return int(state["global_step"])
+    except Exception as e:  # noqa: BLE001 (zip, pickle and key errors of a damaged file)
+        raise GispError(f"the checkpoint of level {key or NESTED}'s fit, {path}, cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}): it is damaged. Delete it (rm {path}) to "
+                        "train that level again from its start; the levels already recovered are kept") from None
+
+
 def rank_zero() -> bool:
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -168,25 +182,30 @@ def _fit(recovery: Recovery, key: str | None, student, teacher, nested: NestedLe
          data: TrainingSet, trainer_args: dict, loggers, progress: bool, curve: TokenCurve | None) -> dict:
     part = recovery.part(key)
     checkpoints = recovery.checkpoints(key)
-    ckpt = ModelCheckpoint(dirpath=str(checkpoints), filename="last", save_top_k=0, save_last=True,
-                           every_n_epochs=1, save_on_train_epoch_end=True)
-    callbacks = [ckpt, *([curve] if curve else []), *([ScoringProgressBar("Validation")] if progress else [])]
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    resume = checkpoints / "last.ckpt"
+    callbacks = [AtomicCheckpoint(resume), *([curve] if curve else []),
+                 *([ScoringProgressBar("Validation")] if progress else [])]
     fit_trainer = L.Trainer(**trainer_args, precision=precision_for(s.precision, trainer_args),
                             accumulate_grad_batches=s.accumulate, gradient_clip_val=s.grad_clip,
                             reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, use_distributed_sampler=False,
                             enable_model_summary=False, enable_progress_bar=progress, log_every_n_steps=1,
                             logger=loggers(part, {"recovery": recovery.name, "level": key or NESTED}),
-                            callbacks=callbacks, default_root_dir=str(part), max_steps=-1)
+                            callbacks=callbacks, default_root_dir=str(part), max_steps=-1,
+                            enable_checkpointing=False)
     steps, per_epoch = schedule(s, len(data.train), fit_trainer.world_size)
     fit_trainer.fit_loop.epoch_loop.max_steps = steps
-    fit_trainer.fit_loop.max_epochs = -(-steps // per_epoch)
+    # the fit ends at max_steps, never by an epoch count: a fit resumed from an end-of-epoch checkpoint counts that
+    # epoch twice in Lightning (2.6), which would end it one epoch early
+    fit_trainer.fit_loop.max_epochs = -1
     module = RecoveryModule(student, s, steps, teacher, nested, view)
-    resume = checkpoints / "last.ckpt"
-    if resume.is_file():
-        log.info("resuming the recovery of %s from %s", key or NESTED, resume)
+    restored = checked_checkpoint(resume, key)
+    if restored is not None:
+        log.info("resuming the recovery of %s from its checkpoint after %d of %d optimizer steps (%s)", key or NESTED,
+                 restored, steps, resume)
     started = time.perf_counter()
     fit_trainer.fit(module, datamodule=TrainingData(data, s, steps, per_epoch),
-                    ckpt_path=str(resume) if resume.is_file() else None)
+                    ckpt_path=str(resume) if restored is not None else None, weights_only=True)
     seconds = module.seconds_before + time.perf_counter() - started
     metrics = {k: float(v) for k, v in fit_trainer.callback_metrics.items() if k.startswith("recover/val_loss")}
     student.eval()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -138,6 +140,7 @@ class RecoveryModule(L.LightningModule):
         self.seconds_before = 0.0  # wall time of the invocations before a resume
         self._fit_started = 0.0
         self._tokens_at_start = 0
+        self._resumed_at: int | None = None  # the optimizer step a resumed fit starts from
         self._val: dict[str, list[float]] = {}
 
     @property
@@ -163,6 +166,23 @@ class RecoveryModule(L.LightningModule):
         if self.teacher is not None and self.teacher is not self.student:
             self.teacher.to(self.device).eval()
         self._fit_started, self._tokens_at_start = time.perf_counter(), self.tokens_seen
+
+    def on_train_start(self) -> None:
+        """After a resume: the loggers' step continues at the restored optimizer step (Lightning 2.6 restores its
+        logging counter one ahead from an end-of-epoch checkpoint), and rows a killed invocation logged after its last
+        checkpoint are dropped, so a curve has each step once."""
+        step = self.trainer.global_step
+        if step == 0:
+            return
+        self._resumed_at = step
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "drop_steps_from"):
+                logger.drop_steps_from(step)
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._resumed_at is not None:  # the epoch loop's reset (after on_train_start) moved the counter ahead
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._resumed_at
+            self._resumed_at = None
 
     def _micro_batch(self, batch_idx: int) -> int:
         """The global number of this micro-batch over the whole fit (resumes included)."""
@@ -257,6 +277,25 @@ def lr_factor(warmup: int, steps: int, floor: float) -> Callable[[int], float]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+class AtomicCheckpoint(L.Callback):
+    """`last.ckpt` after every validation (every `recover.val_every` optimizer steps: one "epoch"), written under a
+    temporary name and renamed, so a kill at any moment leaves the previous checkpoint or the new one, never half of
+    one. (Lightning's ModelCheckpoint with save_top_k=0 and save_last=True writes last.ckpt only when the fit ends,
+    so a killed fit would lose everything; what a resume needs is tested here, not assumed of a Lightning version.)"""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step >= trainer.fit_loop.epoch_loop.max_steps:
+            return  # the fit is complete: its weights are stored next, the checkpoint would be deleted at once
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # the optimizer and schedule too (rank 0 writes)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier("gisp-checkpoint")
 
 
 class TokenCurve(L.Callback):

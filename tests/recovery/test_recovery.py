@@ -4,6 +4,7 @@ exactly (HF without gisp, GGUF in llama.cpp), a killed fit resumes to the uninte
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -293,7 +294,8 @@ def test_fsdp_recovery_is_refused_before_anything_loads(run_dir):
 
 
 def test_a_killed_recovery_resumes_to_the_uninterrupted_weights(run_dir):
-    """SIGKILL after a checkpoint, then the same command: the adapter equals an uninterrupted run's, bit for bit."""
+    """SIGKILL after the first validation (mid-fit: its checkpoint is the only thing on disk), then the same command:
+    it resumes from that checkpoint, says so, and the adapter equals an uninterrupted run's, bit for bit."""
     assert subprocess.run(_recover_cli(run_dir, "whole"), cwd=REPO, capture_output=True, timeout=600,
                           check=False).returncode == 0
     log = run_dir.parent / "killed.log"
@@ -303,15 +305,46 @@ def test_a_killed_recovery_resumes_to_the_uninterrupted_weights(run_dir):
     killed.kill()  # somewhere in the epoch after the first checkpoint
     killed.wait()
     assert killed.returncode != 0 and checkpoint.is_file()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # plain tensors and values only
+    assert 0 < saved["global_step"] < 32768 // (4 * 32)  # mid-fit: not the end of the fit
+    assert not (run_dir / "recovered" / "killed" / "level_0.5" / "adapter").exists()
     resumed = subprocess.run(_recover_cli(run_dir, "killed"), cwd=REPO, capture_output=True, text=True, timeout=600,
                              check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming the recovery of 0.5" in resumed.stdout + resumed.stderr
+    out = resumed.stdout + resumed.stderr
+    assert f"resuming the recovery of 0.5 from its checkpoint after {saved['global_step']} of" in out, out[-3000:]
     a = load_file(str(run_dir / "recovered" / "whole" / "level_0.5" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run_dir / "recovered" / "killed" / "level_0.5" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = read_json(run_dir / "recovered" / "killed" / "recovery.json")["levels"]["0.5"]
     assert record["tokens"] == read_json(run_dir / "recovered" / "whole" / "recovery.json")["levels"]["0.5"]["tokens"]
+
+    def curve(name: str) -> list[tuple[str, str]]:  # the training curve: each step once, as uninterrupted
+        path = run_dir / "recovered" / name / "level_0.5" / "csv" / "metrics.csv"
+        return [(r["step"], r["recover/train_loss"]) for r in csv.DictReader(path.open()) if r["recover/train_loss"]]
+
+    assert curve("killed") == curve("whole")
+
+
+def test_a_damaged_checkpoint_is_named_with_the_fix(run_dir):
+    """A checkpoint cut short (a kill while the disk was full): the rerun is refused naming the file and the fix,
+    with no traceback; deleting it trains the level from its start."""
+    folder = run_dir / "recovered" / "damaged" / "level_0.5" / "checkpoints"
+    log = run_dir.parent / "damaged.log"
+    proc = _start(_recover_cli(run_dir, "damaged"), log)
+    _wait_for(folder / "last.ckpt", proc, log)
+    proc.kill()
+    proc.wait()
+    data = (folder / "last.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(data[: len(data) // 2])
+    again = subprocess.run(_recover_cli(run_dir, "damaged"), cwd=REPO, capture_output=True, text=True, timeout=600,
+                           check=False)
+    out = again.stdout + again.stderr
+    assert again.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "cannot be read" in out and f"rm {folder / 'last.ckpt'}" in out, out[-3000:]
+    (folder / "last.ckpt").unlink()
+    assert subprocess.run(_recover_cli(run_dir, "damaged"), cwd=REPO, capture_output=True, timeout=600,
+                          check=False).returncode == 0
 
 
 def test_sigterm_stops_a_recovery_within_seconds_with_the_resume_command(run_dir):
