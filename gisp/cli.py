@@ -184,8 +184,14 @@ def user_errors(fn: Callable | None = None, *, stop_message: Callable[[str], str
     return wrapper
 
 
-# Set once a command's body starts: a Hydra exit before it is Hydra refusing the command line (run_command).
+# Set once a command's body (or a multirun) starts: a Hydra exit before it is Hydra refusing the command line.
 _STARTED = False
+
+
+def mark_started() -> None:
+    """The command line composed and the command started (a multirun whose jobs run in other processes)."""
+    global _STARTED
+    _STARTED = True
 FAILED_JOBS = ".failed_jobs"  # in a sweep dir: one record per failed job (gisp.sweeps names them in summary.md)
 
 

@@ -90,14 +90,19 @@ class RunSettings:
     overrides: tuple[str, ...] | None = None  # the command-line overrides of this job
     recover: RecoverSettings = field(default_factory=RecoverSettings)  # after pruning, per target (gisp.recover)
 
-    def definition(self, calibration_sha256: str) -> dict[str, Any]:
+    def definition(self, calibration_sha256: str, model_identity: dict | None = None) -> dict[str, Any]:
         """What defines this run's trajectory: the config sections of DEFINITION_KEYS, the effective pruner and
-        pruning settings, and the calibration set's content hash (how far one invocation goes is not part of it)."""
+        pruning settings, the calibration set's content hash, and what identifies the model's weights where its
+        settings do not (gisp.models.identity: a folder's content, a hub commit). How far one invocation goes is not
+        part of it."""
         prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
         pruner = {k: v for k, v in asdict(self.pruner).items() if k != "options" or v}  # no options: ids unchanged
         sections = {k: self.resolved.get(k) for k in DEFINITION_KEYS}
         sections["model"] = {k: v for k, v in (sections["model"] or {}).items() if k not in NOT_IN_DEFINITION}
-        return {**sections, "pruner": pruner, "prune": prune, "calibration_sha256": calibration_sha256}
+        out = {**sections, "pruner": pruner, "prune": prune, "calibration_sha256": calibration_sha256}
+        if model_identity is not None:  # absent for packaged and random models: their ids stay what they were
+            out["model_identity"] = model_identity
+        return out
 
     @property
     def recover_recipe(self):

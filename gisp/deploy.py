@@ -11,6 +11,7 @@ the metrics are merged into the run's results.json after every level. The slicin
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from gisp.compact.slicing import compact_model_state, export_compact, write_comp
 from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
 from gisp.eval.protocols import current_metrics
-from gisp.eval.suite import EvalTaskSpec, build_evaluator, build_suites
+from gisp.eval.suite import EvalTaskSpec, build_evaluator, build_suites, eval_task_specs
 from gisp.io import check_writable
 from gisp.level_loop import LevelJob, evaluate_levels
+from gisp.loggers import LoggerFactory
 from gisp.memory.shapes import meta_structure, model_config
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.spec import ModelSpec
@@ -36,21 +38,27 @@ from gisp.runs import RunDir, claim, save_level
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[EvalTaskSpec],
+def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[EvalTaskSpec] | None = None,
                  sparsity: list[float] | tuple[float, ...] | None = None, dense: bool = True,
                  data_dir: Path | None = None, cache_dir: str | Path | None = None,
-                 progress: bool = True, split_seed: int | None = None, loggers: list | None = None,
+                 progress: bool = True, split_seed: int | None = None, loggers: LoggerFactory | None = None,
                  trust_remote_code: bool = False, recovered: str | None = None, hint: list[str] | None = None
                  ) -> dict[str, Any]:
-    """Evaluate the dense model and the `sparsity` levels (default: the run's) of a run dir; returns results.json.
-    `recovered`: evaluate those levels as the recovery of that name left them (gisp.recover) instead. `hint`: the
-    command's evaluation overrides, for a refusal that names how to re-evaluate."""
+    """Evaluate the dense model and the `sparsity` levels (default: the run's) of a run dir with `tasks` (default: the
+    run's own evaluation settings); returns results.json. `loggers` (a gisp.loggers factory) write under
+    RUN_DIR/evaluate/<time>/, made once the run dir is claimed and checked.
+    `recovered`: evaluate those levels as the recovery of that name left them (gisp.recover) instead; "all": the
+    levels AND every recovery of them (what changing a run's evaluation protocol needs). `hint`: the command's
+    evaluation overrides, for a refusal that names how to re-evaluate."""
     run = RunDir(run_dir)
     with claim(run.path):
         results = run.finished_results()
+        if results.get("eval_settings") is None:  # a run of gisp < 0.2: its config's settings are what it holds
+            results.record_eval_settings(eval_task_specs(run.config.get("eval")))
+        tasks = eval_task_specs(results.eval_settings(run.config.get("eval"))) if tasks is None else tasks
         if not tasks:
             raise GispError("nothing to evaluate: the eval config has no tasks (choose eval=wikitext2, eval=cmqa, ...)")
-        if recovered is not None:
+        if recovered is not None and recovered != "all":
             Recovery(run.path, recovered).require()
             done = [k for k in results.target_keys() if recovered in (results.entry(k).get("recovered") or {})]
             sparsity = [float(k) for k in done] if sparsity is None else sparsity
@@ -72,26 +80,33 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
         evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
                                     max_positions=getattr(live.model.config, "max_position_embeddings", None),
                                     suites=suites)
+        by_key = {target_key(t): run.level(target=t, live=live) for t in levels}
         jobs = []
-        if recovered is None and dense:
-            jobs.append(LevelJob("dense", results.entry("dense"), lambda: live.at(None)))
-        for target in levels:
-            key, level = target_key(target), run.level(target=target, live=live)
-            if recovered is not None:
-                model = (lambda level=level: recovered_model(run.path, recovered, live, level))
-                jobs.append(LevelJob(recovered_key(key, recovered), results.entry(recovered_key(key, recovered)),
-                                     model, level.step))
-                continue
-            entry = results.entry(key)
-            if not entry:
-                entry.update(added_by="gisp.evaluate")
-            entry.update(level.record(), masks=save_level(run.path, key, level))
-            jobs.append(LevelJob(key, entry, lambda level=level: live.at(level), level.step))
+        if recovered in (None, "all"):  # the dense model and the pruned levels first, on the dense weights
+            if dense:
+                jobs.append(LevelJob("dense", results.entry("dense"), lambda: live.at(None)))
+            for key, level in by_key.items():
+                entry = results.entry(key)
+                if not entry:
+                    entry.update(added_by="gisp.evaluate")
+                entry.update(level.record(), masks=save_level(run.path, key, level))
+                jobs.append(LevelJob(key, entry, lambda level=level: live.at(level), level.step))
+        names = [recovered] if recovered not in (None, "all") else sorted(results.get("recovery") or {}) \
+            if recovered == "all" else []
+        for name in names:  # then one recovery after the other (a nested one changes the live weights)
+            for key, level in by_key.items():
+                if recovered == "all" and name not in (results.entry(key).get("recovered") or {}):
+                    continue
+                Recovery(run.path, name).verify(key)  # its stored weights, before anything is measured
+                model = (lambda level=level, name=name: recovered_model(run.path, name, live, level))
+                jobs.append(LevelJob(recovered_key(key, name), results.entry(recovered_key(key, name)), model,
+                                     level.step))
+        made = loggers(run.path / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S"), {}) if loggers else []
         try:
-            evaluate_levels(results, jobs, evaluator, progress=progress, loggers=loggers or [], hint=hint)
+            evaluate_levels(results, jobs, evaluator, specs=tasks, progress=progress, loggers=made, hint=hint)
         finally:
             live.applier.remove()
-        return results.finish(loggers=loggers or [])
+        return results.finish(loggers=made)
 
 
 FORMATS = ("hf", "gguf")

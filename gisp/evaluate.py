@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gisp.cli import evaluation_overrides, hydra_output_dir, plain_config, run_command, same_command, user_errors
+from gisp.cli import evaluation_overrides, plain_config, run_command, same_command, user_errors
 from gisp.config import levels_setting
 from gisp.deploy import evaluate_run
 from gisp.eval.report import levels_text
@@ -36,11 +36,11 @@ def main(cfg: DictConfig) -> None:
     if c.get("threads"):
         torch.set_num_threads(int(c["threads"]))
     levels = levels_setting(c, old="targets")
-    tasks = eval_task_specs(c.get("eval"))
+    tasks = eval_task_specs(c["eval"]) if c.get("eval") is not None else None  # None: the run's own settings
     with Loggers(c.get("logger"), c) as loggers:
         results = evaluate_run(c["run_dir"], tasks, levels, dense=c["dense"], data_dir=c.get("data_dir"),
                                cache_dir=c.get("cache_dir"), progress=c["progress"], split_seed=c.get("split_seed"),
-                               loggers=loggers(hydra_output_dir()), trust_remote_code=bool(c.get("trust_remote_code")),
+                               loggers=loggers, trust_remote_code=bool(c.get("trust_remote_code")),
                                recovered=c.get("recovered"), hint=evaluation_overrides())
     print(f"gisp: results in {Path(c['run_dir']) / 'results.json'}\n{levels_text(results)}")
 

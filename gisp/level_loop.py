@@ -37,13 +37,14 @@ def as_is(model: nn.Module) -> Iterator[nn.Module]:
     yield model
 
 
-def evaluate_levels(results: Results, jobs: list[LevelJob], evaluator, *, progress: bool = True,
+def evaluate_levels(results: Results, jobs: list[LevelJob], evaluator, *, specs=(), progress: bool = True,
                     loggers: list | tuple = (), computed: dict[str, dict[str, float]] | None = None,
                     hint: list[str] | None = None) -> None:
     """Evaluate the jobs whose records lack metrics of the evaluator's current protocols; results.json is written after
     each level (an interrupted loop keeps what it finished). `computed`: perplexities a level already has from a
     multi-process pass (only its suites run here). `hint`: the command's evaluation overrides, for the refusal that
-    names how to re-evaluate when protocols would mix. Without an evaluator the records are written as they are."""
+    names how to re-evaluate when protocols would mix. `specs`: the evaluation tasks (gisp.eval.suite.EvalTaskSpec),
+    recorded as the run's current settings. Without an evaluator the records are written as they are."""
     if evaluator is None:
         results.write()
         return
@@ -66,4 +67,5 @@ def evaluate_levels(results: Results, jobs: list[LevelJob], evaluator, *, progre
         log.info("evaluation at %s: %s", job.key, metrics)
         for logger in loggers:
             logger.log_metrics({f"eval/{m}": v for m, v in metrics.items()}, step=job.step)
+    results.record_eval_settings(specs)
     results.write()

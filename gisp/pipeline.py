@@ -34,13 +34,15 @@ from gisp.loggers import Loggers
 from gisp.memory.scoring import check_fits, plan_for_run, visible_device_memory
 from gisp.memory.training import fits, plan_recovery
 from gisp.models.families import family_spec
+from gisp.models.identity import model_identity
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
 from gisp.prune.importance import get_score
 from gisp.prune.levels import read_level
 from gisp.prune.masks import MaskApplier, Masks
+from gisp.prune.ranking import check_owl
 from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
-from gisp.recovery.runner import recover_into
+from gisp.recovery.runner import check_positions_early, recover_into
 from gisp.results import Results, evaluation_settings
 from gisp.runs import LiveModel, claim, save_level
 
@@ -110,6 +112,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
             log.info("%s", plan.table())
         check_fits(plan, visible_device_memory(s.trainer))
     if s.recover.enabled:  # the recovery's fits too, at the dense shapes (the levels are not known yet): an upper bound
+        check_positions_early(s.model, s.recover)
         training = plan_recovery(s.model, s.recover, {target_key(t): None for t in s.targets}, s.prune.gqa_mode)
         if training is not None:
             log.info("%s", training.table())
@@ -121,6 +124,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
     # trainer=fsdp: only rank 0 reads the weights; the other processes build the model on the meta device and
     # receive their shards from rank 0 (one copy of the model in host memory per node, not one per process).
     empty = rank_zero_only.rank != 0 and s.trainer.get("strategy") == STRATEGY_NAME and s.pruner.signal == "gradients"
+    identity = model_identity(s.model)  # the weights' content (a folder, a hub commit): part of the definition
     model, tokenizer = load_model_and_tokenizer(s.model, s.cache_dir, empty=empty)
     if empty and next(model.parameters()).is_meta:
         log.info("rank %d: model built on the meta device (no weights read): its shards come from rank 0",
@@ -129,11 +133,13 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
                          first_fraction=s.prune.protect_first_fraction, last=s.prune.protect_last,
                          gqa_mode=s.prune.gqa_mode)
     check_targets(s.targets, structure)
+    if s.pruner.ranking == "owl":  # OWL's per-layer sparsities, bounded before any scoring pass
+        check_owl(s.targets, structure, s.pruner.option("outlier_lambda"))
     evaluator = build_evaluator(s.evaluation, tokenizer, s.data_dir, work_dir=run_dir / "eval_data",
                                 max_positions=getattr(model.config, "max_position_embeddings", None), suites=suites)
     calib = s.calibration.build(s.objective, tokenizer, s.data_dir)
     _check_positions(calib, model)
-    definition = s.definition(calib.content_sha256())
+    definition = s.definition(calib.content_sha256(), identity)
     tid = trajectory_id(definition)
     pointer = run_dir / "trajectory.json"
     if pointer.is_file() and read_json(pointer).get("id") != tid:
@@ -185,7 +191,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
             levels = [read_level(traj, s.pruner, structure, layers, t) for t in s.targets]
             recover_into(results, s.recover, live, levels, recipe=s.recover_recipe, data_dir=s.data_dir,
                          trainer=s.trainer, loggers=loggers, progress=s.progress, evaluator=evaluator,
-                         context={"trajectory": traj.id, "model": s.model.name}, hint=_hint(s))
+                         context={"trajectory": traj.id, "model": s.model.name}, hint=_hint(s), specs=s.evaluation)
         results.finish(seconds=time.perf_counter() - started, figure=evaluator is not None,
                        loggers=trainer.loggers)
         log.info("results: %s", results.path)
@@ -319,8 +325,8 @@ def evaluate_run_levels(results: Results, s: RunSettings, traj: Trajectory, live
         entry.update(level.record(), masks=save_level(results.run_dir, key, level))
         jobs.append(LevelJob(key, entry, lambda level=level: live.at(level), step=level.step))
     try:
-        evaluate_levels(results, jobs, evaluator, progress=s.progress, loggers=loggers, computed=perplexities,
-                        hint=_hint(s))
+        evaluate_levels(results, jobs, evaluator, specs=s.evaluation, progress=s.progress, loggers=loggers,
+                        computed=perplexities, hint=_hint(s))
     finally:
         live.set_level(None)
 

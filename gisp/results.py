@@ -125,6 +125,17 @@ class Results:
         self.data.setdefault("evaluation", {}).update(descriptions)
         mark_mixed(self.data)
 
+    def record_eval_settings(self, specs) -> None:
+        """Remember the evaluation tasks the levels are now measured with (`eval_settings`, as a conf/eval node), so
+        that a later command without `eval=` measures with them: the run's current protocol, which may no longer be
+        the one its config.yaml names (gisp.evaluate changed it)."""
+        tasks = self.data.setdefault("eval_settings", {"tasks": {}})["tasks"]
+        tasks.update({spec.name: {"kind": spec.kind, **spec.fields} for spec in specs})
+
+    def eval_settings(self, config_eval: dict | None) -> dict | None:
+        """The evaluation settings of the run now: the recorded ones, or those of its config.yaml."""
+        return self.data.get("eval_settings") or config_eval
+
     def record_recovery(self, name: str, definition: dict, levels: dict[str, dict]) -> None:
         """A recovery's definition and its per-level records (training figures): `recovery[name]` and
         `targets[level]["recovered"][name]`. Other weights under the same name (retrained) drop the metrics of the
@@ -175,16 +186,14 @@ class Results:
                 + "\n  ".join(shlex.join(c) for c in self._reevaluation(holders | set(evaluating), hint)))
 
     def _reevaluation(self, keys: set[str], hint: list[str] | None) -> list[list[str]]:
-        """The gisp.evaluate commands that measure `keys` again (one for the pruned levels, one per recovery)."""
+        """The one gisp.evaluate command that measures `keys` again: the dense model, the pruned levels, and with
+        `recovered=all` every recovered level of them (a re-evaluation split over two commands would be refused by
+        each, the other's levels still holding the old protocol)."""
         extra = list(hint) if hint is not None else ["eval=..."]
-        plain = sorted((k for k in keys if k != "dense" and "+" not in k), key=float)
-        commands = [["python", "-m", "gisp.evaluate", f"run_dir={self.run_dir}", f"sparsity=[{','.join(plain)}]",
-                     "dense=true", *extra]]
-        for name in sorted({k.partition("+")[2] for k in keys if "+" in k}):
-            levels = sorted((k.partition("+")[0] for k in keys if k.endswith(f"+{name}")), key=float)
-            commands.append(["python", "-m", "gisp.evaluate", f"run_dir={self.run_dir}",
-                             f"sparsity=[{','.join(levels)}]", f"recovered={name}", *extra])
-        return commands
+        levels = sorted({k.partition("+")[0] for k in keys if k != "dense"}, key=float)
+        recovered = ["recovered=all"] if any("+" in k for k in keys) else []
+        return [["python", "-m", "gisp.evaluate", f"run_dir={self.run_dir}", f"sparsity=[{','.join(levels)}]",
+                 "dense=true", *recovered, *extra]]
 
     def mark_mixed(self) -> bool:
         """Record whether the levels mix protocols (`mixed_protocols`, and never `complete` then)."""

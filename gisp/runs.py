@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +22,7 @@ import yaml
 from gisp.errors import GispError
 from gisp.io import FolderLock, read_json
 from gisp.models.families import family_spec
+from gisp.models.identity import model_identity
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.spec import ModelSpec
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
@@ -42,6 +43,7 @@ class LiveModel:
     layers: list[LayerModules]
     applier: MaskApplier
     recovered: str | None = None  # the nested recovery merged into `model` (gisp.recovery.artefacts), if any
+    dense_weights: Callable[[], dict] | None = None  # the dense weights again, from their source (RunDir.load_model)
 
     def set_level(self, level: Level | None) -> None:
         """Apply a level's masks (None: the dense model)."""
@@ -49,6 +51,13 @@ class LiveModel:
             self.applier.set(Masks.dense(self.structure))
         else:
             self.applier.set(level.masks, level.bias)
+
+    def reload_dense(self) -> None:
+        """The dense weights back into `model` (a nested recovery merged into it changed them)."""
+        if self.dense_weights is None:
+            raise GispError("this live model cannot reload its dense weights: load the run's model again")
+        self.model.load_state_dict(self.dense_weights(), strict=False)
+        self.recovered = None
 
     @contextmanager
     def at(self, level: Level | None) -> Iterator[Any]:
@@ -140,6 +149,7 @@ class RunDir:
     def load_model(self, cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> LiveModel:
         """The dense model of the run, its structure (with the run's protected layers) and a mask applier."""
         cache = Path(cache_dir or self.config.get("cache_dir") or "~/.cache/gisp").expanduser()
+        self.check_weights(trust_remote_code)
         model, tokenizer = load_model_and_tokenizer(self.model_spec(trust_remote_code), cache)
         gqa_mode = (self.config.get("prune") or {}).get("gqa_mode") or "query"
         structure = describe(model, protected=self.protected, gqa_mode=gqa_mode)
@@ -148,7 +158,24 @@ class RunDir:
                             f"trajectory recorded ({structure} vs {self.structure}): its weights or config changed "
                             "since the run; use the model the run pruned")
         layers = layer_modules(model, family_spec(model.config.model_type))
-        return LiveModel(model, tokenizer, structure, layers, MaskApplier(layers, structure))
+        spec = self.model_spec(trust_remote_code)
+        return LiveModel(model, tokenizer, structure, layers, MaskApplier(layers, structure),
+                         dense_weights=lambda: load_model_and_tokenizer(spec, cache)[0].state_dict())
+
+    def check_weights(self, trust_remote_code: bool = False) -> None:
+        """Refuse, before loading, weights that are not the ones the trajectory was computed on: the identity it
+        recorded (a folder's content fingerprint, a hub commit; gisp.models.identity) against the model's now."""
+        recorded = self.trajectory.manifest["definition"].get("model_identity")
+        if recorded is None:  # a packaged or random model (pinned by its settings), or a run of gisp < 0.2
+            return
+        spec = self.model_spec(trust_remote_code)
+        now = model_identity(spec)
+        if now is not None and now != recorded:
+            what = spec.path or spec.name
+            old, new = (recorded.get("digest") or recorded.get("commit"), now.get("digest") or now.get("commit"))
+            raise GispError(f"the weights of {what} changed since {self.path} was pruned ({recorded['kind']} "
+                            f"{str(old)[:12]} then, {str(new)[:12]} now): its levels belong to the old weights. "
+                            "Restore them, or prune the new weights in a new run dir (gisp.run with hydra.run.dir=NEW)")
 
     def check_reaches(self, levels: list[float] | tuple[float, ...]) -> None:
         """Refuse levels beyond what the trajectory reaches (before anything is loaded), naming how to extend it."""

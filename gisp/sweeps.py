@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from gisp.cli import FAILED_JOBS
+from gisp.cli import FAILED_JOBS, mark_started
 from gisp.eval.aggregate import group_runs, noise_notes
 from gisp.eval.report import plot_runs, protocol_notes, runs_pivot, runs_table
 from gisp.io import read_json, write_text_atomic
@@ -81,6 +81,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         import shutil
 
+        mark_started()  # from here on an exit is the sweep's, not Hydra refusing the command line
         shutil.rmtree(Path(config.hydra.sweep.dir) / FAILED_JOBS, ignore_errors=True)  # an earlier sweep's records
 
     def on_multirun_end(self, config, **kwargs) -> None:

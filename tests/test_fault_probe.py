@@ -27,6 +27,8 @@ from gisp.io import FolderLock, read_json, read_jsonl
 from gisp.pipeline import run
 from gisp.runs import RunDir
 
+pytestmark = pytest.mark.e2e  # end to end: runs as users type, in fresh processes
+
 
 def _cfg(tmp_path, *overrides):
     return compose("config", *["logger=none", "progress=false", f"cache_dir={tmp_path / 'cache'}",

@@ -13,6 +13,8 @@ from conftest import REPO, compose
 from gisp.config import load_settings
 from gisp.pipeline import run
 
+pytestmark = pytest.mark.e2e  # end to end: runs as users type, in fresh processes
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 

@@ -160,6 +160,7 @@ def test_non_finite_gradients_are_reported(compose_cfg, tmp_path, monkeypatch):
     assert not list((tmp_path / "store").rglob("step_*"))
 
 
+@pytest.mark.e2e
 def test_an_unknown_model_is_refused_on_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gisp.run", "model=no_such_model", f"hydra.run.dir={tmp_path / 'r'}"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)

@@ -25,6 +25,8 @@ from gisp.io import read_json
 from gisp.models.gguf import is_installed
 from gisp.runs import RunDir
 
+pytestmark = pytest.mark.e2e  # end to end: runs as users type, in fresh processes
+
 # The tiny model and small sizes substituted into the README commands (a user's own model and data sizes)
 TINY = ["model=tiny_mistral", "data.n_samples=8", "data.seq_len=32", "eval.tasks.wikitext2_ppl.max_windows=4",
         "eval.tasks.wikitext2_ppl_2048.max_windows=1", "threads=1"]

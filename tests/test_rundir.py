@@ -41,6 +41,7 @@ def finished(tmp_path_factory):
     return tmp, tmp / "run", results
 
 
+@pytest.mark.e2e
 def test_a_second_command_on_a_run_dir_is_refused_at_once(finished):
     tmp, run_dir, _ = finished
     script = ("import signal, sys, time\nfrom gisp.io import FolderLock\n"
@@ -152,6 +153,7 @@ def test_identical_runs_write_identical_bytes_with_normal_modes(finished, tmp_pa
     assert mode == 0o666 & ~umask
 
 
+@pytest.mark.e2e
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_masks(tmp_path):
     slow = [*SMOKE, "sparsity=[0.3,0.6]", "schedule.steps=12", "data.n_samples=48", "data.seq_len=96", "eval=none",
             f"store_dir={tmp_path / 'store'}", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -176,6 +178,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_masks(tmp_
     assert read_json(tmp_path / "run" / "results.json")["complete"]
 
 
+@pytest.mark.e2e
 def test_cli_refusals_leave_no_trace(finished, tmp_path):
     """Through the command line too: Hydra's own records (.hydra/, run.log) are written only once the checks
     passed, so a refused gisp.run changes nothing in an existing run dir and leaves no new one behind."""

@@ -98,6 +98,7 @@ def _multirun(tmp_path, name, *extra, env=None):
             for key in r["targets"]}
 
 
+@pytest.mark.e2e
 def test_parallel_and_submitit_launchers_share_one_trajectory(tmp_path):
     """The same sweep with the basic launcher, 2 parallel joblib jobs and submitit's local executor: each computes
     its trajectory once, no job fails, and every launcher gives the same masks."""
@@ -136,6 +137,7 @@ def test_another_format_version_is_refused(tmp_path):
         Trajectory.load(tmp_path / "t")
 
 
+@pytest.mark.e2e
 def test_lock_waits_for_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):
     import logging
 
@@ -176,6 +178,7 @@ def _kill_when(proc, marker: str) -> tuple[int, float, str]:
     return proc.returncode, time.monotonic() - sent, "".join(seen) + rest
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("where,marker", [("scoring", "step 3:"), ("evaluation", "evaluating 0.3")])
 def test_sigterm_stops_within_seconds_and_the_command_resumes(tmp_path, where, marker):
     slow = ["sparsity=[0.3,0.6]", "schedule.steps=12", "data.n_samples=64", "data.seq_len=128"]

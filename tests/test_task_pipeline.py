@@ -37,6 +37,7 @@ def margin_run(tmp_path_factory):
     return tmp / "run", run(load_settings(cfg), run_dir=tmp / "run")
 
 
+@pytest.mark.e2e
 def test_results_hold_both_perplexities_and_every_task(margin_run):
     run_dir, results = margin_run
     for entry in [results["dense"], *results["targets"].values()]:
@@ -56,6 +57,7 @@ def test_results_hold_both_perplexities_and_every_task(margin_run):
     assert (run_dir / "metrics.png").stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
     run_dir, results = margin_run
     traj = RunDir(run_dir).trajectory
@@ -83,6 +85,7 @@ def test_evaluate_adds_levels_without_pruning_again(margin_run, tmp_path):
         evaluate_run(run_dir, eval_task_specs(cfg["eval"]), [0.9], progress=False)
 
 
+@pytest.mark.e2e
 def test_evaluate_cli_and_bad_input(margin_run):
     run_dir, _ = margin_run
     proc = subprocess.run([sys.executable, "-m", "gisp.evaluate", f"run_dir={run_dir}", "sparsity=[0.2]", "eval=none",

@@ -72,6 +72,8 @@ def _entries(results: dict[str, Any]) -> dict[str, tuple[float, dict]]:
     """{level: (sparsity, current metrics)} with recovered levels as "0.5+lora"."""
     out = {"dense": (0.0, current_metrics(results, results.get("dense") or {}))}
     for key, entry in (results.get("targets") or {}).items():
+        if "sparsity" not in entry:  # a record without its level (gisp < 0.2 wrote some): nothing to show
+            continue
         out[key] = (entry["sparsity"], current_metrics(results, entry))
         for name, rec in (entry.get("recovered") or {}).items():
             out[f"{key}+{name}"] = (entry["sparsity"], current_metrics(results, rec))

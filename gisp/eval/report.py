@@ -106,6 +106,8 @@ def levels(results: dict[str, Any]) -> list[tuple[str, float, dict]]:
     of them."""
     out = [("dense", 0.0, current_metrics(results, results.get("dense") or {}))]
     for key, entry in sorted((results.get("targets") or {}).items(), key=lambda kv: float(kv[0])):
+        if "sparsity" not in entry:  # a record without its level (gisp < 0.2 wrote some): nothing to show
+            continue
         out.append((key, entry["sparsity"], current_metrics(results, entry)))
         for name, recovered in sorted((entry.get("recovered") or {}).items()):
             out.append((f"{key}+{name}", entry["sparsity"], current_metrics(results, recovered)))

@@ -72,9 +72,12 @@ def check_family(spec: ModelSpec) -> None:
     if spec.source == "local":
         path = local_folder(spec) / "config.json"
         if path.is_file():
-            import json
+            from gisp.io import read_json
 
-            config = json.loads(path.read_text())
+            config = read_json(path, fix=f"model {spec.name}: repair or replace that file (a save_pretrained folder's "
+                                         "config.json)")
+            if not isinstance(config, dict):
+                raise GispError(f"{path} is not a model config (a JSON object): check model.path")
     elif spec.source == "gguf_file":
         config = {"model_type": gguf_model_type(Path(spec.path).expanduser())}
     elif spec.source == "hub":

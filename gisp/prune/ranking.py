@@ -10,6 +10,7 @@ cuts rank units and return query-head masks (L, H) in which a group is always ke
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ import torch
 from gisp.errors import GispError
 from gisp.models.structure import ModelStructure
 from gisp.prune.masks import Masks, expand_units, group_heads, masks_from_flat, n_pruned, sparsity, unit_masks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,19 @@ def owl_layer_sparsity(outliers: torch.Tensor, structure: ModelStructure, target
     return {i: max(float(s), 0.01) for i, s in zip(idx, layer)}
 
 
+def check_owl(targets: tuple[float, ...], structure: ModelStructure, lam: float) -> None:
+    """OWL's layer sparsities reach target + 2 lambda at most (the layer with the fewest outliers); refuse, before
+    any scoring, a lambda that could ask some layer for more than its prunable structures at the largest target."""
+    per_layer = structure.decoder_params / len(structure.unprotected)
+    prunable = structure.n_units * structure.head_params + structure.ffn * structure.channel_params
+    top = max(targets)
+    if (top + 2 * lam) * per_layer >= prunable:
+        most = max(0.0, (prunable / per_layer - top) / 2)
+        raise GispError(f"pruner.options.outlier_lambda={lam} is too large for sparsity {top}: OWL can ask a layer "
+                        f"for up to {top} + 2 x {lam} of the layer budget, more than its structures hold; use "
+                        f"outlier_lambda below {most:.3f} (OWL's default 0.08), or lower the sparsity")
+
+
 def cut_owl(heads: torch.Tensor, channels: torch.Tensor, current: Masks, structure: ModelStructure, target: float,
              stats: dict[str, torch.Tensor] | None = None, pruner=None, **_) -> Cut:
     """OWL on Wanda-sp: layer i gives up its OWL sparsity of the parameters every layer would give up at `target`
@@ -178,6 +194,9 @@ def cut_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, stru
     layer_params = structure.n_units * structure.head_params + structure.ffn * structure.channel_params
     n = min(range(len(order) + 1), key=lambda k: (abs(k * layer_params / structure.decoder_params - target), k))
     n = max(n, len(gone))
+    if n == 0 and target > 0:
+        log.warning("ShortGPT removes whole layers: sparsity %s is closer to none than to one layer (%.4f of the "
+                    "decoder), so this level is the dense model", target, layer_params / structure.decoder_params)
     masks = current.clone()
     for i in order[:n]:
         masks.heads[i] = False

@@ -51,18 +51,39 @@ class Recovery:
     def record(self) -> dict[str, Any] | None:
         return read_json(self.record_path) if self.record_path.is_file() else None
 
+    def check_inside(self) -> None:
+        """The recovery's folder (and the run dir's recovered/) stays inside the run dir: gisp never reads or writes
+        through a link that leads out of it."""
+        root = self.run_dir.resolve()
+        for path in (self.run_dir / FOLDER, self.folder, *(self.folder.glob("*") if self.folder.is_dir() else [])):
+            if path.is_symlink() and root not in path.resolve().parents:
+                raise GispError(f"{path} is a link to {path.resolve()}, outside the run dir: gisp never reads or "
+                                f"writes through a link out of a run dir; remove the link (rm {path})")
+
     def require(self) -> dict[str, Any]:
+        self.check_inside()
         record = self.record()
         if record is None:
-            names = sorted(p.name for p in (self.run_dir / FOLDER).glob("*/recovery.json")) if \
+            names = sorted(p.parent.name for p in (self.run_dir / FOLDER).glob("*/recovery.json")) if \
                 (self.run_dir / FOLDER).is_dir() else []
             raise GispError(f"{self.run_dir} has no recovery named {self.name!r} (recovered: {names or 'none'}); run "
                             f"python -m gisp.recover run_dir={self.run_dir} recover=... first")
         return record
 
+    def verify(self, key: str) -> None:
+        """Refuse a level whose stored weights are gone or changed since training (before anything is measured)."""
+        record = self.require()
+        part = NESTED if record["definition"]["method"] == "nested" else key
+        done = (record.get("levels") or {}).get(part) or {}
+        problem = stored_problem(self.run_dir, done) if done.get("status") == "complete" else None
+        if problem is not None:
+            raise GispError(f"the recovery's trained weights cannot be used: {problem}. "
+                            f"{_retrain(self, None if part == NESTED else key)}")
+
     def open(self, definition: dict[str, Any]) -> dict[str, Any]:
         """The recovery's record for `definition`: the stored one, or a new one. Another definition under the same
         name is refused (its weights would be mixed with these)."""
+        self.check_inside()
         record = self.record()
         plain = json.loads(json.dumps(definition, default=str))
         if record is not None and record.get("definition") != plain:
@@ -100,6 +121,22 @@ class Recovery:
         return str(target.relative_to(self.run_dir)), file_sha256(weights, cached=False)
 
 
+def stored_problem(run_dir: Path, entry: dict[str, Any]) -> str | None:
+    """Why a complete level's stored weights cannot be used (missing, or changed since they were trained: their
+    sha256 is recorded), or None when they are intact."""
+    artefact = entry.get("artefact")
+    if not artefact:
+        return "no stored weights are recorded"
+    folder = Path(run_dir) / artefact
+    weights = next((folder / n for n in ("adapter_model.safetensors", "model.safetensors") if (folder / n).is_file()),
+                   None)
+    if weights is None:
+        return f"{folder} is missing"
+    if entry.get("artefact_sha256") and file_sha256(weights, cached=False) != entry["artefact_sha256"]:
+        return f"{weights} changed since it was trained (its sha256 differs from the recorded one)"
+    return None
+
+
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): keep one copy, the loader ties them again."""
     seen: dict[int, str] = {}
@@ -133,7 +170,15 @@ def load_recovered(run_dir: str | Path, name: str, live, level: Level) -> nn.Mod
         raise GispError(f"level {key} of the recovery {name!r} in {run_dir} is not complete: run gisp.recover with "
                         f"run_dir={run_dir} sparsity=[{key}] and that recovery's settings to finish it")
     student = compact_student(live.model, level.masks, live.structure, level.bias, own_weights=not adapter)
-    return _with_trained(student, recovery.run_dir / done["artefact"], adapter)
+    return _with_trained(student, recovery.run_dir, done, adapter, _retrain(recovery, key))
+
+
+def _retrain(recovery: Recovery, key: str | None) -> str:
+    """The fix for stored weights that are gone or changed: the same recovery command trains them again."""
+    level = f"sparsity=[{key}] " if key is not None else ""
+    return (f"Run the recovery again with its settings (python -m gisp.recover run_dir={recovery.run_dir} {level}"
+            f"recover.name={recovery.name} ...: recovered/{recovery.name}/recovery.json holds them): it trains that "
+            "level again")
 
 
 @contextmanager
@@ -160,9 +205,11 @@ def compact_model(run_dir: str | Path, name: str, live, level: Level) -> nn.Modu
     return model
 
 
-def _with_trained(model: nn.Module, artefact: Path, adapter: bool) -> nn.Module:
-    if not artefact.is_dir():
-        raise GispError(f"{artefact} is missing: the recovery's trained weights are gone; run the recovery again")
+def _with_trained(model: nn.Module, run_dir: Path, done: dict[str, Any], adapter: bool, fix: str) -> nn.Module:
+    problem = stored_problem(run_dir, done)
+    if problem is not None:
+        raise GispError(f"the recovery's trained weights cannot be used: {problem}. {fix}")
+    artefact = Path(run_dir) / done["artefact"]
     if adapter:
         from peft import PeftModel
 
@@ -178,11 +225,13 @@ def _with_trained(model: nn.Module, artefact: Path, adapter: bool) -> nn.Module:
 def _recovered_dense(recovery: Recovery, live, adapter: bool) -> None:
     if live.recovered == recovery.name:
         return
+    if live.recovered is not None:  # another nested recovery is merged into the weights: start from the dense ones
+        live.reload_dense()
     record = recovery.require()
     done = (record.get("levels") or {}).get(NESTED) or {}
     if done.get("status") != "complete":
         raise GispError(f"the nested recovery {recovery.name!r} is not complete: run gisp.recover again to finish it")
-    recovered = _with_trained(live.model, recovery.run_dir / done["artefact"], adapter)
+    recovered = _with_trained(live.model, recovery.run_dir, done, adapter, _retrain(recovery, None))
     if recovered is not live.model:  # peft's merge returns the base model: the same object, now merged
         live.model = recovered
     live.recovered = recovery.name

@@ -27,9 +27,9 @@ from gisp.models.structure import layer_modules
 from gisp.prune.levels import Level
 from gisp.prune.masks import MaskApplier
 from gisp.prune.trajectory import target_key
-from gisp.recovery.artefacts import NESTED, Recovery
+from gisp.recovery.artefacts import NESTED, Recovery, stored_problem
 from gisp.recovery.data import TrainingSet, training_set
-from gisp.recovery.settings import RecoverSettings
+from gisp.recovery.settings import RecoverSettings, check_positions
 from gisp.recovery.students import all_trainable, base_model, compact_student, merged, with_lora
 from gisp.recovery.training import AtomicCheckpoint, NestedLevels, RecoveryModule, TokenCurve, TrainingData, schedule
 
@@ -70,6 +70,7 @@ def recover_levels(run_dir: Path, s: RecoverSettings, live, levels: list[Level],
     if s.method == "nested" and any(level.bias is not None for level in levels):
         raise GispError("recover=nested trains one set of weights for every level, but FLAP's levels carry an output "
                         "bias computed from the dense weights: recover FLAP levels with recover=lora or distill")
+    check_positions(s, getattr(live.model.config, "max_position_embeddings", None), live.model.config.model_type)
     data = training_set(recipe, live.tokenizer, data_dir, s.tokens, s.seq_len, s.val_tokens, s.seed)
     keys = [target_key(level.target) for level in levels]
     definition = {**s.definition(data_record(data)), **context,
@@ -81,6 +82,7 @@ def recover_levels(run_dir: Path, s: RecoverSettings, live, levels: list[Level],
     done = record.setdefault("levels", {})
     out = []
     if s.method == "nested":
+        _forget_if_damaged(recovery, done, NESTED)
         if (done.get(NESTED) or {}).get("status") != "complete":
             done[NESTED] = _fit_nested(recovery, s, live, levels, keys, data, trainer, loggers, progress, evaluate)
             if rank_zero():
@@ -89,6 +91,7 @@ def recover_levels(run_dir: Path, s: RecoverSettings, live, levels: list[Level],
             out.append(Recovered(key, done[NESTED]))
         return out
     for level, key in zip(levels, keys):
+        _forget_if_damaged(recovery, done, key)
         entry = done.get(key) or {}
         if entry.get("status") == "complete":
             log.info("level %s: already recovered by %s (%s); reused", key, s.key, entry.get("artefact"))
@@ -100,6 +103,19 @@ def recover_levels(run_dir: Path, s: RecoverSettings, live, levels: list[Level],
             recovery.write(record)
         out.append(Recovered(key, entry, model))
     return out
+
+
+def _forget_if_damaged(recovery: Recovery, done: dict, key: str) -> None:
+    """A level recorded complete whose stored weights are gone or were changed is trained again (and says why),
+    rather than reported as recovered with nothing behind it."""
+    entry = done.get(key) or {}
+    if entry.get("status") != "complete":
+        return
+    problem = stored_problem(recovery.run_dir, entry)
+    if problem is not None:
+        log.warning("level %s of the recovery %s is recorded as complete, but %s: training it again", key,
+                    recovery.name, problem)
+        del done[key]
 
 
 def checked_checkpoint(path: Path, key: str | None) -> int | None:

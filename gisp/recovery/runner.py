@@ -25,14 +25,15 @@ from gisp.errors import GispError
 from gisp.eval.suite import EvalTaskSpec, build_evaluator, build_suites, eval_task_specs
 from gisp.level_loop import LevelJob, evaluate_levels
 from gisp.memory.scoring import visible_device_memory
+from gisp.memory.shapes import model_config
 from gisp.memory.training import fits, plan_recovery
 from gisp.prune.levels import Level
 from gisp.prune.trajectory import target_key
 from gisp.recovery.artefacts import Recovery, recovered_model
 from gisp.recovery.fit import rank_zero, recover_levels
-from gisp.recovery.settings import RecoverSettings
+from gisp.recovery.settings import RecoverSettings, check_positions
 from gisp.results import Results, recovered_key
-from gisp.runs import LiveModel, RunDir, claim
+from gisp.runs import LiveModel, RunDir, claim, save_level
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def recover_run(run_dir: str | Path, settings: RecoverSettings, sparsity: list[f
             raise GispError("no levels to recover: give sparsity=[0.3,0.5] (sparsity levels of the run)")
         run.check_reaches(levels)
         config = run.config
+        check_positions_early(run.model_spec(), settings)
         masks = {target_key(t): run.level(target=t, masks_only=True).masks for t in levels}  # checked: no load
         plan = plan_recovery(run.model_spec(), settings, masks, (config.get("prune") or {}).get("gqa_mode") or "query")
         if plan is not None and rank_zero():
@@ -66,7 +68,9 @@ def recover_run(run_dir: str | Path, settings: RecoverSettings, sparsity: list[f
                 raise GispError(refusal)
         recipe = recipe_from_fields(settings.data if settings.data is not None else config.get("data") or {})
         data_dir = resolve_data_dir(data_dir if data_dir is not None else config.get("data_dir"))
-        tasks = eval_task_specs(config.get("eval")) if tasks is None else tasks
+        if results.get("eval_settings") is None:  # a run of gisp < 0.2: its config's settings are what it holds
+            results.record_eval_settings(eval_task_specs(config.get("eval")))
+        tasks = eval_task_specs(results.eval_settings(config.get("eval"))) if tasks is None else tasks
         suites = build_suites(tasks, data_dir, work_dir=run.path / "eval_data")
         live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
         if config.get("threads"):
@@ -77,17 +81,33 @@ def recover_run(run_dir: str | Path, settings: RecoverSettings, sparsity: list[f
         recover_into(results, settings, live, [run.level(target=t, live=live) for t in levels], recipe=recipe,
                      data_dir=data_dir, trainer=trainer or {"accelerator": "auto", "devices": 1},
                      loggers=loggers or (lambda folder, hp: []), progress=progress, evaluator=evaluator,
-                     context={"trajectory": run.trajectory.id, "model": run.model_spec().name}, hint=hint)
+                     context={"trajectory": run.trajectory.id, "model": run.model_spec().name}, hint=hint,
+                     specs=tasks)
         if not rank_zero():
             return None
         return results.finish(figure=True)
 
 
+def check_positions_early(spec, settings: RecoverSettings) -> None:
+    """recover.seq_len against the model's positions from its config alone (before loading); a model whose config
+    cannot be read without loading it is checked again once loaded (recover_levels)."""
+    try:
+        config = model_config(spec)
+    except GispError:
+        return
+    check_positions(settings, getattr(config, "max_position_embeddings", None), spec.name)
+
+
 def recover_into(results: Results, settings: RecoverSettings, live: LiveModel, levels: list[Level], *, recipe,
                  data_dir: Path | None, trainer: dict, loggers: Callable[[Path, dict], list], progress: bool,
-                 evaluator, context: dict, hint: list[str] | None = None) -> None:
+                 evaluator, context: dict, hint: list[str] | None = None, specs=()) -> None:
     """Recover `levels`, record the recovery and its levels in `results` and evaluate the recovered models through
     the level loop (results.json written after each level). Shared by gisp.recover and gisp.run recover=..."""
+    for level in levels if rank_zero() else []:  # a level the run never recorded (one its trajectory reaches) is
+        entry = results.entry(target_key(level.target))  # recorded first, as gisp.evaluate records one
+        if "sparsity" not in entry:
+            entry.update(level.record(), masks=save_level(results.run_dir, target_key(level.target), level),
+                         added_by="gisp.recover")
     curve = (lambda model: evaluator(model, progress=False)) if evaluator is not None else None
     recovered = recover_levels(results.run_dir, settings, live, levels, recipe=recipe, data_dir=data_dir,
                                trainer=trainer, loggers=loggers, progress=progress, context=context, evaluate=curve)
@@ -104,7 +124,7 @@ def recover_into(results: Results, settings: RecoverSettings, live: LiveModel, l
         model = (lambda key=key, level=level:
                  recovered_model(results.run_dir, name, live, level, fresh.pop(key, None)))
         jobs.append(LevelJob(recovered_key(key, name), results.entry(recovered_key(key, name)), model, level.step))
-    evaluate_levels(results, jobs, evaluator, progress=progress, hint=hint)
+    evaluate_levels(results, jobs, evaluator, specs=specs, progress=progress, hint=hint)
     live.set_level(None)
     log.info("recovered levels %s with %s: %s", [target_key(v.target) for v in levels], name,
              {job.key: job.entry.get("metrics") for job in jobs})

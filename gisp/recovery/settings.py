@@ -7,6 +7,7 @@ recovery's result (two commands with the same definition train the same weights)
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -112,6 +113,9 @@ def recover_settings(node: dict | None) -> RecoverSettings:
         if key in node:
             value = node[key]
             node[key] = tuple(value) if isinstance(value, (list, tuple)) else (() if value is None else (value,))
+    if node.get("data") is not None and not isinstance(node["data"], dict):
+        raise GispError(f"recover.data={node['data']!r}: recover.data takes a whole data node; pick one of conf/data "
+                        f"with +data@recover.data={node['data']} (the `+data@` puts that config group there)")
     s = RecoverSettings(**node, lora=LoraSettings(**lora))
     if s.method not in METHODS:
         raise GispError(f"recover.method={s.method!r} is not one of {METHODS} (recover=lora|distill|nested|none)")
@@ -146,6 +150,33 @@ def recover_settings(node: dict | None) -> RecoverSettings:
     if s.levels:
         log.warning("recover.levels is deprecated: the levels are `sparsity` in every command (gisp.recover "
                     "sparsity=[...], gisp.run sparsity=[...]); recover.levels=%s still adds them", list(s.levels))
+    check_host_memory(s)
     if s.key in ("", ".", "..") or "/" in s.key or s.key.startswith("."):
         raise GispError(f"recover.name={s.key!r} must be a plain folder name (it is stored under recovered/<name>)")
     return s
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available now (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_memory(s: RecoverSettings) -> None:
+    """The training items of recover.tokens are held in host memory (token ids and labels, 16 bytes a token, and a
+    Python object per window): a budget that cannot fit is refused before anything loads, naming recover.tokens."""
+    need = 16 * s.tokens + 400 * -(-s.tokens // s.seq_len)
+    free = available_host_memory()
+    if free is not None and need > free // 2:
+        raise GispError(f"recover.tokens={s.tokens} needs about {need / 2**30:.1f} GiB of host memory for its training "
+                        f"items, more than half of the {free / 2**30:.1f} GiB available: lower recover.tokens (the "
+                        "recovered levels of the paper's recipe need a few million)")
+
+
+def check_positions(s: RecoverSettings, max_positions: int | None, model: str) -> None:
+    """A training window longer than the model's positions would fail mid-fit (or train past what it was trained on)."""
+    if max_positions is not None and s.seq_len > max_positions:
+        raise GispError(f"recover.seq_len={s.seq_len} exceeds the {max_positions} positions of model {model}: set "
+                        f"recover.seq_len to at most {max_positions}")

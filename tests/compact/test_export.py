@@ -58,6 +58,7 @@ def test_export_logits_generation_and_reload(family, tmp_path):
         torch.testing.assert_close(auto(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_fresh_process_without_gisp_loads_with_remote_code(tmp_path):
     model = tiny_model("mistral")
     structure = describe(model)
@@ -106,6 +107,7 @@ def test_export_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, 
     assert list(tmp_path.iterdir()) == [tmp_path / "exists"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_smollm2_at_50_percent_exports_exactly(tmp_path):
     """The real model (GQA 9/3 heads, tied embeddings): compact logits and greedy text equal the masked model's."""

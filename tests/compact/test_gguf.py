@@ -84,6 +84,7 @@ CONFIGS = {"mistral_8x4": eight_by_four, "llama3_rope": lambda: rope_scaled("lla
            "linear_rope": lambda: rope_scaled("linear")}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["llama", "mistral", "mistral_8x4", "mistral_bias", "llama3_rope", "linear_rope"])
 def test_gguf_equals_masked_model_in_llama_cpp(case, tmp_path):
     family = "mistral" if case.startswith("mistral") else "llama"
@@ -160,6 +161,7 @@ def test_bfloat16_model_exports(tmp_path):
     llm.close()
 
 
+@pytest.mark.e2e
 def test_from_compact_folder_and_tokenizer(tmp_path):
     model, structure, applier = masked("mistral")
     masks = uneven_masks(structure)
@@ -205,6 +207,7 @@ def sentencepiece_style_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@pytest.mark.e2e
 def test_sentencepiece_style_tokenizer_tokenizes_like_hf(tmp_path):
     """Llama-2 / Mistral tokenizers become llama.cpp's `llama` (SPM) model with merge-rank scores: same ids as HF,
     byte fallback for unseen characters included."""
@@ -265,6 +268,7 @@ def smollm2():
 PROMPTS = ["The capital of France is", "Once upon a time, in a village by the sea, there lived"]
 
 
+@pytest.mark.e2e
 def test_smollm2_dense_gguf_tokenizer_and_chat_template(smollm2, tmp_path):
     model, tok = smollm2
     out = tmp_path / "dense.gguf"
@@ -281,6 +285,7 @@ def test_smollm2_dense_gguf_tokenizer_and_chat_template(smollm2, tmp_path):
     llm.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", [0.3, 0.5])
 def test_smollm2_pruned_gguf_equals_hf_compact_model(smollm2, target, tmp_path):
     """Random structures (harder layouts than GISP's: unequal groups everywhere) plus a layer without heads and a
@@ -327,6 +332,7 @@ def flap_run(tmp_path_factory):
     return tmp / "run", tmp / "cache"
 
 
+@pytest.mark.e2e
 def test_cli_exports_a_flap_level_to_gguf(flap_run, tmp_path):
     """`python -m gisp.export run_dir=... sparsity=0.4 format=gguf`: the level (masks + FLAP bias) runs in llama.cpp as
     the masked model with its bias does; bad requests fail with one message and leave nothing behind."""

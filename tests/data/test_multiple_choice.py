@@ -186,6 +186,7 @@ def test_suite_end_to_end_on_tiny_model(tmp_path):
     assert {k for k in out if not k.endswith("_stderr")} == {"boolq_acc", "winogrande_acc", "mc_mean"}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @needs_data
 def test_smollm2_beats_chance(compose_cfg, tmp_path):

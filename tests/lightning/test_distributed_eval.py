@@ -48,6 +48,7 @@ def _worker(rank: int, world: int, init: str, out: str, n: int, lockstep: bool) 
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("n,lockstep", [(10, False), (9, True)], ids=["ddp-10", "fsdp-lockstep-9"])
 def test_two_processes_give_the_single_process_perplexity(tmp_path, n, lockstep):
     single = CountingModel(tiny_model("llama"))

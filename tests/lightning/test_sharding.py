@@ -84,6 +84,7 @@ def _uneven_config():
                                              num_attention_heads=4, num_key_value_heads=4, vocab_size=300)
 
 
+@pytest.mark.e2e
 def test_sharded_scores_from_uneven_shards_equal_one_process(tmp_path):
     torch.manual_seed(0)
     import transformers
@@ -128,6 +129,7 @@ def fsdp_run(tmp_path, model: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.e2e
 def test_fsdp_two_cpu_processes_give_the_single_process_masks(compose_cfg, tmp_path):
     """9 calibration sequences over 2 processes (one padding item). Evaluation over the processes: the README's FSDP
     command in tests/test_readme_commands.py."""

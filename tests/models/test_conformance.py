@@ -197,6 +197,7 @@ def test_compact_export_equals_the_masked_model(stem, exports):
     assert greedy(compact, prompt) == greedy(model, prompt)
 
 
+@pytest.mark.e2e
 def test_every_export_loads_in_a_fresh_process_without_gisp(exports):
     script = """
 import sys, torch

