@@ -275,6 +275,12 @@ def evaluation_overrides() -> list[str] | None:
     return None if overrides is None else evaluation_settings(overrides)
 
 
+def reconstruct_overrides() -> list[str]:
+    """This command's reconstruction settings (reconstruct=..., reconstruct.damp=...), to repeat them in a suggested
+    gisp.run command."""
+    return [o for o in hydra_overrides() or [] if o.lstrip("+~").startswith(("reconstruct", "data@reconstruct"))]
+
+
 def hydra_sweep_name() -> str | None:
     """The sweep's name (its sweep dir's folder name) for a multirun job, None for a single run."""
     from hydra.core.hydra_config import HydraConfig

@@ -24,6 +24,7 @@ from gisp.models.structure import GQA_MODES
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.objectives import Objective, get_objective
 from gisp.prune.schedule import structural_ratios
+from gisp.reconstruct.settings import ReconstructSettings, check_reconstruct, reconstruct_recipe, reconstruct_settings
 from gisp.recovery.settings import RecoverSettings, recover_settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class RunSettings:
     resolved: dict = field(default_factory=dict)  # the resolved config: config.yaml, hyperparameters, fingerprint
     overrides: tuple[str, ...] | None = None  # the command-line overrides of this job
     recover: RecoverSettings = field(default_factory=RecoverSettings)  # after pruning, per target (gisp.recover)
+    # how each level's remaining weights are updated where it becomes a model (gisp.reconstruct)
+    reconstruct: ReconstructSettings = field(default_factory=ReconstructSettings)
 
     def definition(self, calibration_sha256: str, model_identity: dict | None = None) -> dict[str, Any]:
         """What defines this run's trajectory: the config sections of DEFINITION_KEYS, the effective pruner and
@@ -108,6 +111,11 @@ class RunSettings:
     def recover_recipe(self):
         """The recovery's training data: its own `recover.data` node, or the calibration recipe."""
         return recipe_from_fields(self.recover.data) if self.recover.data is not None else self.calibration
+
+    @property
+    def reconstruct_recipe(self):
+        """The reconstruction's data: its own `reconstruct.data` node, or the calibration recipe."""
+        return reconstruct_recipe(self.reconstruct, self.calibration)
 
     def config_yaml(self) -> str:
         return yaml.safe_dump(self.resolved, sort_keys=False, allow_unicode=True)
@@ -262,6 +270,10 @@ def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep
         raise GispError(f"recover={recover.method} with {_processes(trainer)} processes: gisp.run recovers in one "
                         "process; prune here with recover=none, then recover over the processes with its own "
                         f"command: python -m gisp.recover run_dir=RUN recover={recover.method} trainer=...")
+    reconstruct = reconstruct_settings(cfg.get("reconstruct"))
+    check_reconstruct(reconstruct, pruner.name, _processes(trainer))
+    if reconstruct.data is not None:
+        recipe_from_fields(reconstruct.data)  # a bad data node is named now, not after loading
     model_node = dict(cfg["model"])
     if cfg.get("trust_remote_code"):  # the shared top-level switch (conf/common.yaml) turns the model's on too
         model_node["trust_remote_code"] = True
@@ -281,7 +293,7 @@ def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep
         store_dir=Path(cfg.get("store_dir") or "outputs/trajectories").expanduser().absolute(),
         resume=bool(cfg.get("resume", True)), progress=bool(cfg.get("progress", True)), trainer=trainer,
         loggers=loggers, resolved=resolved,
-        overrides=tuple(overrides) if overrides is not None else None, recover=recover,
+        overrides=tuple(overrides) if overrides is not None else None, recover=recover, reconstruct=reconstruct,
     )
 
 

@@ -24,7 +24,7 @@ from gisp.errors import GispError
 from gisp.eval.protocols import current_metrics
 from gisp.eval.suite import EvalTaskSpec, build_evaluator, build_suites, eval_task_specs
 from gisp.io import check_writable
-from gisp.level_loop import LevelJob, evaluate_levels
+from gisp.level_loop import LevelJob, evaluate_levels, pruned_level, record_reconstruction
 from gisp.loggers import LoggerFactory
 from gisp.memory.shapes import meta_structure, model_config
 from gisp.models.loading import load_model_and_tokenizer
@@ -42,17 +42,22 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                  sparsity: list[float] | tuple[float, ...] | None = None, dense: bool = True,
                  data_dir: Path | None = None, cache_dir: str | Path | None = None,
                  progress: bool = True, split_seed: int | None = None, loggers: LoggerFactory | None = None,
-                 trust_remote_code: bool = False, recovered: str | None = None, hint: list[str] | None = None
-                 ) -> dict[str, Any]:
+                 trust_remote_code: bool = False, recovered: str | None = None, hint: list[str] | None = None,
+                 reconstruct: dict | None = None, reconstruct_overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate the dense model and the `sparsity` levels (default: the run's) of a run dir with `tasks` (default: the
     run's own evaluation settings); returns results.json. `loggers` (a gisp.loggers factory) write under
     RUN_DIR/evaluate/<time>/, made once the run dir is claimed and checked.
     `recovered`: evaluate those levels as the recovery of that name left them (gisp.recover) instead; "all": the
     levels AND every recovery of them (what changing a run's evaluation protocol needs). `hint`: the command's
-    evaluation overrides, for a refusal that names how to re-evaluate."""
+    evaluation overrides, for a refusal that names how to re-evaluate. `reconstruct`: a conf/reconstruct node (None:
+    the run's own; a run dir holds one, `reconstruct_overrides` name it in the refusal of another)."""
     run = RunDir(run_dir)
     with claim(run.path):
         results = run.finished_results()
+        settings = run.reconstruct_settings(reconstruct)
+        new_run = [o for o in results.get("overrides") or [] if not o.lstrip("+~").startswith("reconstruct")]
+        new_run += list(reconstruct_overrides or [])
+        results.check_reconstruction(settings.definition(), new_run)
         if results.get("eval_settings") is None:  # a run of gisp < 0.2: its config's settings are what it holds
             results.record_eval_settings(eval_task_specs(run.config.get("eval")))
         tasks = eval_task_specs(results.eval_settings(run.config.get("eval"))) if tasks is None else tasks
@@ -81,6 +86,8 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                                     max_positions=getattr(live.model.config, "max_position_embeddings", None),
                                     suites=suites)
         by_key = {target_key(t): run.level(target=t, live=live) for t in levels}
+        reconstructor = run.reconstructor(live, settings, data_dir)
+        record_reconstruction(results, reconstructor, new_run)
         jobs = []
         if recovered in (None, "all"):  # the dense model and the pruned levels first, on the dense weights
             if dense:
@@ -90,7 +97,7 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                 if not entry:
                     entry.update(added_by="gisp.evaluate")
                 entry.update(level.record(), masks=save_level(run.path, key, level))
-                jobs.append(LevelJob(key, entry, lambda level=level: live.at(level), level.step))
+                jobs.append(LevelJob(key, entry, pruned_level(live, level, entry, reconstructor), level.step))
         names = [recovered] if recovered not in (None, "all") else sorted(results.get("recovery") or {}) \
             if recovered == "all" else []
         for name in names:  # then one recovery after the other (a nested one changes the live weights)
@@ -98,7 +105,8 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                 if recovered == "all" and name not in (results.entry(key).get("recovered") or {}):
                     continue
                 Recovery(run.path, name).verify(key)  # its stored weights, before anything is measured
-                model = (lambda level=level, name=name: recovered_model(run.path, name, live, level))
+                model = (lambda level=level, name=name:
+                         recovered_model(run.path, name, live, reconstructor.level(level)))
                 jobs.append(LevelJob(recovered_key(key, name), results.entry(recovered_key(key, name)), model,
                                      level.step))
         made = loggers(run.path / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S"), {}) if loggers else []
@@ -142,13 +150,15 @@ def _check_masks_fit(masks: Masks, spec: ModelSpec, masks_file: str | Path) -> N
                         "computed for (the run's config.yaml names it), or export from the run dir (run_dir=...)")
 
 
-def _write(fmt: str, model, tokenizer, masks, out, provenance, structure=None, bias=None, dtype: str = "f16") -> Path:
-    """Write the export (atomically: a temporary sibling renamed at the end); a failed write is one message."""
+def _write(fmt: str, model, tokenizer, masks, out, provenance, structure=None, bias=None, dtype: str = "f16",
+           weights: dict | None = None) -> Path:
+    """Write the export (atomically: a temporary sibling renamed at the end); a failed write is one message.
+    `weights`: a reconstruction's kept columns of o_proj / down_proj (gisp.reconstruct)."""
     try:
         if fmt == "gguf":
-            export_gguf(model, tokenizer, masks, out, dtype, structure, bias, provenance)
+            export_gguf(model, tokenizer, masks, out, dtype, structure, bias, provenance, weights=weights)
             return Path(out)
-        return export_compact(model, tokenizer, masks, out, provenance, structure, bias)
+        return export_compact(model, tokenizer, masks, out, provenance, structure, bias, weights)
     except OSError as e:
         raise GispError(f"writing {out} failed ({e.strerror or e}): nothing was exported (no partial output is "
                         "left); free space or choose another out=...") from None
@@ -171,10 +181,12 @@ def _write_compact_model(fmt: str, model, tokenizer, level, out, provenance, str
 
 def export_from_run(run_dir: str | Path, out: str | Path, sparsity: float | None = None, step: int | None = None,
                     cache_dir: str | Path | None = None, trust_remote_code: bool = False, format: str = "hf",
-                    dtype: str = "f16", recovered: str | None = None) -> Path:
+                    dtype: str = "f16", recovered: str | None = None, reconstruct: dict | None = None,
+                    data_dir: str | Path | None = None) -> Path:
     """Export the model of a finished or partial run at one of its levels (`sparsity`, or any `step`): no pruning
     again. `format`: hf (a compact Hugging Face folder) or gguf (a llama.cpp file of precision `dtype`). `recovered`:
-    the level as the recovery of that name (gisp.recover) left it, merged: the same shapes, recovered weights."""
+    the level as the recovery of that name (gisp.recover) left it, merged: the same shapes, recovered weights.
+    `reconstruct`: a conf/reconstruct node (None: the run's own reconstruction), reused from the store or computed."""
     _check_request(out, format, dtype)
     run = RunDir(run_dir)
     target = sparsity
@@ -192,24 +204,40 @@ def export_from_run(run_dir: str | Path, out: str | Path, sparsity: float | None
     # file is named at once; a FLAP level's output bias is computed from the weights afterwards.
     flap = run.pruner.bias_compensation and step is None
     level = run.level(target=target, step=step, masks_only=flap)
+    settings = run.reconstruct_settings(reconstruct)
     live = run.load_model(cache_dir, trust_remote_code=trust_remote_code)
     if format == "gguf":
         check_deci_compatible(live.model.config)
     if flap:
         level = run.level(target=target, live=live)
+    data_dir = resolve_data_dir(data_dir if data_dir is not None else run.config.get("data_dir"))
+    level = run.reconstructor(live, settings, data_dir).level(level)
     entry = ((run.results() or {}).get("targets") or {}).get(f"{target:g}", {}) if target is not None else {}
     if recovered is not None:
         model = compact_model(run.path, recovered, live, level)
         entry = (entry.get("recovered") or {}).get(recovered) or {}
         provenance = {"run_dir": str(run.path.resolve()), "model": run.model_spec().name, "step": level.step,
                       "target": target, "sparsity": level.sparsity, "recovered": recovered,
+                      "reconstruction": level.reconstruction,
                       "recovery": (run.results() or {}).get("recovery", {}).get(recovered),
                       "metrics": current_metrics(run.results() or {}, entry) if entry else None}
         return _write_compact_model(format, model, live.tokenizer, level, out, provenance, live.structure, dtype)
     provenance = {"run_dir": str(run.path.resolve()), "model": run.model_spec().name, "step": level.step,
                   "prefix": level.prefix, "target": target, "sparsity": level.sparsity,
-                  "metrics": current_metrics(run.results() or {}, entry) if entry else None}
-    return _write(format, live.model, live.tokenizer, level.masks, out, provenance, live.structure, level.bias, dtype)
+                  "reconstruction": level.reconstruction, "metrics": _level_metrics(run, entry, level)}
+    return _write(format, live.model, live.tokenizer, level.masks, out, provenance, live.structure, level.bias, dtype,
+                  level.weights)
+
+
+def _level_metrics(run: RunDir, entry: dict, level) -> dict | None:
+    """The metrics the run recorded for the level as exported: none when the export's reconstruction is not the one
+    the run evaluated (they would describe other weights)."""
+    if not entry:
+        return None
+    results = run.results() or {}
+    evaluated = (entry.get("reconstruction") or {}).get("id")
+    exported = (level.reconstruction or {}).get("id")
+    return current_metrics(results, entry) if evaluated == exported else None
 
 
 def export_from_masks(masks_file: str | Path, spec: ModelSpec, out: str | Path, cache_dir: str | Path,

@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gisp.cli import evaluation_overrides, plain_config, run_command, same_command, user_errors
+from gisp.cli import evaluation_overrides, plain_config, reconstruct_overrides, run_command, same_command, user_errors
 from gisp.config import levels_setting
 from gisp.deploy import evaluate_run
 from gisp.eval.report import levels_text
@@ -41,7 +41,8 @@ def main(cfg: DictConfig) -> None:
         results = evaluate_run(c["run_dir"], tasks, levels, dense=c["dense"], data_dir=c.get("data_dir"),
                                cache_dir=c.get("cache_dir"), progress=c["progress"], split_seed=c.get("split_seed"),
                                loggers=loggers, trust_remote_code=bool(c.get("trust_remote_code")),
-                               recovered=c.get("recovered"), hint=evaluation_overrides())
+                               recovered=c.get("recovered"), hint=evaluation_overrides(),
+                               reconstruct=c.get("reconstruct"), reconstruct_overrides=reconstruct_overrides())
     print(f"gisp: results in {Path(c['run_dir']) / 'results.json'}\n{levels_text(results)}")
 
 

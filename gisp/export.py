@@ -37,7 +37,11 @@ def main(cfg: DictConfig) -> None:
     trust, fmt, dtype = bool(c.get("trust_remote_code")), str(c["format"]), str(c["dtype"])
     if c.get("run_dir") is not None:
         path = export_from_run(c["run_dir"], c.get("out"), one_level(c), c.get("step"), c.get("cache_dir"),
-                               trust_remote_code=trust, format=fmt, dtype=dtype, recovered=c.get("recovered"))
+                               trust_remote_code=trust, format=fmt, dtype=dtype, recovered=c.get("recovered"),
+                               reconstruct=c.get("reconstruct"), data_dir=c.get("data_dir"))
+    elif c.get("reconstruct") is not None:
+        raise GispError("reconstruct= needs the run's data and trajectory: export a run's level (run_dir=... "
+                        "sparsity=T reconstruct=...), not a masks file or a compact folder")
     elif c.get("masks") is not None and c.get("model") is not None:
         path = export_from_masks(c["masks"], model_spec(c["model"]), c.get("out"),
                                  cache_dir_setting(c.get("cache_dir")), fmt, dtype)

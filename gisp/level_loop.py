@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from gisp.memory.reconstruction import plan_table
+from gisp.prune.levels import Level
+from gisp.reconstruct.levels import Reconstructor
 from gisp.results import Results
+from gisp.runs import LiveModel
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,43 @@ class LevelJob:
 def as_is(model: nn.Module) -> Iterator[nn.Module]:
     """A model that needs no setting up."""
     yield model
+
+
+def pruned_level(live: LiveModel, level: Level, entry: dict, reconstructor: Reconstructor | None = None,
+                 compact: bool = False) -> Callable[[], AbstractContextManager[nn.Module]]:
+    """A pruned level as a model, for a LevelJob: with the run's reconstruction (computed, or reused from the store,
+    only when the level is evaluated; its record goes into the level's entry), on the dense model under its masks or
+    as its compact model (`compact`; a reconstructed level always is one)."""
+
+    @contextmanager
+    def model() -> Iterator[nn.Module]:
+        made = level
+        if reconstructor is not None and reconstructor.enabled:
+            made = reconstructor.level(level)
+            entry["reconstruction"] = made.reconstruction
+        with live.at(made, compact=compact) as m:
+            yield m
+
+    return model
+
+
+def record_reconstruction(results: Results, reconstructor: Reconstructor, overrides: list[str]) -> None:
+    """Check the command's reconstruction against the one the run dir's levels hold (one per run dir; `overrides`:
+    the gisp.run overrides that make a run dir of the new one) and record it with its memory plan."""
+    definition = reconstructor.definition()
+    results.check_reconstruction(definition, overrides)
+    plan = reconstructor.plan()
+    if plan is not None:
+        log.info("%s", plan_table(plan))
+    results.record_reconstruction(definition, plan)
+
+
+def reconstruction_context(reconstructor: Reconstructor | None) -> dict:
+    """What a recovery of reconstructed levels adds to its definition (it starts from the reconstructed weights);
+    nothing without a reconstruction, so that earlier recoveries keep their ids."""
+    if reconstructor is None or not reconstructor.enabled:
+        return {}
+    return {"reconstruction": reconstructor.definition()}
 
 
 def evaluate_levels(results: Results, jobs: list[LevelJob], evaluator, *, specs=(), progress: bool = True,

@@ -24,7 +24,7 @@ from gisp.config import RunSettings
 from gisp.errors import GispError
 from gisp.eval.suite import build_evaluator, build_suites
 from gisp.io import check_writable, read_json, write_json_atomic, write_text_atomic
-from gisp.level_loop import LevelJob, evaluate_levels
+from gisp.level_loop import LevelJob, evaluate_levels, pruned_level, reconstruction_context, record_reconstruction
 from gisp.lightning.callbacks import IterativePruning, OneShotPruning
 from gisp.lightning.datamodule import CalibrationData
 from gisp.lightning.progress import ScoringProgressBar
@@ -42,6 +42,7 @@ from gisp.prune.levels import read_level
 from gisp.prune.masks import MaskApplier, Masks
 from gisp.prune.ranking import check_owl
 from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
+from gisp.reconstruct.levels import Reconstructor
 from gisp.recovery.runner import check_positions_early, recover_into
 from gisp.results import Results, evaluation_settings
 from gisp.runs import LiveModel, claim, save_level
@@ -100,8 +101,10 @@ def _check_positions(calib, model: torch.nn.Module) -> None:
 
 def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path], None] | None
          ) -> dict[str, Any] | None:
-    if not s.resume and Results.load(run_dir).exists:
+    previous = Results.load(run_dir)
+    if not s.resume and previous.exists:
         raise GispError(f"{run_dir} already holds results and resume=false: choose a new run dir (hydra.run.dir=...)")
+    previous.check_reconstruction(s.reconstruct.definition(), list(s.overrides or []))
     if s.threads:
         torch.set_num_threads(s.threads)
     L.seed_everything(s.seed, verbose=False)
@@ -186,12 +189,17 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
         results = Results.load(run_dir)
         results.update(run_record(traj, s, calib.record, reused=list(range(1, min(reused, traj.last_step) + 1)),
                                   computed=computed))
-        evaluate_run_levels(results, s, traj, live, evaluator, loggers=trainer.loggers, perplexities=shared)
+        reconstructor = Reconstructor(s.reconstruct, s.reconstruct_recipe, tokenizer, s.data_dir, s.store_dir, traj.id,
+                                      model, layers, structure)
+        record_reconstruction(results, reconstructor, list(s.overrides or []))
+        evaluate_run_levels(results, s, traj, live, evaluator, loggers=trainer.loggers, perplexities=shared,
+                            reconstructor=reconstructor)
         if s.recover.enabled:  # the recovered levels join the table: results.json stays open until they are in
-            levels = [read_level(traj, s.pruner, structure, layers, t) for t in s.targets]
+            levels = [reconstructor.level(read_level(traj, s.pruner, structure, layers, t)) for t in s.targets]
+            context = {"trajectory": traj.id, "model": s.model.name, **reconstruction_context(reconstructor)}
             recover_into(results, s.recover, live, levels, recipe=s.recover_recipe, data_dir=s.data_dir,
                          trainer=s.trainer, loggers=loggers, progress=s.progress, evaluator=evaluator,
-                         context={"trajectory": traj.id, "model": s.model.name}, hint=_hint(s), specs=s.evaluation)
+                         context=context, hint=_hint(s), specs=s.evaluation)
         results.finish(seconds=time.perf_counter() - started, figure=evaluator is not None,
                        loggers=trainer.loggers)
         log.info("results: %s", results.path)
@@ -313,17 +321,19 @@ def _hint(s: RunSettings) -> list[str] | None:
 
 
 def evaluate_run_levels(results: Results, s: RunSettings, traj: Trajectory, live: LiveModel, evaluator,
-                        loggers: list, perplexities: dict[str, dict[str, float]] | None = None) -> None:
+                        loggers: list, perplexities: dict[str, dict[str, float]] | None = None,
+                        reconstructor: Reconstructor | None = None) -> None:
     """Read out every target, write its masks under levels/, record it, and evaluate dense + levels through the level
     loop (results.json written after each level; marked complete only by `finish`: a killed job never leaves results
     that look complete). `perplexities`: a level's perplexity metrics already computed over several processes
-    (split_perplexities); the level then runs only the suites here."""
+    (split_perplexities); the level then runs only the suites here. `reconstructor`: each level's reconstruction
+    (gisp.reconstruct), computed or reused when the level is evaluated."""
     levels = {target_key(t): read_level(traj, s.pruner, live.structure, live.layers, t) for t in s.targets}
     jobs = [LevelJob("dense", results.entry("dense"), lambda: live.at(None))]
     for key, level in levels.items():
         entry = results.entry(key)
         entry.update(level.record(), masks=save_level(results.run_dir, key, level))
-        jobs.append(LevelJob(key, entry, lambda level=level: live.at(level), step=level.step))
+        jobs.append(LevelJob(key, entry, pruned_level(live, level, entry, reconstructor), step=level.step))
     try:
         evaluate_levels(results, jobs, evaluator, specs=s.evaluation, progress=s.progress, loggers=loggers,
                         computed=perplexities, hint=_hint(s))

@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> None:
         results = recover_run(c["run_dir"], settings, list(levels) if levels is not None else None, tasks,
                               trainer=trainer, loggers=loggers, progress=bool(c["progress"]),
                               data_dir=c.get("data_dir"), cache_dir=c.get("cache_dir"),
-                              trust_remote_code=bool(c.get("trust_remote_code")), hint=evaluation_overrides())
+                              trust_remote_code=bool(c.get("trust_remote_code")), hint=evaluation_overrides(),
+                              reconstruct=c.get("reconstruct"))
     if results is not None and rank_zero():
         print(f"gisp: results in {Path(c['run_dir']) / 'results.json'}\n{levels_text(results)}")
 

@@ -160,6 +160,31 @@ class Results:
             self.data["invocations"] = len(invocations)
             self.write()
 
+    def reconstruction(self) -> dict[str, Any]:
+        """The reconstruction the run's levels were evaluated with (gisp.reconstruct; none for a run of gisp < 0.3)."""
+        return (self.data.get("reconstruction") or {}).get("definition") or {"method": "none"}
+
+    def check_reconstruction(self, definition: dict[str, Any], overrides: list[str]) -> None:
+        """A run dir holds its levels under ONE reconstruction: refuse another one while pruned levels have metrics of
+        the recorded one (they would be presented as one series), naming the command that makes a run dir of it
+        (the trajectory is reused from the store: only the reconstruction and the evaluation are computed)."""
+        recorded = self.reconstruction()
+        if _comparable(recorded, definition) == _comparable(definition, recorded):
+            return
+        measured = [k for k in self.target_keys() if (self.entry(k).get("metrics") or {})]
+        if not measured:
+            return
+        raise GispError(
+            f"{self.path} holds levels {measured} evaluated with reconstruct={recorded.get('method')} "
+            f"({_differs(_comparable(recorded, definition), _comparable(definition, recorded))}); a run dir holds "
+            "one reconstruction of its levels. Measure this one "
+            f"in a new run dir, which reuses the trajectory from the store:\n  {new_run_command(overrides)}")
+
+    def record_reconstruction(self, definition: dict[str, Any], plan: dict[str, Any] | None) -> None:
+        """The reconstruction of the run's levels: its definition (settings, data provenance and hash) and memory plan
+        (each level's own record, time and store id, is in targets[level]["reconstruction"])."""
+        self.data["reconstruction"] = {"definition": definition, "memory_plan": plan}
+
     # -- protocols ---------------------------------------------------------------------------------------------------
 
     def check_protocols(self, descriptions: dict[str, dict], evaluating: list[str], hint: list[str] | None = None
@@ -218,3 +243,24 @@ class Results:
             plot_results(self.data, self.run_dir / FIGURE)
         log_results_table(list(loggers), self.data)
         return self.data
+
+
+def _comparable(definition: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """A reconstruction definition as compared with `other`: `none` is the method alone, and the data's record only
+    when both have it (the settings are checked before the data is built)."""
+    if definition.get("method", "none") == "none":
+        return {"method": "none"}
+    if definition.get("data") is None or other.get("data") is None:
+        return {k: v for k, v in definition.items() if k != "data"}
+    return definition
+
+
+def new_run_command(overrides: list[str]) -> str:
+    """The gisp.run command of `overrides` in a new run dir (the trajectory is reused from the store)."""
+    kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    return shlex.join(["python", "-m", "gisp.run", *kept, "hydra.run.dir=NEW_RUN_DIR"])
+
+
+def _differs(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "this command's differs in " + ", ".join(keys) if keys else "another reconstruction"

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from gisp.compact.slicing import compact_model
+from gisp.data.recipes import recipe_from_fields
+from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
 from gisp.io import FolderLock, read_json
 from gisp.models.families import family_spec
@@ -30,6 +33,8 @@ from gisp.prune.levels import Level, read_level
 from gisp.prune.masks import MaskApplier, Masks, OutputBias, n_pruned
 from gisp.prune.methods import PrunerSpec, pruner_spec
 from gisp.prune.trajectory import Trajectory, target_key
+from gisp.reconstruct.levels import Reconstructor
+from gisp.reconstruct.settings import ReconstructSettings, check_reconstruct, reconstruct_recipe, reconstruct_settings
 from gisp.results import Results
 
 
@@ -60,8 +65,18 @@ class LiveModel:
         self.recovered = None
 
     @contextmanager
-    def at(self, level: Level | None) -> Iterator[Any]:
-        """The model under a level's masks (None: dense) while the block runs; dense again afterwards."""
+    def at(self, level: Level | None, compact: bool = False) -> Iterator[Any]:
+        """The level as a model while the block runs: the dense model under its masks (None: dense), or with `compact`
+        (and always for a reconstructed level) its physically smaller model built from the dense weights
+        (gisp.compact.slicing: what the export writes), dropped afterwards."""
+        if level is not None and (compact or level.weights is not None):
+            self.set_level(None)
+            model = compact_model(self.model, level.masks, self.structure, level.bias, level.weights)
+            try:
+                yield model
+            finally:
+                del model
+            return
         self.set_level(level)
         try:
             yield self.model
@@ -161,6 +176,23 @@ class RunDir:
         spec = self.model_spec(trust_remote_code)
         return LiveModel(model, tokenizer, structure, layers, MaskApplier(layers, structure),
                          dense_weights=lambda: load_model_and_tokenizer(spec, cache)[0].state_dict())
+
+    def reconstruct_settings(self, node: dict | None = None) -> ReconstructSettings:
+        """A command's reconstruction (`node`, a conf/reconstruct node), or the run's own (None; none for runs of gisp
+        < 0.3), checked against the run's pruner (no model needed)."""
+        settings = reconstruct_settings(node if node is not None else self.config.get("reconstruct"))
+        check_reconstruct(settings, self.pruner.name)
+        return settings
+
+    def reconstructor(self, live: LiveModel, settings: ReconstructSettings, data_dir: Path | None = None
+                      ) -> Reconstructor:
+        """The run's levels reconstructed as `settings` say, from its data (or `settings.data`; `data_dir`: None for
+        the run's), stored beside its trajectory in the store."""
+        data_dir = data_dir if data_dir is not None else resolve_data_dir(self.config.get("data_dir"))
+        recipe = reconstruct_recipe(settings, recipe_from_fields(self.config.get("data") or {}))
+        traj = self.trajectory
+        return Reconstructor(settings, recipe, live.tokenizer, data_dir, traj.directory.parent, traj.id, live.model,
+                             live.layers, live.structure)
 
     def check_weights(self, trust_remote_code: bool = False) -> None:
         """Refuse, before loading, weights that are not the ones the trajectory was computed on: the identity it

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("memory", ("gisp.memory",)),
     ("evaluation", ("gisp.eval",)),
     ("passes", ("gisp.lightning",)),
+    ("reconstruction", ("gisp.reconstruct",)),
     ("run dir", ("gisp.results", "gisp.runs", "gisp.level_loop", "gisp.loggers")),
     ("recovery", ("gisp.recovery",)),
     ("settings", ("gisp.config",)),

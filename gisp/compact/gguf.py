@@ -313,9 +313,10 @@ def write_deci_gguf(state: dict[str, torch.Tensor], config, tokenizer, out: str 
 
 def export_gguf(model: torch.nn.Module, tokenizer, masks, out: str | Path, dtype: str = "f16",
                 structure=None, bias=None, provenance: dict | None = None, pre: str | None = None,
-                ffn_multiple: int = 32) -> dict:
-    """The masked `model` (a level: masks and FLAP's output bias) as a deci GGUF at `out`: sliced as for the HF
-    export (gisp.compact.slicing), then written. Refuses unsupported families before any slicing."""
+                ffn_multiple: int = 32, weights: dict | None = None) -> dict:
+    """The masked `model` (a level: masks, its output bias and a reconstruction's `weights`) as a deci GGUF at `out`:
+    sliced as for the HF export (gisp.compact.slicing), then written. Refuses unsupported families before any
+    slicing."""
     from gisp.compact.slicing import compact_config, compact_state_dict
     from gisp.models.structure import describe
     from gisp.prune.masks import sparsity
@@ -324,7 +325,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, masks, out: str | Path, dtype
         raise GispError(f"{out} already exists: choose a new output file (export never overwrites)")
     check_deci_compatible(model.config)
     structure = structure or describe(model)
-    state, layout = compact_state_dict(model, masks, structure, bias)
+    state, layout = compact_state_dict(model, masks, structure, bias, weights)
     config = compact_config(model, structure, layout)
     metadata = {"sparsity": f"{sparsity(masks, structure):.6f}", "gqa_mode": structure.gqa_mode,
                 **({"provenance": provenance} if provenance else {})}

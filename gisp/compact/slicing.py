@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gisp.compact.configuration_gisp import GispDecoderConfig
-from gisp.compact.modeling_gisp import NORM_NAMES
+from gisp.compact.modeling_gisp import NORM_NAMES, GispDecoderForCausalLM
 from gisp.errors import GispError
 from gisp.io import atomic_dir
 from gisp.models.families import REGISTRY, FamilySpec, family_spec, get_submodule
@@ -88,9 +88,12 @@ def _constant(bias: torch.Tensor, post_norm: nn.Module | None, dtype: torch.dtyp
 
 
 def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure,
-                       bias: OutputBias | None = None) -> tuple[dict, dict]:
+                       bias: OutputBias | None = None, weights: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[dict, dict]:
     """The compact weights (names as in the compact model) and the per-layer layout for its config; `bias` is a
-    level's FLAP output bias (added to the o_proj / down_proj outputs, as MaskApplier.set(masks, bias) does).
+    level's output bias (FLAP's or a reconstruction's: added to the o_proj / down_proj outputs, as
+    MaskApplier.set(masks, bias) does); `weights`: a reconstruction's new kept columns of o_proj ("attn.{i}") and
+    down_proj ("mlp.{i}"), in place of the dense ones.
 
     Norms are renamed by role (gisp.compact.modeling_gisp.NORM_NAMES); with a q / k norm over the whole
     projection (OLMo 2) q_proj / k_proj keep every head's rows and the layout records the kept heads."""
@@ -130,6 +133,8 @@ def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure
                 if lin.bias is not None:
                     state[p + f"self_attn.{name}.bias"] = _rows(lin.bias.detach()[:, None], heads, d).flatten()
             state[p + "self_attn.o_proj.weight"] = _rows(m.o.weight.detach().t(), kept_q, d).t().contiguous()
+            if weights and f"attn.{i}" in weights:
+                state[p + "self_attn.o_proj.weight"] = weights[f"attn.{i}"].to(m.o.weight.device, dtype).contiguous()
             if biases is not None:
                 state[p + "self_attn.o_proj.bias"] = biases[i][0]
             attn = get_submodule(block, spec.attention)
@@ -145,6 +150,8 @@ def compact_state_dict(model: nn.Module, masks: Masks, structure: ModelStructure
                 if lin.bias is not None:
                     state[p + f"mlp.{name}.bias"] = lin.bias.detach().index_select(0, idx).contiguous()
             state[p + "mlp.down_proj.weight"] = m.down.weight.detach().index_select(1, idx).contiguous()
+            if weights and f"mlp.{i}" in weights:
+                state[p + "mlp.down_proj.weight"] = weights[f"mlp.{i}"].to(m.down.weight.device, dtype).contiguous()
             if biases is not None:
                 state[p + "mlp.down_proj.bias"] = biases[i][1]
         if biases is not None and not kept_q:  # the attention block is gone, its bias stays: a constant
@@ -219,9 +226,10 @@ def compact_config(model: nn.Module, structure: ModelStructure, layout: dict) ->
 
 
 def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, provenance: dict | None = None,
-                   structure: ModelStructure | None = None, bias: OutputBias | None = None) -> Path:
-    """Write the compact model of `model` under `masks` (and a FLAP level's output `bias`) to the new folder `out`
-    (atomically: all or nothing)."""
+                   structure: ModelStructure | None = None, bias: OutputBias | None = None,
+                   weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the compact model of `model` under `masks` (with a level's output `bias` and a reconstruction's
+    `weights`) to the new folder `out` (atomically: all or nothing)."""
     out = Path(out)
     if model.config.model_type not in REGISTRY:
         raise GispError(f"model family '{model.config.model_type}' has no export support; supported: "
@@ -229,9 +237,27 @@ def export_compact(model: nn.Module, tokenizer, masks: Masks, out: str | Path, p
     if out.exists():
         raise GispError(f"{out} already exists: choose a new output folder (export never overwrites)")
     structure = structure or describe(model)
-    state, layout = compact_state_dict(model, masks, structure, bias)
+    state, layout = compact_state_dict(model, masks, structure, bias, weights)
     config = compact_config(model, structure, layout)
     return write_compact_folder(state, config, tokenizer, masks, out, provenance, structure, bias)
+
+
+def compact_model(model: nn.Module, masks: Masks, structure: ModelStructure, bias: OutputBias | None = None,
+                  weights: dict[str, torch.Tensor] | None = None, own_weights: bool = False) -> GispDecoderForCausalLM:
+    """A level's physically smaller model in memory, built from the dense `model`'s weights (what the export writes,
+    without the disk round trip). `own_weights`: every tensor is a copy (a model to train fully); otherwise the
+    unsliced tensors (embeddings, norms) are shared with `model`."""
+    state, layout = compact_state_dict(model, masks, structure, bias, weights)
+    config = compact_config(model, structure, layout)
+    with torch.device("meta"):
+        compact = GispDecoderForCausalLM(config)
+    compact.load_state_dict({k: v.clone() if own_weights else v for k, v in state.items()}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        compact.lm_head.weight = compact.model.embed_tokens.weight
+    missing = [n for n, p in compact.named_parameters() if p.is_meta]
+    if missing:  # a weight the slicing did not provide: a bug, never a silent random init
+        raise RuntimeError(f"compact model lacks {missing[:4]}")
+    return compact.to(next(model.parameters()).dtype).eval()
 
 
 def compact_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

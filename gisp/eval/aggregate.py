@@ -28,11 +28,21 @@ def is_value(metric: str) -> bool:
 
 
 def method_label(results: dict[str, Any]) -> str:
-    """What a run is, in words: method, objective, model and calibration data."""
+    """What a run is, in words: method (with its levels' reconstruction, gisp.reconstruct), objective, model and
+    calibration data."""
     method = results.get("method") or {}
     calibration = results.get("calibration") or {}
     data = calibration.get("name") or calibration.get("dataset") or calibration.get("kind") or "?"
-    return f"{method.get('pruner', '?')} / {method.get('objective', '?')} / {results.get('model', '?')} / {data}"
+    pruner = method.get("pruner", "?")
+    rebuilt = reconstruction_of(results)
+    if rebuilt != "none":
+        pruner = f"{pruner} + {rebuilt}"
+    return f"{pruner} / {method.get('objective', '?')} / {results.get('model', '?')} / {data}"
+
+
+def reconstruction_of(results: dict[str, Any]) -> str:
+    """The reconstruction method of a run's levels ("none" for runs without one, and for gisp < 0.3)."""
+    return ((results.get("reconstruction") or {}).get("definition") or {}).get("method", "none")
 
 
 def seed_of(results: dict[str, Any]) -> int | None:
@@ -54,7 +64,8 @@ def labels(runs: list[dict[str, Any]]) -> list[str]:
     """A label per run: its method label plus the settings that vary among `runs` (seeds and targets excluded)."""
     settings = [_settings(r) for r in runs]
     keys = sorted({k for s in settings for k in s})
-    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1 and k not in ("pruner", "objective", "model")]
+    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1
+               and k not in ("pruner", "objective", "model", "reconstruct")]
     return [method_label(r) + "".join(f", {k}={s.get(k, '-')}" for k in varying) for r, s in zip(runs, settings)]
 
 

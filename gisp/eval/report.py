@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gisp.eval.aggregate import is_value, spread
+from gisp.eval.aggregate import is_value, reconstruction_of, spread
 from gisp.eval.protocols import current_metrics, protocol_hash
 from gisp.io import atomic_file
 
@@ -41,6 +41,8 @@ def levels_text(results: dict[str, Any]) -> str:
     mixed = results.get("mixed_protocols")
     if mixed:
         lines.append(f"(not shown: metrics of an older evaluation protocol at {mixed}; re-evaluate those levels)")
+    if reconstruction_of(results) != "none":
+        lines.append(f"(pruned levels reconstructed with {reconstruction_of(results)}: gisp.reconstruct)")
     return "\n".join(lines)
 
 
@@ -75,7 +77,9 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path | None:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    fig.suptitle(f"{results.get('model', '')} ({results.get('method', {}).get('objective', '')})", fontsize=10)
+    rebuilt = reconstruction_of(results)
+    fig.suptitle(f"{results.get('model', '')} ({results.get('method', {}).get('objective', '')}"
+                 f"{'' if rebuilt == 'none' else ', reconstruct=' + rebuilt})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:

@@ -36,8 +36,9 @@ def reconstruction_plan(structure: ModelStructure, params: int, dtype_bytes: int
 
 
 def plan_table(plan: dict[str, Any]) -> str:
-    lines = [f"reconstruction memory plan ({plan['method']}, {plan['tokens']} tokens, about "
-             f"{plan['forward_passes_per_level']} forward passes of them per level)", "| per device | GiB |", "|---|---|"]
+    head = (f"reconstruction memory plan ({plan['method']}, {plan['tokens']} tokens, about "
+            f"{plan['forward_passes_per_level']} forward passes of them per level)")
+    lines = [head, "| per device | GiB |", "|---|---|"]
     lines += [f"| {k} | {v / GiB:.3f} |" for k, v in plan["device_bytes"].items()]
     lines.append(f"| **total** | **{plan['device_total_bytes'] / GiB:.3f}** |")
     return "\n".join(lines)

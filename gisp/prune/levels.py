@@ -33,6 +33,9 @@ class Level:
     prefix: int | None = None  # how many structures of that step's order are pruned (iterative)
     bias: OutputBias | None = None
     structural_ratio: float = 0.0  # pruned head units + channels / all of them
+    # A reconstruction's new kept columns of o_proj ("attn.{i}") and down_proj ("mlp.{i}"), gisp.reconstruct
+    weights: dict[str, torch.Tensor] | None = None
+    reconstruction: dict | None = None  # its record (method, id, seconds), when the level is reconstructed
 
     def record(self) -> dict:
         return {"sparsity": self.sparsity, "step": self.step, "prefix": self.prefix,

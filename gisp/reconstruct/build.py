@@ -155,8 +155,9 @@ def _lsq_method(model: nn.Module, layers: list[LayerModules], structure: ModelSt
 
     decoder = get_submodule(model, family_spec(model.config.model_type).layers)
     refits = layerwise_refit(model, decoder, layers, structure, masks, batches, fit, progress)
-    weights = {f"attn.{i}": r.weight for i, r in refits.attn.items()} | \
-        {f"mlp.{i}": r.weight for i, r in refits.mlp.items()}
+    # a block that lost every input has no columns to refit (only an intercept, where asked, stays of it)
+    weights = {f"attn.{i}": r.weight for i, r in refits.attn.items() if r.weight.shape[1]} | \
+        {f"mlp.{i}": r.weight for i, r in refits.mlp.items() if r.weight.shape[1]}
     attn = torch.zeros(structure.n_layers, structure.hidden)
     mlp = torch.zeros(structure.n_layers, structure.hidden)
     any_bias = False

@@ -60,9 +60,11 @@ class LayerRefits:
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A layer call's hidden states and the rest of its arguments; keyword arguments left at None are dropped (the
+    layer's defaults: a cache argument passed as None is deprecated in recent transformers)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if args:
         return args[0], args[1:], kwargs
-    kwargs = dict(kwargs)
     return kwargs.pop("hidden_states"), (), kwargs
 
 

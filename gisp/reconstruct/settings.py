@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from gisp.data.recipes import recipe_from_fields
 from gisp.errors import GispError
 
 METHODS = ("none", "bias", "lsq")
@@ -68,3 +69,21 @@ def reconstruct_settings(node: dict | None) -> ReconstructSettings:
     if not isinstance(s.intercept, bool):
         raise GispError(f"reconstruct.intercept must be true or false, got {s.intercept!r}")
     return s
+
+
+def reconstruct_recipe(settings: ReconstructSettings, calibration):
+    """A reconstruction's data recipe: its `data` node, or the run's calibration recipe (disjoint from evaluation)."""
+    return recipe_from_fields(settings.data) if settings.data is not None else calibration
+
+
+def check_reconstruct(reconstruct: ReconstructSettings, pruner: str, processes: int = 1) -> None:
+    """Combinations a reconstruction refuses, before anything is loaded (`pruner`: the run's pruner's name)."""
+    if not reconstruct.enabled:
+        return
+    if pruner == "slimgpt":
+        raise GispError("pruner=slimgpt updates the remaining weights itself (its OBS updates): reconstruct="
+                        f"{reconstruct.method} would replace them; use reconstruct=none with slimgpt")
+    if processes > 1:
+        raise GispError(f"reconstruct={reconstruct.method} with {processes} processes: a reconstruction runs in one "
+                        "process; prune over the processes with eval=none, then evaluate the levels reconstructed "
+                        f"with: python -m gisp.evaluate run_dir=RUN reconstruct={reconstruct.method}")

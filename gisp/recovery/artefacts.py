@@ -169,7 +169,8 @@ def load_recovered(run_dir: str | Path, name: str, live, level: Level) -> nn.Mod
     if done.get("status") != "complete":
         raise GispError(f"level {key} of the recovery {name!r} in {run_dir} is not complete: run gisp.recover with "
                         f"run_dir={run_dir} sparsity=[{key}] and that recovery's settings to finish it")
-    student = compact_student(live.model, level.masks, live.structure, level.bias, own_weights=not adapter)
+    student = compact_student(live.model, level.masks, live.structure, level.bias, own_weights=not adapter,
+                              weights=level.weights)
     return _with_trained(student, recovery.run_dir, done, adapter, _retrain(recovery, key))
 
 
@@ -201,7 +202,7 @@ def compact_model(run_dir: str | Path, name: str, live, level: Level) -> nn.Modu
     """The recovered level as a physically smaller model (what gisp.export writes), for any recovery method."""
     model = load_recovered(run_dir, name, live, level)
     if model is live.model:
-        return compact_student(live.model, level.masks, live.structure, level.bias).eval()
+        return compact_student(live.model, level.masks, live.structure, level.bias, weights=level.weights).eval()
     return model
 
 

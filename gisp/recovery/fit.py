@@ -67,6 +67,10 @@ def recover_levels(run_dir: Path, s: RecoverSettings, live, levels: list[Level],
     """Recover `levels` of the run in `run_dir` as `s` says (`live`: the run's dense model, gisp.runs.LiveModel).
     `loggers(folder, hyperparameters)` builds the loggers of one fit; `evaluate(model)` the metrics for the token
     curve (recover.eval_at); `context`: what else defines the recovery (trajectory id, model name)."""
+    if s.method == "nested" and any(level.weights is not None for level in levels):
+        raise GispError("recover=nested trains one set of weights for every level, but reconstructed levels each carry "
+                        "their own weights (gisp.reconstruct): recover them with recover=lora or distill, or run the "
+                        "nested recovery on a run dir with reconstruct=none")
     if s.method == "nested" and any(level.bias is not None for level in levels):
         raise GispError("recover=nested trains one set of weights for every level, but FLAP's levels carry an output "
                         "bias computed from the dense weights: recover FLAP levels with recover=lora or distill")
@@ -142,7 +146,8 @@ def rank_zero() -> bool:
 def _fit_level(recovery: Recovery, s: RecoverSettings, live, level: Level, key: str, data: TrainingSet,
                trainer: dict, loggers, progress: bool, evaluate) -> tuple[dict, torch.nn.Module | None]:
     adapter = s.adapter == "lora"
-    student = compact_student(live.model, level.masks, live.structure, level.bias, own_weights=not adapter)
+    student = compact_student(live.model, level.masks, live.structure, level.bias, own_weights=not adapter,
+                              weights=level.weights)
     torch.manual_seed(s.seed)  # the adapter's initial weights: the same in every invocation (and on resume)
     student = with_lora(student, s.lora) if adapter else all_trainable(student)
     teacher = live.model if s.distills else None

@@ -23,7 +23,7 @@ from gisp.data.recipes import recipe_from_fields
 from gisp.data.sources import resolve_data_dir
 from gisp.errors import GispError
 from gisp.eval.suite import EvalTaskSpec, build_evaluator, build_suites, eval_task_specs
-from gisp.level_loop import LevelJob, evaluate_levels
+from gisp.level_loop import LevelJob, evaluate_levels, reconstruction_context, record_reconstruction
 from gisp.memory.scoring import visible_device_memory
 from gisp.memory.shapes import model_config
 from gisp.memory.training import fits, plan_recovery
@@ -42,10 +42,12 @@ def recover_run(run_dir: str | Path, settings: RecoverSettings, sparsity: list[f
                 tasks: tuple[EvalTaskSpec, ...] | list[EvalTaskSpec] | None = None, trainer: dict | None = None,
                 loggers: Callable[[Path, dict], list] | None = None, progress: bool = True,
                 data_dir: Path | None = None, cache_dir: str | Path | None = None,
-                trust_remote_code: bool = False, hint: list[str] | None = None) -> dict[str, Any] | None:
+                trust_remote_code: bool = False, hint: list[str] | None = None, reconstruct: dict | None = None
+                ) -> dict[str, Any] | None:
     """Recover the `sparsity` levels (default: the run's) of a finished run as `settings` say and evaluate them with
     `tasks` (None: the run's evaluation settings; empty: no evaluation). Returns results.json (None on processes
-    > 0). `hint`: the command's evaluation overrides, for a refusal that names how to re-evaluate."""
+    > 0). `hint`: the command's evaluation overrides, for a refusal that names how to re-evaluate. The levels start
+    from the run's reconstruction (`reconstruct`: a conf/reconstruct node; it must be the run's own)."""
     if not settings.enabled:
         raise GispError("recover=none recovers nothing: choose recover=lora, recover=distill or recover=nested")
     run = RunDir(run_dir)
@@ -58,6 +60,9 @@ def recover_run(run_dir: str | Path, settings: RecoverSettings, sparsity: list[f
             raise GispError("no levels to recover: give sparsity=[0.3,0.5] (sparsity levels of the run)")
         run.check_reaches(levels)
         config = run.config
+        rebuild = run.reconstruct_settings(reconstruct)
+        results.check_reconstruction(rebuild.definition(), [o for o in results.get("overrides") or []
+                                                            if not o.lstrip("+~").startswith("reconstruct")])
         check_positions_early(run.model_spec(), settings)
         masks = {target_key(t): run.level(target=t, masks_only=True).masks for t in levels}  # checked: no load
         plan = plan_recovery(run.model_spec(), settings, masks, (config.get("prune") or {}).get("gqa_mode") or "query")
@@ -78,11 +83,14 @@ def recover_run(run_dir: str | Path, settings: RecoverSettings, sparsity: list[f
         evaluator = build_evaluator(tasks, live.tokenizer, data_dir, work_dir=run.path / "eval_data",
                                     max_positions=getattr(live.model.config, "max_position_embeddings", None),
                                     suites=suites) if tasks else None
-        recover_into(results, settings, live, [run.level(target=t, live=live) for t in levels], recipe=recipe,
-                     data_dir=data_dir, trainer=trainer or {"accelerator": "auto", "devices": 1},
+        reconstructor = run.reconstructor(live, rebuild, data_dir)
+        record_reconstruction(results, reconstructor, results.get("overrides") or [])
+        context = {"trajectory": run.trajectory.id, "model": run.model_spec().name,
+                   **reconstruction_context(reconstructor)}
+        recover_into(results, settings, live, [reconstructor.level(run.level(target=t, live=live)) for t in levels],
+                     recipe=recipe, data_dir=data_dir, trainer=trainer or {"accelerator": "auto", "devices": 1},
                      loggers=loggers or (lambda folder, hp: []), progress=progress, evaluator=evaluator,
-                     context={"trajectory": run.trajectory.id, "model": run.model_spec().name}, hint=hint,
-                     specs=tasks)
+                     context=context, hint=hint, specs=tasks)
         if not rank_zero():
             return None
         return results.finish(figure=True)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gisp.compact.modeling_gisp import GispDecoderForCausalLM
-from gisp.compact.slicing import compact_config, compact_state_dict
+from gisp.compact.slicing import compact_model
 from gisp.models.families import family_spec
 from gisp.models.structure import ModelStructure
 from gisp.prune.masks import Masks, OutputBias
@@ -25,21 +25,12 @@ COMPACT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "ga
 
 
 def compact_student(model: nn.Module, masks: Masks, structure: ModelStructure, bias: OutputBias | None = None,
-                    own_weights: bool = False) -> GispDecoderForCausalLM:
-    """The level's physically smaller model, built from the dense `model`'s weights. `own_weights`: every tensor is
-    a copy (full fine-tuning); otherwise unsliced tensors (embeddings, norms) are shared with `model`."""
-    state, layout = compact_state_dict(model, masks, structure, bias)
-    config = compact_config(model, structure, layout)
-    with torch.device("meta"):
-        student = GispDecoderForCausalLM(config)
-    student.load_state_dict({k: v.clone() if own_weights else v for k, v in state.items()}, strict=False,
-                            assign=True)
-    if config.tie_word_embeddings:
-        student.lm_head.weight = student.model.embed_tokens.weight
-    missing = [n for n, p in student.named_parameters() if p.is_meta]
-    if missing:  # a weight the slicing did not provide: a bug, never a silent random init
-        raise RuntimeError(f"compact student lacks {missing[:4]}")
-    return student.to(next(model.parameters()).dtype).eval()
+                    own_weights: bool = False, weights: dict[str, torch.Tensor] | None = None
+                    ) -> GispDecoderForCausalLM:
+    """The level's physically smaller model, built from the dense `model`'s weights (gisp.compact.slicing; with a
+    reconstruction's `weights`). `own_weights`: every tensor is a copy (full fine-tuning); otherwise unsliced
+    tensors (embeddings, norms) are shared with `model`."""
+    return compact_model(model, masks, structure, bias, weights, own_weights=own_weights)
 
 
 def projection_names(targets: tuple[str, ...], model: nn.Module) -> list[str]:

@@ -268,6 +268,42 @@ def test_phi3_longrope_and_partial_rotary_are_refused_for_gguf():
         check_deci_compatible(dense("phi3").config)
 
 
+# ------------------------------------------------------------------------------------------------ reconstruction
+
+
+@pytest.mark.parametrize("stem", FAMILIES)
+def test_reconstruction_compact_equals_installed_and_moves_toward_dense(stem):
+    """`lsq` (with an output bias) on the edge masks: the compact model built with the reconstruction's weights and
+    bias computes what the masked model with the new columns written in computes; the refit brings the pruned model's
+    logits closer to the dense ones on the reconstruction data; the dense weights are untouched."""
+    from gisp.compact.slicing import compact_model
+    from gisp.reconstruct.build import installed, reconstruct
+    from gisp.reconstruct.settings import ReconstructSettings
+
+    model = dense(stem)
+    structure = describe(model)
+    layers = layer_modules(model, family_spec(model.config.model_type))
+    masks = edge_masks(structure)
+    batches = [{"input_ids": ids(4, 24, seed=s)} for s in range(4)]
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = reconstruct(model, layers, structure, masks, batches, ReconstructSettings(method="lsq", damp=0.01,
+                                                                                     intercept=True))
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())
+    assert rec.weights and rec.bias is not None
+    x = torch.cat([b["input_ids"] for b in batches])
+    target = logits(model, x)
+    applier = MaskApplier(layers, structure)
+    applier.set(masks)
+    plain = logits(model, x)
+    applier.set(masks, rec.bias)
+    with installed(layers, structure, masks, rec):
+        refit = logits(model, x)
+    applier.remove()
+    compact = compact_model(model, masks, structure, rec.bias, rec.weights)
+    torch.testing.assert_close(logits(compact, x), refit, rtol=1e-4, atol=1e-5)
+    assert (refit - target).pow(2).mean() < (plain - target).pow(2).mean()
+
+
 # ------------------------------------------------------------------------------------------------------- pipeline
 
 
