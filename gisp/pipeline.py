@@ -33,16 +33,18 @@ from gisp.lightning.sharding import STRATEGY_NAME
 from gisp.loggers import Loggers
 from gisp.memory.scoring import check_fits, plan_for_run, visible_device_memory
 from gisp.memory.training import fits, plan_recovery
-from gisp.models.families import family_spec
+from gisp.models.families import family_spec, get_submodule
 from gisp.models.identity import model_identity
 from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
 from gisp.prune.importance import get_score
 from gisp.prune.levels import read_level
-from gisp.prune.masks import MaskApplier, Masks
+from gisp.prune.masks import MaskApplier, Masks, n_pruned, sparsity
 from gisp.prune.ranking import check_owl
 from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
+from gisp.reconstruct.build import token_batches
 from gisp.reconstruct.levels import Reconstructor
+from gisp.reconstruct.slimgpt import slimgpt_level
 from gisp.recovery.runner import check_positions_early, recover_into
 from gisp.results import Results, evaluation_settings
 from gisp.runs import LiveModel, claim, save_level
@@ -234,6 +236,8 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
     """Run scoring passes until the trajectory reaches `stop_at`; returns the steps computed here (None when
     prune.max_steps_per_run stopped it first)."""
     pruner, structure, layers = s.pruner, applier.structure, applier.layers
+    if pruner.ranking == "levelwise":
+        return extend_levelwise(traj, s, model, layers, structure, calib)
     if pruner.iterative:
         callback = IterativePruning(applier, traj, s.schedule.ratios(), stop_at)
     else:
@@ -269,6 +273,40 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
         passes += 1
     trainer.callbacks.remove(callback)
     return callback.computed
+
+
+def extend_levelwise(traj: Trajectory, s: RunSettings, model: torch.nn.Module, layers: list[LayerModules],
+                     structure: ModelStructure, calib) -> list[int] | None:
+    """A method whose levels are not nested (SlimGPT): each target the trajectory lacks is computed on its own from
+    the dense weights and stored as a separate level (masks + new weights); returns the steps computed here (None when
+    prune.max_steps_per_run stopped it first)."""
+    missing = [t for t in s.targets if traj.level_step(t) is None]
+    if not missing:
+        log.info("trajectory %s already holds levels %s: reused", traj.id, [target_key(t) for t in s.targets])
+        return []
+    device = next(model.parameters()).device
+    batches = token_batches(list(calib.input_ids), calib.pad_id, s.calibration.batch_size, device)
+    decoder = get_submodule(model, family_spec(model.config.model_type).layers)
+    computed = []
+    for target in missing:
+        if s.prune.max_steps_per_run and len(computed) >= s.prune.max_steps_per_run:
+            log.warning("stopped after %d levels as asked (prune.max_steps_per_run); run the same command again to "
+                        "continue", len(computed))
+            return None
+        started = time.perf_counter()
+        log.info("%s: computing level %s (layer by layer, %d calibration sequences)", s.pruner.name,
+                 target_key(target), len(calib.input_ids))
+        masks, weights = slimgpt_level(model, decoder, layers, structure, batches, target,
+                                       s.pruner.option("percdamp"), s.pruner.option("min_ratio_fraction"))
+        step = traj.last_step + 1
+        record = {"kind": "level", "target": float(target), "sparsity": sparsity(masks, structure),
+                  "structural_ratio": n_pruned(masks, structure) / structure.n_structures,
+                  "heads_kept": int(masks.heads.sum()), "channels_kept": int(masks.channels.sum()),
+                  "seconds": round(time.perf_counter() - started, 2)}
+        traj.add_step(step, record, masks=masks, weights=weights)
+        computed.append(step)
+        log.info("level %s: sparsity %.4f in %.1f s", target_key(target), record["sparsity"], record["seconds"])
+    return computed
 
 
 def split_perplexities(trainer: L.Trainer, run_dir: Path, s: RunSettings, traj: Trajectory, model: torch.nn.Module,

@@ -182,7 +182,7 @@ class Results:
 
     def record_reconstruction(self, definition: dict[str, Any], plan: dict[str, Any] | None) -> None:
         """The reconstruction of the run's levels: its definition (settings, data provenance and hash) and memory plan
-        (each level's own record, time and store id, is in targets[level]["reconstruction"])."""
+        (each level's own record, time and store id, is under the level's `reconstruction` key)."""
         self.data["reconstruction"] = {"definition": definition, "memory_plan": plan}
 
     # -- protocols ---------------------------------------------------------------------------------------------------

@@ -212,6 +212,15 @@ class RunDir:
     def check_reaches(self, levels: list[float] | tuple[float, ...]) -> None:
         """Refuse levels beyond what the trajectory reaches (before anything is loaded), naming how to extend it."""
         reach = self.trajectory.reached
+        if self.pruner.ranking == "levelwise":  # levels computed one by one (SlimGPT): only those exist
+            missing = [t for t in levels if t > 0 and self.trajectory.level_step(t) is None]
+            if missing:
+                done = sorted(float(s["target"]) for s in self.trajectory.steps if s.get("kind") == "level")
+                raise GispError(f"sparsity {missing} was not computed for this run ({self.pruner.name}'s levels are "
+                                f"not nested: each target is its own computation; it has {done}): compute them with "
+                                f"the run's gisp.run command and sparsity=[...,{max(missing):g}] "
+                                f"(hydra.run.dir={self.path})")
+            return
         beyond = [t for t in levels if t > reach]
         if beyond:
             raise GispError(f"sparsity {beyond} is not a level of this trajectory: it reaches {reach:.4f} "

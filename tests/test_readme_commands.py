@@ -154,6 +154,12 @@ RUN = {
     "python -m gisp.export masks=RUN/levels/level_0.4.safetensors model=smollm2_135m out=exports/smollm2_40":
         "test_exports",
     "python -m gisp.export compact=exports/smollm2_40 format=gguf dtype=q8_0 out=smollm2_40.gguf": "test_exports",
+    "python -m gisp.run reconstruct=lsq": "test_reconstruction",
+    "python -m gisp.run -m reconstruct=none,bias,lsq": "test_reconstruction",
+    "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.35]'": "test_reconstruction",
+    "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.5 out=exports/smollm2_50_lsq":
+        "test_reconstruction",
+    "python -m gisp.run pruner=slimgpt": "test_reconstruction",
     "python -m gisp.run model=hf model.path=/data/my-gemma3-finetune": "test_models_by_path",
     "python -m gisp.run model=hf 'model.path=~/models/phi-3-mini.Q8_0.gguf'": "test_models_by_path",
     "python -m gisp.recover 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.5]' recover=lora": "test_recovery",
@@ -423,6 +429,39 @@ def test_a_recorded_grid(tmp_path):
         ["flap_seed0", "flap_seed1", "gisp_seed0", "gisp_seed1"]
     summary = (tmp_path / "grid" / "summary.md").read_text()
     assert "## wikitext2_ppl" in summary and "(n=2)" in summary  # the pivot, seeds averaged
+
+
+def test_reconstruction(tmp_path):
+    """docs/reconstruction.md: a run with reconstructed levels, evaluated at a new level and exported with its
+    reconstruction; the sweep over none / bias / lsq reusing the trajectory and the reconstructed level from the
+    store; SlimGPT's levels (not nested)."""
+    ok(cli(substitute("python -m gisp.run reconstruct=lsq", *TINY, "sparsity=[0.3,0.5]", *where(tmp_path, "lsq"))))
+    run_dir = tmp_path / "lsq"
+    evaluate = "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.35]'"
+    ok(cli(substitute(evaluate, f"run_dir={run_dir}")))
+    results = read_json(run_dir / "results.json")
+    assert results["reconstruction"]["definition"]["method"] == "lsq"
+    assert all(results["targets"][t]["reconstruction"]["id"] for t in ("0.3", "0.35", "0.5"))
+    out = tmp_path / "smollm2_50_lsq"
+    export = "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.5 out=exports/smollm2_50_lsq"
+    ok(cli(substitute(export, f"run_dir={run_dir}", f"out={out}")))
+    exported = json.loads((out / "gisp_export.json").read_text())
+    assert exported["reconstruction"]["id"] == results["targets"]["0.5"]["reconstruction"]["id"]
+    assert exported["metrics"] == results["targets"]["0.5"]["metrics"]  # the weights gisp evaluated
+    sweep = "python -m gisp.run -m reconstruct=none,bias,lsq"
+    log = ok(cli(substitute(sweep, *TINY, "sparsity=[0.3]", *where(tmp_path, "sweep", multirun=True))))
+    jobs = {read_json(p)["reconstruction"]["definition"]["method"] if read_json(p).get("reconstruction") else "none":
+            read_json(p) for p in (tmp_path / "sweep").glob("*/results.json")}
+    assert sorted(jobs) == ["bias", "lsq", "none"]
+    assert len({j["trajectory"]["id"] for j in jobs.values()}) == 1
+    assert jobs["lsq"]["targets"]["0.3"]["reconstruction"]["id"] == results["targets"]["0.3"]["reconstruction"]["id"]
+    assert "reused" in log
+    ppl = {k: j["targets"]["0.3"]["metrics"]["wikitext2_ppl"] for k, j in jobs.items()}
+    assert len(set(ppl.values())) == 3, ppl
+    ok(cli(substitute("python -m gisp.run pruner=slimgpt", *TINY, "sparsity=[0.2,0.4]", *where(tmp_path, "slim"))))
+    slim = read_json(tmp_path / "slim" / "results.json")
+    assert slim["complete"] and slim["method"]["pruner"] == "slimgpt"
+    assert [round(slim["targets"][t]["sparsity"], 2) for t in ("0.2", "0.4")] == [0.2, 0.4]
 
 
 def test_exports(default_run, tmp_path):

@@ -191,7 +191,7 @@ def protect(heads: torch.Tensor, channels: torch.Tensor, structure: ModelStructu
 # The registry: score name -> the pass it needs and the model-level function (layers, structure, stats, pruner)
 # -> (L, H), (L, F) scores with protected layers at +inf. `pruner` is the method's settings (normalization, seed).
 
-SIGNALS = ("gradients", "activations", "weights")
+SIGNALS = ("gradients", "activations", "weights", "hessians")
 ScoreFn = Callable[[list[LayerModules], ModelStructure, Any, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -310,3 +310,11 @@ def block_influence_scores(layers: list[LayerModules], structure: ModelStructure
     heads = influence[:, None].expand(structure.n_layers, structure.n_units).float().clone()
     channels = influence[:, None].expand(structure.n_layers, structure.ffn).float().clone()
     return heads, channels, {"block_influence": influence}
+
+
+@register_score("obs", "hessians")
+def obs_scores(layers: list[LayerModules], structure: ModelStructure, stats: Any, pruner) -> tuple:
+    """SlimGPT's OBS error is not a score of the dense model: it is computed layer by layer while each level is pruned
+    and its weights updated (gisp.reconstruct.slimgpt), with `ranking: levelwise`."""
+    raise GispError("pruner.score=obs is computed while each level is pruned (gisp.reconstruct.slimgpt): use it with "
+                    "pruner.ranking=levelwise (pruner=slimgpt)")

@@ -94,11 +94,28 @@ def oneshot_level(traj: Trajectory, structure: ModelStructure, target: float, cu
                  structural_ratio=n_pruned(masks, structure) / structure.n_structures)
 
 
+def separate_level(traj: Trajectory, structure: ModelStructure, target: float) -> Level:
+    """The level at `target` of a method whose levels are computed one by one (not nested: SlimGPT), with the new
+    weights it computed; refused, naming how to compute it, when it was not."""
+    if target <= 0.0:
+        return Level(target, Masks.dense(structure), 0.0, 0, None)
+    record = traj.level_step(target)
+    if record is None:
+        done = sorted(float(s["target"]) for s in traj.steps if s.get("kind") == "level")
+        raise GispError(f"sparsity {target:g} was not computed in {traj.directory} (its levels: {done}): this method's "
+                        "levels are not nested, each target is its own computation; compute it with gisp.run "
+                        f"(sparsity=[...,{target:g}]; the run dir's command with the target added)")
+    masks = traj.masks_at(record["step"])
+    return Level(target, masks, sparsity(masks, structure), record["step"], None,
+                 structural_ratio=n_pruned(masks, structure) / structure.n_structures,
+                 weights=traj.weights_at(record["step"]))
+
+
 def landing_tolerance(structure: ModelStructure, ranking: str) -> float:
     """How far (in parameter sparsity) a level may land from its target: one structure for a global ranking (and
     the iterative trajectory), one channel per unprotected layer for the per-layer rules (local, OWL), one whole
     layer for ShortGPT's layer removal."""
-    if ranking in ("local", "owl"):
+    if ranking in ("local", "owl", "levelwise"):
         return len(structure.unprotected) * structure.channel_params / structure.decoder_params
     if ranking == "layers":
         layer = structure.n_units * structure.head_params + structure.ffn * structure.channel_params
@@ -124,6 +141,8 @@ def _read_level(traj: Trajectory, pruner: PrunerSpec, structure: ModelStructure,
                 target: float, with_bias: bool) -> Level:
     if pruner.iterative:
         return iterative_level(traj, structure, target)
+    if pruner.ranking == "levelwise":
+        return separate_level(traj, structure, target)
     bias = None
     if pruner.bias_compensation and with_bias:
         if layers is None:

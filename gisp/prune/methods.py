@@ -9,6 +9,7 @@
 | flap       | o/down inputs, once         | Var(x_j) * ||W[:, j]||^2, standardized per module    | global, + bias   |
 | owl        | all projection inputs, once | Wanda-sp's, + each layer's outlier ratio             | per-layer (OWL)  |
 | shortgpt   | layer in/out states, once   | each layer's Block Influence, 1 - mean cos(in, out)  | whole layers     |
+| slimgpt    | o/down input Hessians, per level | OBS error; the remaining columns updated (OBS) | per layer, log-up |
 | magnitude  | weights                     | sum of W^2 over the structure                        | local            |
 | random     | none                        | uniform random                                       | local            |
 
@@ -33,8 +34,9 @@ from gisp.prune.ranking import RANKINGS, Cut, cut_global
 
 GRAD_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float32": torch.float32, "float64": torch.float64}
 # Methods' own settings (`pruner.options`) and their defaults: OWL's threshold M and range lambda (the OWL release's
-# Hyper_m 5 and Lamda 0.08, also the GISP reference's owl_sp configs)
-OPTIONS: dict[str, Any] = {"outlier_m": 5.0, "outlier_lambda": 0.08}
+# Hyper_m 5 and Lamda 0.08, also the GISP reference's owl_sp configs); SlimGPT's Hessian damping (the release's
+# percdamp) and its first layer's ratio as a fraction of the last's (the release's 20% recipe: 0.0625 / 0.25)
+OPTIONS: dict[str, Any] = {"outlier_m": 5.0, "outlier_lambda": 0.08, "percdamp": 0.01, "min_ratio_fraction": 0.25}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ def pruner_spec(cfg: Mapping[str, Any]) -> PrunerSpec:
         raise GispError("pruner.iterative=true is GISP: it needs a gradient score (pruner.score=taylor) and "
                         f"pruner.ranking=global (got {spec.score}, {spec.ranking}); use pruner=gisp, or "
                         "iterative=false for a baseline")
+    if (spec.ranking == "levelwise") != (spec.score == "obs"):
+        raise GispError("pruner.score=obs and pruner.ranking=levelwise go together (SlimGPT: each level pruned and its "
+                        f"weights updated layer by layer; got {spec.score}, {spec.ranking}): use pruner=slimgpt")
     if spec.bias_compensation and signal != "activations":
         raise GispError("pruner.bias_compensation needs the mean inputs of an activation pass: use it with "
                         f"pruner.score=fluctuation or wanda (got {spec.score})")

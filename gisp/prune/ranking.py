@@ -204,6 +204,11 @@ def cut_layers(heads: torch.Tensor, channels: torch.Tensor, current: Masks, stru
     return Cut(masks, sparsity(masks, structure), target)
 
 
-RANKINGS = {"global": cut_global, "local": cut_local, "owl": cut_owl, "layers": cut_layers}
+def cut_levelwise(*_, **__) -> Cut:
+    """Methods whose levels are computed one by one (SlimGPT) have no scores to cut: their levels are read whole."""
+    raise GispError("ranking=levelwise levels are computed per target, not cut from scores (pruner=slimgpt)")
+
+
+RANKINGS = {"global": cut_global, "local": cut_local, "owl": cut_owl, "layers": cut_layers, "levelwise": cut_levelwise}
 """ranking name -> cut(heads, channels, current, structure, target, stats=..., pruner=...): how a one-shot method
 cuts a level from its stored scores (and per-layer statistics)."""

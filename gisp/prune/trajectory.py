@@ -66,7 +66,11 @@ def _load_tensors(path: Path, directory: Path) -> dict[str, torch.Tensor]:
 MASK_STEP_FIELDS = {"step": int, "sparsity": float, "structural_ratio": float, "heads_kept": int,
                     "channels_kept": int, "masks": str, "order": str}
 SCORE_STEP_FIELDS = {"step": int, "sparsity": float, "scores": str}
-FILE_KINDS = ("masks", "order", "scores")
+# A level computed on its own (a method whose levels are not nested, SlimGPT): its target, masks and new weights
+LEVEL_STEP_FIELDS = {"step": int, "target": float, "sparsity": float, "structural_ratio": float, "heads_kept": int,
+                     "channels_kept": int, "masks": str, "weights": str}
+STEP_FIELDS = {"scores": SCORE_STEP_FIELDS, "level": LEVEL_STEP_FIELDS}
+FILE_KINDS = ("masks", "order", "scores", "weights")
 
 
 def check_steps(path: Path, steps: Any) -> None:
@@ -78,7 +82,7 @@ def check_steps(path: Path, steps: Any) -> None:
         if not isinstance(record, dict):
             raise GispError(f"{path}: step record {number} is not an object; delete {path.parent.resolve()} to "
                             "compute the trajectory again")
-        fields = SCORE_STEP_FIELDS if record.get("kind") == "scores" else MASK_STEP_FIELDS
+        fields = STEP_FIELDS.get(record.get("kind"), MASK_STEP_FIELDS)
         for field, kind in fields.items():
             value = record.get(field)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
@@ -139,10 +143,21 @@ class Trajectory:
 
     @property
     def reached(self) -> float:
-        """The highest sparsity the trajectory can read out (0 before the first step)."""
+        """The highest sparsity the trajectory can read out (0 before the first step; of a trajectory of separate
+        levels, its highest level)."""
         if not self.steps:
             return 0.0
+        if self.steps[-1].get("kind") == "level":
+            return max(float(s["sparsity"]) for s in self.steps)
         return float(self.steps[-1].get("max_sparsity", self.steps[-1]["sparsity"]))
+
+    def level_step(self, target: float) -> dict[str, Any] | None:
+        """The record of the separately computed level at `target` (kind "level"), None when it was not computed."""
+        key = target_key(target)
+        for s in self.steps:
+            if s.get("kind") == "level" and target_key(s["target"]) == key:
+                return s
+        return None
 
     def step_record(self, step: int) -> dict[str, Any]:
         for s in self.steps:
@@ -151,8 +166,10 @@ class Trajectory:
         raise GispError(f"step {step} is not in {self.path} (steps 1..{self.last_step})")
 
     def add_step(self, step: int, record: dict[str, Any], masks: Masks | None = None,
-                 order: torch.Tensor | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Snapshot one step: its files first (masks, order of pruning, scores), then the manifest naming them."""
+                 order: torch.Tensor | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Snapshot one step: its files first (masks, order of pruning, scores, a separate level's new weights), then
+        the manifest naming them."""
         self.directory.mkdir(parents=True, exist_ok=True)
         files = {}
         if masks is not None:
@@ -164,6 +181,10 @@ class Trajectory:
         if tensors:
             files["scores"] = f"step_{step:04d}.scores.safetensors"
             _save_tensors(self.directory / files["scores"], tensors, "gisp-scores")
+        if weights is not None:
+            files["weights"] = f"step_{step:04d}.weights.safetensors"
+            _save_tensors(self.directory / files["weights"], {k: v.contiguous() for k, v in weights.items()},
+                          "gisp-weights")
         checksums = {kind: file_sha256(self.directory / name, cached=False) for kind, name in files.items()}
         self.steps.append({"step": step, **record, **files, "sha256": checksums})
         self.write()
@@ -202,6 +223,9 @@ class Trajectory:
                     self._verified(record["step"], kind)
             if "masks" in record:
                 masks = self.masks_at(record["step"])
+                if record.get("kind") == "level":  # a level computed on its own: not nested in the others
+                    self._check_record(record, masks, structure)
+                    continue
                 if previous is not None and not masks.is_nested_in(previous):
                     raise GispError(f"step {record['step']} of {self.path} un-prunes structures of the step before: "
                                     f"its masks are not nested; delete {self.directory.resolve()} to compute it again")
@@ -243,6 +267,10 @@ class Trajectory:
 
     def scores_at(self, step: int) -> dict[str, torch.Tensor]:
         return _load_tensors(self._verified(step, "scores"), self.directory)
+
+    def weights_at(self, step: int) -> dict[str, torch.Tensor]:
+        """A separately computed level's new kept columns of o_proj ("attn.{i}") and down_proj ("mlp.{i}")."""
+        return _load_tensors(self._verified(step, "weights"), self.directory)
 
     def write(self) -> None:
         write_json_atomic(self.path, self.manifest)

@@ -102,16 +102,22 @@ def reconstruction_recipe(recipe, s: ReconstructSettings):
                     "multiple_choice recipe (+data@reconstruct.data=...)")
 
 
+def token_batches(items: list[torch.Tensor], pad_id: int, batch_size: int, device) -> list[dict]:
+    """Token sequences as padded forward batches (input_ids, attention_mask) on `device`."""
+    collate = pad_collate(pad_id)
+    batches = []
+    for start in range(0, len(items), batch_size):
+        part = [{"input_ids": x, "labels": x, "weight": torch.tensor(1.0)} for x in items[start:start + batch_size]]
+        batch = collate(part)
+        batches.append({k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+    return batches
+
+
 def reconstruction_batches(recipe, tokenizer, data_dir, s: ReconstructSettings, device) -> tuple[list[dict], dict]:
     """Batches of the reconstruction data (items cut to seq_len) and their record (provenance, tokens, sha256)."""
     calib = reconstruction_recipe(recipe, s).build(get_objective("ppl"), tokenizer, data_dir)
     items = [x[: s.seq_len] for x in calib.input_ids]
-    collate = pad_collate(calib.pad_id)
-    batches = []
-    for start in range(0, len(items), s.batch_size):
-        part = [{"input_ids": x, "labels": x, "weight": torch.tensor(1.0)} for x in items[start:start + s.batch_size]]
-        batch = collate(part)
-        batches.append({k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+    batches = token_batches(items, calib.pad_id, s.batch_size, device)
     h = hashlib.sha256()
     for x in items:
         h.update(x.to(torch.int64).numpy().tobytes())
@@ -154,7 +160,7 @@ def _lsq_method(model: nn.Module, layers: list[LayerModules], structure: ModelSt
         return Refit(weight.cpu(), None if extra is None else extra.cpu())
 
     decoder = get_submodule(model, family_spec(model.config.model_type).layers)
-    refits = layerwise_refit(model, decoder, layers, structure, masks, batches, fit, progress)
+    refits = layerwise_refit(model, decoder, layers, structure, masks, batches, fit, progress, s.target)
     # a block that lost every input has no columns to refit (only an intercept, where asked, stays of it)
     weights = {f"attn.{i}": r.weight for i, r in refits.attn.items() if r.weight.shape[1]} | \
         {f"mlp.{i}": r.weight for i, r in refits.mlp.items() if r.weight.shape[1]}

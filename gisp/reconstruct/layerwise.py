@@ -101,12 +101,12 @@ def capture(model: nn.Module, decoder: nn.ModuleList, batches: list[dict]) -> tu
     return firsts, out
 
 
-def _output(result) -> torch.Tensor:
+def layer_output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
 @contextlib.contextmanager
-def _recording(module: nn.Module, what: str, store: list) -> Iterator[None]:
+def recording(module: nn.Module, what: str, store: list) -> Iterator[None]:
     """Record a module's input (`what`="in", after any pre-hook: masked) or output ("out") while the block runs."""
     if what == "in":
         handle = module.register_forward_pre_hook(lambda m, args: store.append(args[0].detach()))
@@ -118,78 +118,123 @@ def _recording(module: nn.Module, what: str, store: list) -> Iterator[None]:
         handle.remove()
 
 
-def _tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def real_tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T, n) -> (real tokens, n)."""
     return x.reshape(-1, x.shape[-1])[tokens.reshape(-1)]
 
 
+class _Stop(Exception):
+    """Raised by a hook once a pass has recorded what it needs: the rest of the layer is not computed."""
+
+
+@contextlib.contextmanager
+def _stop_after(module: nn.Module) -> Iterator[None]:
+    def hook(m, args, output):
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+TARGETS = ("dense", "local")
+
+
 def layerwise_refit(model: nn.Module, decoder: nn.ModuleList, layers: list[LayerModules], structure: ModelStructure,
                     masks: Masks, batches: list[dict], fit: Callable[[GramStats, nn.Linear], Refit],
-                    progress: Callable[[int], None] | None = None) -> LayerRefits:
+                    progress: Callable[[int], None] | None = None, target: str = "dense") -> LayerRefits:
     """The refits of every block that lost structures at `masks`: o_proj (attention) and down_proj (MLP) of each such
-    layer, fitted on the pruned stream against the dense layer's outputs (module docstring). `fit(stats, linear)`
-    turns a block's statistics into its Refit. The model's weights are unchanged afterwards."""
+    layer, fitted on the pruned stream (module docstring). `target`: "dense", the dense model's outputs on its own
+    stream; "local", what the unpruned block outputs from the pruned stream's inputs (GPTQ / SlimGPT: only this
+    block's removal is compensated, no dense stream is kept). `fit(stats, linear)` turns a block's statistics into its
+    Refit. The model's weights are unchanged afterwards."""
+    if target not in TARGETS:
+        raise GispError(f"reconstruct.target={target!r} is not one of {TARGETS}")
     applier = MaskApplier(layers, structure)
     refits = LayerRefits()
+    dense_masks = Masks.dense(structure)
     try:
         firsts, calls = capture(model, decoder, batches)
-        dense = [h.clone() for h in firsts]
+        dense = [h.clone() for h in firsts] if target == "dense" else None
         pruned = [h.clone() for h in firsts]
         d_h = structure.head_dim
         for i, layer in enumerate(decoder):
             m = layers[i]
             kept_cols = masks.heads[i].repeat_interleave(d_h)  # (H d_h,) o_proj's kept inputs
             kept_ch = masks.channels[i]
-            attn_pruned, mlp_pruned = not bool(kept_cols.all()), not bool(kept_ch.all())
+            blocks_pruned = not bool(kept_cols.all()) or not bool(kept_ch.all())
             targets_o: list[torch.Tensor] = []
             targets_d: list[torch.Tensor] = []
-            applier.set(Masks.dense(structure))
-            with torch.no_grad(), _recording(m.o, "out", targets_o), _recording(m.down, "out", targets_d):
-                for b, batch in enumerate(calls):
-                    dense[b] = _output(layer(dense[b], *batch.args[i][0], **batch.args[i][1]))
-            if attn_pruned or mlp_pruned:
-                saved = (m.o.weight.detach().clone(), m.down.weight.detach().clone())
-                level_masks = masks
-                bias_attn = torch.zeros(structure.n_layers, structure.hidden)
-                bias_mlp = torch.zeros(structure.n_layers, structure.hidden)
-                try:
-                    blocks = (("attn", m.o, kept_cols, targets_o, bias_attn),
-                              ("mlp", m.down, kept_ch, targets_d, bias_mlp))
-                    for block, linear, kept, targets, bias in blocks:
-                        if bool(kept.all()):
-                            continue
-                        applier.set(level_masks, OutputBias(bias_attn, bias_mlp))
-                        device = linear.weight.device
-                        stats = GramStats.zeros(int(kept.sum()), linear.out_features, device)
-                        inputs: list[torch.Tensor] = []
-                        with torch.no_grad(), _recording(linear, "in", inputs):
-                            for b, batch in enumerate(calls):
-                                layer(pruned[b], *batch.args[i][0], **batch.args[i][1])
-                                z = _tokens(inputs.pop(), batch.tokens)[:, kept.to(device)]  # (n, kept)
-                                stats.add(z, _tokens(targets[b], batch.tokens))
-                        refit = fit(stats, linear)
-                        (refits.attn if block == "attn" else refits.mlp)[i] = refit
-                        with torch.no_grad():  # in place for the passes after this one
-                            w = torch.zeros_like(linear.weight)
-                            w[:, kept.to(w.device)] = refit.weight.to(w.device, w.dtype)
-                            linear.weight.copy_(w)
-                        if refit.extra_bias is not None:
-                            bias[i] = refit.extra_bias
-                    applier.set(level_masks, OutputBias(bias_attn, bias_mlp))
-                    with torch.no_grad():
-                        for b, batch in enumerate(calls):
-                            pruned[b] = _output(layer(pruned[b], *batch.args[i][0], **batch.args[i][1]))
-                finally:
-                    with torch.no_grad():
-                        m.o.weight.copy_(saved[0])
-                        m.down.weight.copy_(saved[1])
+            if dense is not None:
+                applier.set(dense_masks)
+                with torch.no_grad(), recording(m.o, "out", targets_o), recording(m.down, "out", targets_d):
+                    for b, batch in enumerate(calls):
+                        dense[b] = layer_output(layer(dense[b], *batch.args[i][0], **batch.args[i][1]))
+            if blocks_pruned:
+                _refit_layer(layer, i, m, structure, masks, calls, pruned, targets_o, targets_d, applier, fit,
+                             refits, local=dense is None)
             else:  # nothing removed here: the pruned stream goes through the layer as it is
-                applier.set(Masks.dense(structure))
+                applier.set(dense_masks)
                 with torch.no_grad():
                     for b, batch in enumerate(calls):
-                        pruned[b] = _output(layer(pruned[b], *batch.args[i][0], **batch.args[i][1]))
+                        pruned[b] = layer_output(layer(pruned[b], *batch.args[i][0], **batch.args[i][1]))
             if progress is not None:
                 progress(i)
     finally:
         applier.remove()
     return refits
+
+
+def _refit_layer(layer: nn.Module, i: int, m: LayerModules, structure: ModelStructure, masks: Masks,
+                 calls: list[Batch], pruned: list[torch.Tensor], targets_o: list[torch.Tensor],
+                 targets_d: list[torch.Tensor], applier: MaskApplier, fit, refits: LayerRefits, local: bool) -> None:
+    """Refit layer i's o_proj, then its down_proj (with the new o_proj in place), and move the pruned stream on."""
+    saved = (m.o.weight.detach().clone(), m.down.weight.detach().clone())
+    bias_attn = torch.zeros(structure.n_layers, structure.hidden)
+    bias_mlp = torch.zeros(structure.n_layers, structure.hidden)
+    kept_cols = masks.heads[i].repeat_interleave(structure.head_dim)
+    try:
+        blocks = (("attn", m.o, kept_cols, targets_o, bias_attn), ("mlp", m.down, masks.channels[i], targets_d,
+                                                                    bias_mlp))
+        for block, linear, kept, targets, bias in blocks:
+            if bool(kept.all()):
+                continue
+            # local: this block unpruned (its output is the target), the blocks before it as the level has them
+            current = masks.clone()
+            if local:
+                if block == "attn":
+                    current.heads[i] = True
+                current.channels[i] = True
+            applier.set(current, OutputBias(bias_attn, bias_mlp))
+            device = linear.weight.device
+            stats = GramStats.zeros(int(kept.sum()), linear.out_features, device)
+            inputs: list[torch.Tensor] = []
+            outputs: list[torch.Tensor] = []
+            with torch.no_grad(), recording(linear, "in", inputs), recording(linear, "out", outputs), \
+                    _stop_after(linear):
+                for b, batch in enumerate(calls):
+                    try:
+                        layer(pruned[b], *batch.args[i][0], **batch.args[i][1])
+                    except _Stop:
+                        pass
+                    z = real_tokens(inputs.pop(), batch.tokens)[:, kept.to(device)]  # (n, kept)
+                    y = outputs.pop() if local else targets[b]
+                    stats.add(z, real_tokens(y, batch.tokens))
+            refit = fit(stats, linear)
+            (refits.attn if block == "attn" else refits.mlp)[i] = refit
+            with torch.no_grad():  # in place for the passes after this one
+                w = torch.zeros_like(linear.weight)
+                w[:, kept.to(w.device)] = refit.weight.to(w.device, w.dtype)
+                linear.weight.copy_(w)
+            if refit.extra_bias is not None:
+                bias[i] = refit.extra_bias
+        applier.set(masks, OutputBias(bias_attn, bias_mlp))
+        with torch.no_grad():
+            for b, batch in enumerate(calls):
+                pruned[b] = layer_output(layer(pruned[b], *batch.args[i][0], **batch.args[i][1]))
+    finally:
+        with torch.no_grad():
+            m.o.weight.copy_(saved[0])
+            m.down.weight.copy_(saved[1])

@@ -28,9 +28,12 @@ EXECUTION_ONLY = ("batch_size",)
 @dataclass(frozen=True)
 class ReconstructSettings:
     method: str = "none"
-    damp: float = 0.1  # lsq: ridge damping, as a fraction of the mean diagonal of each Gram matrix
+    damp: float = 0.01  # lsq: ridge damping, as a fraction of the mean diagonal of each Gram matrix
     intercept: bool = False  # lsq: fit an output bias of o_proj / down_proj too
-    tokens: int = 16384  # reconstruction data: tokens of forward passes (no gradients)
+    # lsq: refit each block to its own unpruned output on the reconstructed stream (local, measured better) or to the
+    # dense model's output on the dense stream (dense); experiments/reconstruction/README.md has the figures
+    target: str = "local"
+    tokens: int = 8192  # reconstruction data: tokens of forward passes (no gradients)
     seq_len: int = 128  # text windows; items (questions, pairs) are cut to it
     batch_size: int = 8
     seed: int = 0
@@ -43,7 +46,7 @@ class ReconstructSettings:
     def definition(self, data_record: dict | None = None) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in EXECUTION_ONLY and k != "data"}
         if self.method == "bias":  # the ridge settings play no part in FLAP's formula
-            out = {k: v for k, v in out.items() if k not in ("damp", "intercept")}
+            out = {k: v for k, v in out.items() if k not in ("damp", "intercept", "target")}
         return {**out, "data": data_record}
 
 
@@ -66,6 +69,8 @@ def reconstruct_settings(node: dict | None) -> ReconstructSettings:
             raise GispError(f"reconstruct.{name} must be an int >= 1, got {value!r}")
     if isinstance(s.damp, bool) or not isinstance(s.damp, (int, float)) or s.damp < 0:
         raise GispError(f"reconstruct.damp must be a number >= 0 (a fraction of the mean diagonal), got {s.damp!r}")
+    if s.target not in ("dense", "local"):
+        raise GispError(f"reconstruct.target must be dense or local, got {s.target!r}")
     if not isinstance(s.intercept, bool):
         raise GispError(f"reconstruct.intercept must be true or false, got {s.intercept!r}")
     return s

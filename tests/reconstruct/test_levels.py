@@ -48,7 +48,8 @@ def _logits(model, x):
 def test_run_records_reconstructed_levels_and_keeps_the_masks(lsq_run):
     _, run_dir, results = lsq_run
     record = results["reconstruction"]
-    assert record["definition"]["method"] == "lsq" and record["definition"]["damp"] == 0.1
+    definition = record["definition"]
+    assert definition["method"] == "lsq" and definition["damp"] == 0.01 and definition["target"] == "local"
     data = record["definition"]["data"]
     assert data["name"] == "austen" and data["tokens"] == 2048 and len(data["content_sha256"]) == 64
     assert record["memory_plan"]["device_total_bytes"] > 0

@@ -57,18 +57,21 @@ def _record(module, kind: str):
     return store, module.register_forward_hook(lambda m, a, o: store.append(o.detach().clone()))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_layerwise_refit_equals_least_squares_on_recorded_activations(family):
+@pytest.mark.parametrize(("family", "target"), [("llama", "dense"), ("mistral", "dense"), ("llama", "local"),
+                                               ("mistral", "local")])
+def test_layerwise_refit_equals_least_squares_on_recorded_activations(family, target):
     """One pruned layer (the others dense, so the pruned stream is the dense one up to it): o_proj's refit is the
     least-squares map from the masked o_proj inputs to the dense o_proj outputs, and down_proj's the map from the
-    down_proj inputs with the new o_proj in place to the dense down_proj outputs, recorded by hooks on whole-model
-    forwards (no layer-by-layer machinery)."""
+    down_proj inputs with the new o_proj in place to the down_proj outputs of the dense model (target=dense) or of the
+    unpruned MLP fed by the reconstructed attention (target=local), recorded by hooks on whole-model forwards (no
+    layer-by-layer machinery)."""
     model, structure, layers = _setup(family)
     masks = Masks.dense(structure)
     masks.heads[2, 1] = False
     masks.channels[2, ::3] = False
     batches = _batches(model.config.vocab_size)
-    rec = reconstruct(model, layers, structure, masks, batches, ReconstructSettings(method="lsq", damp=0.0))
+    rec = reconstruct(model, layers, structure, masks, batches,
+                      ReconstructSettings(method="lsq", damp=0.0, target=target))
     assert sorted(rec.weights) == ["attn.2", "mlp.2"] and rec.bias is None
 
     def tokens(x):
@@ -89,11 +92,21 @@ def test_layerwise_refit_equals_least_squares_on_recorded_activations(family):
     kept = masks.heads[2].repeat_interleave(structure.head_dim)
     oracle_o = torch.linalg.lstsq(tokens(z)[:, kept].double(), tokens(dense_o).double()).solution.t().float()
     torch.testing.assert_close(rec.weights["attn.2"], oracle_o, rtol=2e-3, atol=2e-4)
-    with torch.no_grad(), installed(layers, structure, masks, Reconstruction({"attn.2": rec.weights["attn.2"]})):
-        u, h = _record(layers[2].down, "in")
-        for batch in batches:
-            model(**batch)
-        h.remove()
+    attention_only = masks.clone()
+    attention_only.channels[:] = True
+    with torch.no_grad():
+        with installed(layers, structure, masks, Reconstruction({"attn.2": rec.weights["attn.2"]})):
+            u, h = _record(layers[2].down, "in")
+            for batch in batches:
+                model(**batch)
+            h.remove()
+        if target == "local":
+            applier.set(attention_only)
+            with installed(layers, structure, attention_only, Reconstruction({"attn.2": rec.weights["attn.2"]})):
+                dense_d, h = _record(layers[2].down, "out")
+                for batch in batches:
+                    model(**batch)
+                h.remove()
     applier.remove()
     kept_ch = masks.channels[2]
     oracle_d = torch.linalg.lstsq(tokens(u)[:, kept_ch].double(), tokens(dense_d).double()).solution.t().float()
