@@ -85,6 +85,7 @@ class RunSettings:
     store_dir: Path = Path("outputs/trajectories")  # the trajectory store (content-addressed)
     resume: bool = True
     progress: bool = True
+    compact_eval: bool = True  # each level evaluated as its compact model (the masked dense model: False)
     trainer: dict = field(default_factory=dict)  # Lightning Trainer arguments
     loggers: dict = field(default_factory=dict)  # name -> instantiable logger node (plain values)
     resolved: dict = field(default_factory=dict)  # the resolved config: config.yaml, hyperparameters, fingerprint
@@ -217,6 +218,12 @@ def _processes(trainer: dict) -> int:
     return (torch.cuda.device_count() or 1) * nodes if devices == "auto" else nodes
 
 
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise GispError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _int_or_none(value: Any, name: str, minimum: int) -> int | None:
     if value is None:
         return None
@@ -291,7 +298,8 @@ def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep
         split_seed=int(cfg.get("split_seed", 1234)), threads=_int_or_none(cfg.get("threads"), "threads", 1),
         data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=cache_dir,
         store_dir=Path(cfg.get("store_dir") or "outputs/trajectories").expanduser().absolute(),
-        resume=bool(cfg.get("resume", True)), progress=bool(cfg.get("progress", True)), trainer=trainer,
+        resume=bool(cfg.get("resume", True)), progress=bool(cfg.get("progress", True)),
+        compact_eval=_bool(cfg.get("compact_eval", True), "compact_eval"), trainer=trainer,
         loggers=loggers, resolved=resolved,
         overrides=tuple(overrides) if overrides is not None else None, recover=recover, reconstruct=reconstruct,
     )

@@ -43,14 +43,16 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                  data_dir: Path | None = None, cache_dir: str | Path | None = None,
                  progress: bool = True, split_seed: int | None = None, loggers: LoggerFactory | None = None,
                  trust_remote_code: bool = False, recovered: str | None = None, hint: list[str] | None = None,
-                 reconstruct: dict | None = None, reconstruct_overrides: list[str] | None = None) -> dict[str, Any]:
+                 reconstruct: dict | None = None, reconstruct_overrides: list[str] | None = None,
+                 compact: bool = True) -> dict[str, Any]:
     """Evaluate the dense model and the `sparsity` levels (default: the run's) of a run dir with `tasks` (default: the
     run's own evaluation settings); returns results.json. `loggers` (a gisp.loggers factory) write under
     RUN_DIR/evaluate/<time>/, made once the run dir is claimed and checked.
     `recovered`: evaluate those levels as the recovery of that name left them (gisp.recover) instead; "all": the
     levels AND every recovery of them (what changing a run's evaluation protocol needs). `hint`: the command's
     evaluation overrides, for a refusal that names how to re-evaluate. `reconstruct`: a conf/reconstruct node (None:
-    the run's own; a run dir holds one, `reconstruct_overrides` name it in the refusal of another)."""
+    the run's own; a run dir holds one, `reconstruct_overrides` name it in the refusal of another). `compact`: each
+    level evaluated as its physically smaller model (False: the masked dense model; the same metrics to rounding)."""
     run = RunDir(run_dir)
     with claim(run.path):
         results = run.finished_results()
@@ -97,7 +99,7 @@ def evaluate_run(run_dir: str | Path, tasks: tuple[EvalTaskSpec, ...] | list[Eva
                 if not entry:
                     entry.update(added_by="gisp.evaluate")
                 entry.update(level.record(), masks=save_level(run.path, key, level))
-                jobs.append(LevelJob(key, entry, pruned_level(live, level, entry, reconstructor), level.step))
+                jobs.append(LevelJob(key, entry, pruned_level(live, level, entry, reconstructor, compact), level.step))
         names = [recovered] if recovered not in (None, "all") else sorted(results.get("recovery") or {}) \
             if recovered == "all" else []
         for name in names:  # then one recovery after the other (a nested one changes the live weights)

@@ -42,7 +42,8 @@ def main(cfg: DictConfig) -> None:
                                cache_dir=c.get("cache_dir"), progress=c["progress"], split_seed=c.get("split_seed"),
                                loggers=loggers, trust_remote_code=bool(c.get("trust_remote_code")),
                                recovered=c.get("recovered"), hint=evaluation_overrides(),
-                               reconstruct=c.get("reconstruct"), reconstruct_overrides=reconstruct_overrides())
+                               reconstruct=c.get("reconstruct"), reconstruct_overrides=reconstruct_overrides(),
+                               compact=bool(c.get("compact_eval", True)))
     print(f"gisp: results in {Path(c['run_dir']) / 'results.json'}\n{levels_text(results)}")
 
 

@@ -371,7 +371,8 @@ def evaluate_run_levels(results: Results, s: RunSettings, traj: Trajectory, live
     for key, level in levels.items():
         entry = results.entry(key)
         entry.update(level.record(), masks=save_level(results.run_dir, key, level))
-        jobs.append(LevelJob(key, entry, pruned_level(live, level, entry, reconstructor), step=level.step))
+        jobs.append(LevelJob(key, entry, pruned_level(live, level, entry, reconstructor, compact=s.compact_eval),
+                             step=level.step))
     try:
         evaluate_levels(results, jobs, evaluator, specs=s.evaluation, progress=s.progress, loggers=loggers,
                         computed=perplexities, hint=_hint(s))

@@ -78,6 +78,10 @@ REFUSALS = [
     ("gisp.run", ["pruner=owl", "sparsity=[0.5]", "pruner.options.outlier_lambda=0.45"], "use outlier_lambda below"),
     ("gisp.run", ["model=hf", "model.path={broken}"], "is not valid JSON"),
     ("gisp.run", ["sparsity=0.9"], "is not reachable"),
+    ("gisp.run", ["pruner=slimgpt", "reconstruct=lsq"], "use reconstruct=none with slimgpt"),
+    ("gisp.run", ["reconstruct=lsq", "reconstruct.target=dense_model"], "reconstruct.target must be dense or local"),
+    ("gisp.run", ["compact_eval=maybe"], "compact_eval must be true or false"),
+    ("gisp.evaluate", ["run_dir={run}", "reconstruct=lsq"], "a run dir holds one reconstruction of its levels"),
     ("gisp.evaluate", ["run_dir={run}", "sparsity=[0.99]"], "extend it with gisp.run"),
     ("gisp.evaluate", ["run_dir={run}", "split_seed=7"], "use split_seed=1234"),
     ("gisp.evaluate", ["run_dir={run}", "recovered=nope"], "(recovered: ['lora'])"),
@@ -108,8 +112,11 @@ def test_every_refusal_is_one_line_exit_2_and_changes_nothing(world):
     failures = []
     for start in range(0, len(REFUSALS), 4):
         running = []
-        for command, args, text in REFUSALS[start:start + 4]:
-            extra = [*TINY, *world["where"]] if command == "gisp.run" else [f"store_dir={world['store']}"]
+        for i, (command, args, text) in enumerate(REFUSALS[start:start + 4], start):
+            # each gisp.run case in a run dir of its own, which it must never create (cases running side by side
+            # in one run dir would be refused for its lock instead)
+            extra = [*TINY, *world["where"][1:], f"hydra.run.dir={world['tmp'] / f'case{i}'}"] \
+                if command == "gisp.run" else [f"store_dir={world['store']}"]
             argv = [sys.executable, "-m", command, *extra, *(a.format(**paths) for a in args)]
             running.append((command, args, text, subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
                                                                   stderr=subprocess.STDOUT, text=True)))

@@ -1,14 +1,17 @@
-"""Layer by layer, two streams: the dense model's hidden states and the pruned model's, each decoder layer run on
-its own stream, so a layer's refit sees the inputs that the already reconstructed layers before it produce (their
-errors do not accumulate unseen) and is fitted to what the DENSE layer outputs.
+"""Layer by layer on the pruned model's hidden states, so a layer's refit sees the inputs that the already
+reconstructed layers before it produce (their errors do not accumulate unseen). The target of a block's refit is
+either what the same block outputs unpruned on those inputs (target="local", the default: GPTQ / SlimGPT's
+formulation, one stream) or what the DENSE model's block outputs on the dense model's own hidden states
+(target="dense": a second stream, measured worse, experiments/reconstruction/README.md).
 
 Decoder layers are called one at a time with the arguments the model itself passes them (rotary tables, attention
 masks, positions), captured once from a forward pass of the dense model: every family's own layer code runs, so
 norm placement, parallel blocks and per-layer attention types need nothing here. Per layer i:
 
-    dense pass    X_d <- layer_i(X_d), recording the outputs of o_proj and down_proj (the targets)
-    attention     the pruned stream through layer_i under the level's masks, recording o_proj's inputs: statistics
-                  against the targets, then `fit_o(stats)` gives o_proj's new kept columns (and output bias)
+    dense pass    (target="dense" only) X_d <- layer_i(X_d), recording the outputs of o_proj and down_proj
+    attention     the pruned stream through layer_i under the level's masks, recording o_proj's inputs (and, with
+                  target="local", its outputs with this block unpruned): statistics against the targets, then
+                  `fit_o(stats)` gives o_proj's new kept columns (and output bias)
     MLP           again, with the new o_proj in place: down_proj's inputs, `fit_down(stats)`
     pruned pass   X_p <- layer_i(X_p) with both refits
 

@@ -75,7 +75,7 @@ class Reconstructor:
         params = sum(p.numel() for p in self.model.parameters())
         s = self.settings
         return reconstruction_plan(self.structure, params, first.element_size(), s.tokens, s.batch_size * s.seq_len,
-                                   s.method)
+                                   s.method, s.target)
 
     def level(self, level: Level) -> Level:
         """`level` reconstructed (the level itself without a reconstruction)."""

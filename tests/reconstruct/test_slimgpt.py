@@ -11,10 +11,11 @@ import itertools
 import pytest
 import torch
 from conftest import SMOKE, compose, tiny_model
+from transformers import AutoModelForCausalLM
 
 from gisp.compact.slicing import compact_model
 from gisp.config import load_settings
-from gisp.deploy import evaluate_run
+from gisp.deploy import evaluate_run, export_from_run
 from gisp.errors import GispError
 from gisp.models.families import family_spec, get_submodule
 from gisp.models.structure import describe, layer_modules
@@ -131,3 +132,9 @@ def test_through_gisp_run_levels_are_separate_reused_and_refused_when_missing(tm
     live = RunDir(tmp_path / "a").load_model(tmp_path / "cache")
     level = RunDir(tmp_path / "a").level(target=0.4, live=live)
     assert level.weights and level.step == 2
+    # its export is the model gisp evaluated: the level's masks and SlimGPT's updated columns
+    out = export_from_run(tmp_path / "a", tmp_path / "hf", sparsity=0.4, cache_dir=tmp_path / "cache")
+    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    x = torch.randint(3, live.model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), live.at(level) as model:
+        torch.testing.assert_close(exported(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
