@@ -279,6 +279,9 @@ def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep
                         f"command: python -m gisp.recover run_dir=RUN recover={recover.method} trainer=...")
     reconstruct = reconstruct_settings(cfg.get("reconstruct"))
     check_reconstruct(reconstruct, pruner.name, _processes(trainer))
+    if pruner.ranking == "levelwise" and _processes(trainer) > 1:
+        raise GispError(f"pruner={pruner.name} computes each level layer by layer in one process, not over "
+                        f"{_processes(trainer)}: use one device (drop trainer=ddp / fsdp and trainer.devices)")
     if reconstruct.data is not None:
         recipe_from_fields(reconstruct.data)  # a bad data node is named now, not after loading
     model_node = dict(cfg["model"])

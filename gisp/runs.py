@@ -68,7 +68,10 @@ class LiveModel:
     def at(self, level: Level | None, compact: bool = False) -> Iterator[Any]:
         """The level as a model while the block runs: the dense model under its masks (None: dense), or with `compact`
         (and always for a reconstructed level) its physically smaller model built from the dense weights
-        (gisp.compact.slicing: what the export writes), dropped afterwards."""
+        (gisp.compact.slicing: what the export writes), dropped afterwards. A model sharded over processes
+        (trainer=fsdp: DTensor weights) is evaluated under its masks instead: slicing needs whole tensors."""
+        if compact and _sharded(self.model):
+            compact = False
         if level is not None and (compact or level.weights is not None):
             self.set_level(None)
             model = compact_model(self.model, level.masks, self.structure, level.bias, level.weights)
@@ -82,6 +85,11 @@ class LiveModel:
             yield self.model
         finally:
             self.set_level(None)
+
+
+def _sharded(model: Any) -> bool:
+    """Whether `model`'s weights are sharded over processes (FSDP2 DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 class RunDir:

@@ -81,6 +81,8 @@ REFUSALS = [
     ("gisp.run", ["pruner=slimgpt", "reconstruct=lsq"], "use reconstruct=none with slimgpt"),
     ("gisp.run", ["reconstruct=lsq", "reconstruct.target=dense_model"], "reconstruct.target must be dense or local"),
     ("gisp.run", ["compact_eval=maybe"], "compact_eval must be true or false"),
+    ("gisp.run", ["pruner=slimgpt", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+     "computes each level layer by layer in one process"),
     ("gisp.evaluate", ["run_dir={run}", "reconstruct=lsq"], "a run dir holds one reconstruction of its levels"),
     ("gisp.evaluate", ["run_dir={run}", "sparsity=[0.99]"], "extend it with gisp.run"),
     ("gisp.evaluate", ["run_dir={run}", "split_seed=7"], "use split_seed=1234"),
@@ -102,21 +104,29 @@ REFUSALS = [
 ]
 
 
-def test_every_refusal_is_one_line_exit_2_and_changes_nothing(world):
+def test_every_refusal_is_one_line_exit_2_and_changes_nothing(world, tmp_path):
     """Every case of REFUSALS as a user types it, four at a time (each is its own process): exit code 2, the line that
     names the fix, no traceback; and the run dir, the store and their folder are byte-identical afterwards (a case
-    that wrote anything would change the snapshot, whichever it was)."""
-    paths = {k: str(v) for k, v in world.items() if isinstance(v, Path)}
+    that wrote anything would change the snapshot, whichever it was). Cases running side by side in one run dir would
+    be refused for its lock instead (a refusal may come after the command claimed the run dir): each case gets a run
+    dir of its own, a byte copy of the world's for the commands on a run dir, a new path for gisp.run (which it must
+    never create)."""
     before = snapshot(world["run"], world["store"])
+    run_before = snapshot(world["run"])
     listing = sorted(p.name for p in world["tmp"].iterdir())
-    failures = []
+    failures, copies = [], []
     for start in range(0, len(REFUSALS), 4):
         running = []
         for i, (command, args, text) in enumerate(REFUSALS[start:start + 4], start):
-            # each gisp.run case in a run dir of its own, which it must never create (cases running side by side
-            # in one run dir would be refused for its lock instead)
-            extra = [*TINY, *world["where"][1:], f"hydra.run.dir={world['tmp'] / f'case{i}'}"] \
-                if command == "gisp.run" else [f"store_dir={world['store']}"]
+            paths = {k: str(v) for k, v in world.items() if isinstance(v, Path)}
+            if command == "gisp.run":
+                extra = [*TINY, *world["where"][1:], f"hydra.run.dir={world['tmp'] / f'case{i}'}"]
+            else:
+                copy = tmp_path / f"case{i}" / "run"
+                shutil.copytree(world["run"], copy, symlinks=True)
+                copies.append(copy)
+                paths["run"] = str(copy)
+                extra = [f"store_dir={world['store']}"]
             argv = [sys.executable, "-m", command, *extra, *(a.format(**paths) for a in args)]
             running.append((command, args, text, subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
                                                                   stderr=subprocess.STDOUT, text=True)))
@@ -126,6 +136,7 @@ def test_every_refusal_is_one_line_exit_2_and_changes_nothing(world):
                 failures.append(f"{command} {' '.join(args)} (exit {proc.returncode}):\n{out[-1500:]}")
     assert not failures, "\n\n".join(failures)
     assert snapshot(world["run"], world["store"]) == before
+    assert all(snapshot(copy) == run_before for copy in copies)
     assert sorted(p.name for p in world["tmp"].iterdir()) == listing  # nothing new beside them either
 
 
