@@ -218,7 +218,8 @@ def _processes(trainer: dict) -> int:
     return (torch.cuda.device_count() or 1) * nodes if devices == "auto" else nodes
 
 
-def _bool(value: Any, name: str) -> bool:
+def check_bool(value: Any, name: str) -> bool:
+    """A true / false setting, refused with its name when it is anything else (Hydra passes `maybe` as a string)."""
     if not isinstance(value, bool):
         raise GispError(f"{name} must be true or false, got {value!r}")
     return value
@@ -302,7 +303,7 @@ def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep
         data_dir=resolve_data_dir(cfg.get("data_dir")), cache_dir=cache_dir,
         store_dir=Path(cfg.get("store_dir") or "outputs/trajectories").expanduser().absolute(),
         resume=bool(cfg.get("resume", True)), progress=bool(cfg.get("progress", True)),
-        compact_eval=_bool(cfg.get("compact_eval", True), "compact_eval"), trainer=trainer,
+        compact_eval=check_bool(cfg.get("compact_eval", True), "compact_eval"), trainer=trainer,
         loggers=loggers, resolved=resolved,
         overrides=tuple(overrides) if overrides is not None else None, recover=recover, reconstruct=reconstruct,
     )

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from gisp.cli import evaluation_overrides, plain_config, reconstruct_overrides, run_command, same_command, user_errors
-from gisp.config import levels_setting
+from gisp.config import check_bool, levels_setting
 from gisp.deploy import evaluate_run
 from gisp.eval.report import levels_text
 from gisp.eval.suite import eval_task_specs
@@ -37,13 +37,14 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(int(c["threads"]))
     levels = levels_setting(c, old="targets")
     tasks = eval_task_specs(c["eval"]) if c.get("eval") is not None else None  # None: the run's own settings
+    compact = check_bool(c.get("compact_eval", True), "compact_eval")
     with Loggers(c.get("logger"), c) as loggers:
         results = evaluate_run(c["run_dir"], tasks, levels, dense=c["dense"], data_dir=c.get("data_dir"),
                                cache_dir=c.get("cache_dir"), progress=c["progress"], split_seed=c.get("split_seed"),
                                loggers=loggers, trust_remote_code=bool(c.get("trust_remote_code")),
                                recovered=c.get("recovered"), hint=evaluation_overrides(),
                                reconstruct=c.get("reconstruct"), reconstruct_overrides=reconstruct_overrides(),
-                               compact=bool(c.get("compact_eval", True)))
+                               compact=compact)
     print(f"gisp: results in {Path(c['run_dir']) / 'results.json'}\n{levels_text(results)}")
 
 

@@ -39,7 +39,7 @@ from gisp.models.loading import load_model_and_tokenizer
 from gisp.models.structure import LayerModules, ModelStructure, describe, layer_modules
 from gisp.prune.importance import get_score
 from gisp.prune.levels import read_level
-from gisp.prune.masks import MaskApplier, Masks, n_pruned, sparsity
+from gisp.prune.masks import MaskApplier, Masks, masks_record
 from gisp.prune.ranking import check_owl
 from gisp.prune.trajectory import Trajectory, TrajectoryStore, target_key, trajectory_id
 from gisp.reconstruct.build import token_batches
@@ -299,9 +299,7 @@ def extend_levelwise(traj: Trajectory, s: RunSettings, model: torch.nn.Module, l
         masks, weights = slimgpt_level(model, decoder, layers, structure, batches, target,
                                        s.pruner.option("percdamp"), s.pruner.option("min_ratio_fraction"))
         step = traj.last_step + 1
-        record = {"kind": "level", "target": float(target), "sparsity": sparsity(masks, structure),
-                  "structural_ratio": n_pruned(masks, structure) / structure.n_structures,
-                  "heads_kept": int(masks.heads.sum()), "channels_kept": int(masks.channels.sum()),
+        record = {"kind": "level", "target": float(target), **masks_record(masks, structure),
                   "seconds": round(time.perf_counter() - started, 2)}
         traj.add_step(step, record, masks=masks, weights=weights)
         computed.append(step)

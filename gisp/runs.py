@@ -223,7 +223,7 @@ class RunDir:
         if self.pruner.ranking == "levelwise":  # levels computed one by one (SlimGPT): only those exist
             missing = [t for t in levels if t > 0 and self.trajectory.level_step(t) is None]
             if missing:
-                done = sorted(float(s["target"]) for s in self.trajectory.steps if s.get("kind") == "level")
+                done = self.trajectory.separate_levels()
                 raise GispError(f"sparsity {missing} was not computed for this run ({self.pruner.name}'s levels are "
                                 f"not nested: each target is its own computation; it has {done}): compute them with "
                                 f"the run's gisp.run command and sparsity=[...,{max(missing):g}] "

@@ -84,6 +84,7 @@ REFUSALS = [
     ("gisp.run", ["pruner=slimgpt", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
      "computes each level layer by layer in one process"),
     ("gisp.evaluate", ["run_dir={run}", "reconstruct=lsq"], "a run dir holds one reconstruction of its levels"),
+    ("gisp.evaluate", ["run_dir={run}", "compact_eval=maybe"], "compact_eval must be true or false"),
     ("gisp.evaluate", ["run_dir={run}", "sparsity=[0.99]"], "extend it with gisp.run"),
     ("gisp.evaluate", ["run_dir={run}", "split_seed=7"], "use split_seed=1234"),
     ("gisp.evaluate", ["run_dir={run}", "recovered=nope"], "(recovered: ['lora'])"),

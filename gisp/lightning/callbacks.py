@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from gisp.errors import GispError
-from gisp.prune.masks import MaskApplier, Masks, masks_from_flat, n_pruned, sparsity
+from gisp.prune.masks import MaskApplier, Masks, masks_from_flat, masks_record, n_pruned
 from gisp.prune.ranking import global_order
 from gisp.prune.schedule import ratio_at, structures_to_prune
 from gisp.prune.trajectory import Trajectory
@@ -87,12 +87,9 @@ class IterativePruning(_TrajectoryCallback):
         pruned[order[:n]] = True
         masks = masks_from_flat(pruned, self.structure)
         self.applier.set(masks)
-        level = sparsity(masks, self.structure)
-        record = {"structural_ratio": n_pruned(masks, self.structure) / self.structure.n_structures,
-                  "scheduled_ratio": ratio,
-                  "sparsity": level, "heads_kept": int(masks.heads.sum()), "channels_kept": int(masks.channels.sum()),
-                  "calib_loss": pl_module.calib_loss, "exhausted": n >= prunable,
-                  **_throughput(pl_module)}
+        record = {**masks_record(masks, self.structure), "scheduled_ratio": ratio,
+                  "calib_loss": pl_module.calib_loss, "exhausted": n >= prunable, **_throughput(pl_module)}
+        level = record["sparsity"]
         self._snapshot(trainer, k, record, masks=masks, order=order[n_current:n].clone())
         log.info("step %d: sparsity %.4f, %d heads and %d channels kept, calibration loss %.4f", k, level,
                  record["heads_kept"], record["channels_kept"], pl_module.calib_loss)

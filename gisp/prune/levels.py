@@ -101,7 +101,7 @@ def separate_level(traj: Trajectory, structure: ModelStructure, target: float) -
         return Level(target, Masks.dense(structure), 0.0, 0, None)
     record = traj.level_step(target)
     if record is None:
-        done = sorted(float(s["target"]) for s in traj.steps if s.get("kind") == "level")
+        done = traj.separate_levels()
         raise GispError(f"sparsity {target:g} was not computed in {traj.directory} (its levels: {done}): this method's "
                         "levels are not nested, each target is its own computation; compute it with gisp.run "
                         f"(sparsity=[...,{target:g}]; the run dir's command with the target added)")

@@ -245,3 +245,10 @@ class MaskApplier:
         self._handles.clear()
         self._active = [False] * self.structure.n_layers
         self._bias = self.bias = None
+
+
+def masks_record(masks: Masks, structure: ModelStructure) -> dict[str, float | int]:
+    """What a trajectory step records of its masks: parameter sparsity, structural ratio, heads and channels kept."""
+    return {"structural_ratio": n_pruned(masks, structure) / structure.n_structures,
+            "sparsity": sparsity(masks, structure), "heads_kept": int(masks.heads.sum()),
+            "channels_kept": int(masks.channels.sum())}

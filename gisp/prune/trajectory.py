@@ -159,6 +159,10 @@ class Trajectory:
                 return s
         return None
 
+    def separate_levels(self) -> list[float]:
+        """The targets of the separately computed levels (kind "level"), in ascending order."""
+        return sorted(float(s["target"]) for s in self.steps if s.get("kind") == "level")
+
     def step_record(self, step: int) -> dict[str, Any]:
         for s in self.steps:
             if s["step"] == step:
