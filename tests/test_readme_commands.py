@@ -146,6 +146,7 @@ RUN = {
     "python -m gisp.run -m experiment=table4_small hydra.sweep.dir=outputs/table4": "test_every_baseline",
     "python -m gisp.run -m pruner=gisp,owl,flap,wanda_sp": "test_every_baseline",
     "python -m gisp.run -m experiment=table4_seeds": "test_a_recorded_grid",
+    "python -m gisp.run -m experiment=reconstruction": "test_a_recorded_grid",
     "python -m gisp.evaluate 'run_dir=outputs/smollm2_135m/<run>' 'sparsity=[0.37]' eval=cmqa":
         "test_task_aligned_and_evaluate",
     "python -m gisp.export 'run_dir=outputs/smollm2_135m/<run>' sparsity=0.4 out=exports/smollm2_40": "test_exports",
@@ -429,6 +430,14 @@ def test_a_recorded_grid(tmp_path):
         ["flap_seed0", "flap_seed1", "gisp_seed0", "gisp_seed1"]
     summary = (tmp_path / "grid" / "summary.md").read_text()
     assert "## wikitext2_ppl" in summary and "(n=2)" in summary  # the pivot, seeds averaged
+    # issue 28's grid (conf/experiment/reconstruction.yaml): one method and one seed substituted, its three
+    # reconstructions named by the recipe, all on the one trajectory the reconstruct=none job computed
+    cmd = "python -m gisp.run -m experiment=reconstruction"
+    ok(cli(substitute(cmd, *tiny, "sparsity=[0.3]", "pruner=gisp", "seed=0", *where(tmp_path, "recon", multirun=True))))
+    jobs = {p.parent.name: read_json(p) for p in (tmp_path / "recon").glob("*/results.json")}
+    assert sorted(jobs) == ["gisp_bias_seed0", "gisp_lsq_seed0", "gisp_none_seed0"]
+    assert len({j["trajectory"]["id"] for j in jobs.values()}) == 1
+    assert "## wikitext2_ppl" in (tmp_path / "recon" / "summary.md").read_text()
 
 
 def test_reconstruction(tmp_path):
