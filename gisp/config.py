@@ -59,10 +59,11 @@ class PruneSettings:
     gqa_mode: str = "query"  # query: a head is one query head (the reference); group: one KV head + its query heads
     grad_offload: str | None = None  # cpu: accumulate the mean gradient in float32 host memory (exact)
     checkpointing: bool = False  # recompute the decoder layers' activations in backward (exact)
+    compact: bool = True  # score each step after the first on the level's compact model (the same masks)
 
 
 # Pruning settings that change where and how a pass runs, never its result: not part of a trajectory's definition.
-EXECUTION_ONLY = ("max_steps_per_run", "grad_offload", "checkpointing")
+EXECUTION_ONLY = ("max_steps_per_run", "grad_offload", "checkpointing", "compact")
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,7 @@ def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep
                         "reference), group prunes whole KV groups")
     if not isinstance(prune.checkpointing, bool):
         raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
+    check_bool(prune.compact, "prune.compact")
     trainer = dict(cfg.get("trainer") or {})
     if here:
         _check_devices(trainer)

@@ -252,8 +252,13 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
     else:
         log.info("computing trajectory %s in %s", traj.id, traj.directory)
     make_pass = PASSES[pruner.signal]
+    compact = s.prune.compact and pruner.iterative
+    if compact and s.trainer.get("strategy") == STRATEGY_NAME:
+        log.info("prune.compact: trainer=fsdp shards the dense model's layers, so every scoring pass runs on the "
+                 "masked dense model (the same masks)")
+        compact = False
     module = make_pass(model, layers, structure, len(calib), pruner, grad_offload=s.prune.grad_offload,
-                       checkpointing=s.prune.checkpointing) if make_pass else None
+                       checkpointing=s.prune.checkpointing, compact=compact) if make_pass else None
     trainer.callbacks.append(callback)
     calibration = CalibrationData(calib, s.calibration.batch_size)
     passes = 0
@@ -269,6 +274,8 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
             with module.recorder:  # forward hooks on o_proj / down_proj inputs, removed whatever happens
                 trainer.validate(module, datamodule=calibration, verbose=False)
         else:
+            if module.score_on(applier.masks):  # the level's compact model (prune.compact)
+                log.info("step %d scores on the compact model of sparsity %.4f", callback.step + 1, traj.reached)
             trainer.validate(module, datamodule=calibration, verbose=False)
         passes += 1
     trainer.callbacks.remove(callback)

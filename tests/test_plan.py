@@ -92,6 +92,22 @@ def test_settings_give_the_strategy_and_the_sequence(compose_cfg):
     assert plan_for_run(load_settings(compose_cfg(*SMOKE, "pruner=wanda_sp"))) is None  # no gradients: no plan
 
 
+def test_compact_scoring_adds_a_host_row_not_device_memory(compose_cfg):
+    """prune.compact (the default): each process's dense weights wait in host memory while compact passes run, so
+    the device rows are the dense pass's; FSDP and prune.compact=false plan no such row."""
+    compact = plan_for_run(load_settings(compose_cfg(*SMOKE, "trainer=ddp", "trainer.accelerator=cpu",
+                                                     "trainer.devices=2")))
+    masked = plan_for_run(load_settings(compose_cfg(*SMOKE, "trainer=ddp", "trainer.accelerator=cpu",
+                                                    "trainer.devices=2", "prune.compact=false")))
+    assert compact.inputs.compact and not masked.inputs.compact
+    assert compact.device == masked.device
+    assert compact.host["dense weights during compact passes"] == 2 * compact.counts["params"] * 4
+    assert "dense weights during compact passes" not in masked.host and any("compact" in n for n in compact.notes)
+    fsdp = plan_for_run(load_settings(compose_cfg("model=llama2_70b", "data=c4", "eval=none", "trainer=fsdp",
+                                                  "trainer.devices=8"), here=False))
+    assert not fsdp.inputs.compact
+
+
 def test_the_command_prints_and_refuses(capsys):
     main(["model=llama2_70b", "trainer=fsdp", "trainer.devices=8", "device_memory_gb=80"])
     out = capsys.readouterr().out

@@ -13,6 +13,7 @@ from gisp.models.structure import describe, layer_modules
 from gisp.pipeline import run
 from gisp.prune.masks import MaskApplier, Masks
 from gisp.prune.methods import random_cut
+from gisp.runs import RunDir
 
 pytestmark = pytest.mark.e2e  # end to end: runs as users type, in fresh processes
 
@@ -44,3 +45,19 @@ def test_gisp_beats_random_at_30_percent(compose_cfg, tmp_path):
     print(f"SmolLM2-135M WikiText-2 ppl (32x128 tokens): dense {dense_ppl:.2f}, GISP@30% {gisp_ppl:.2f}, "
           f"random@30% {random_ppls}")
     assert dense_ppl < gisp_ppl < 0.5 * min(random_ppls)
+
+
+@pytest.mark.slow
+def test_compact_scoring_gives_the_masked_masks_to_50_percent(compose_cfg, tmp_path):
+    """SmolLM2-135M to 50% (the default schedule, a smaller calibration set): prune.compact=true (the default)
+    computes every step's masks exactly as the masked dense model does (experiments/compact.md times both)."""
+    base = ["sparsity=0.5", "data.n_samples=8", "data.seq_len=64", "eval=none", "threads=2"]
+    compact = run(load_settings(compose_cfg(*base)), run_dir=tmp_path / "compact")
+    masked = run(load_settings(compose_cfg(*base, "prune.compact=false", f"store_dir={tmp_path / 'masked'}")),
+                 run_dir=tmp_path / "masked")
+    a = RunDir(tmp_path / "compact").trajectory
+    b = RunDir(tmp_path / "masked").trajectory
+    assert compact["trajectory"]["id"] == masked["trajectory"]["id"] and len(a.steps) == len(b.steps) >= 8
+    assert [s["compact"] for s in a.steps] == [False] + [True] * (len(a.steps) - 1)
+    for step in a.steps:
+        assert a.masks_at(step["step"]).equal(b.masks_at(step["step"])), step["step"]

@@ -269,6 +269,7 @@ class GispDecoderPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["GispDecoderLayer"]  # noqa: RUF012 (transformers convention)
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # transformers' switch sets GispDecoderModel.gradient_checkpointing
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -299,6 +300,7 @@ class GispDecoderModel(GispDecoderPreTrainedModel):
         types = sorted({t for t in (config.attention_types or []) if t}) if config.rope_per_layer_type else []
         self.rotary = nn.ModuleDict({t: GispRotary(config, t) for t in types}) if types else None
         self.rotary_emb = GispRotary(config) if config.positions == "rope" and not types else None
+        self.gradient_checkpointing = False  # recompute each layer in backward (training mode, gradients on)
         self.post_init()
 
     def _mask(self, attention_mask, B, T, past, device, window) -> torch.Tensor:
@@ -345,7 +347,10 @@ class GispDecoderModel(GispDecoderPreTrainedModel):
         types = self.config.attention_types or [None] * len(self.layers)
         for layer, layer_type in zip(self.layers, types):
             cos, sin = tables.get(layer_type if self.rotary is not None else None, (None, None))
-            x = layer(x, cos, sin, masks, past_key_values)
+            if self.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, masks, past_key_values)
+            else:
+                x = layer(x, cos, sin, masks, past_key_values)
         return (self.norm(x) if hasattr(self, "norm") else x), past_key_values
 
 

@@ -88,7 +88,9 @@ class IterativePruning(_TrajectoryCallback):
         masks = masks_from_flat(pruned, self.structure)
         self.applier.set(masks)
         record = {**masks_record(masks, self.structure), "scheduled_ratio": ratio,
-                  "calib_loss": pl_module.calib_loss, "exhausted": n >= prunable, **_throughput(pl_module)}
+                  "calib_loss": pl_module.calib_loss, "exhausted": n >= prunable, **_throughput(pl_module),
+                  # scored on the previous level's compact model (prune.compact)
+                  "compact": getattr(pl_module, "level", None) is not None}
         level = record["sparsity"]
         self._snapshot(trainer, k, record, masks=masks, order=order[n_current:n].clone())
         log.info("step %d: sparsity %.4f, %d heads and %d channels kept, calibration loss %.4f", k, level,

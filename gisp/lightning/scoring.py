@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from gisp.compact.scores import compact_scored_weights, compact_structure_scores, scoring_model
 from gisp.errors import GispError
 from gisp.lightning.checkpointing import checkpoint_layers, training_layers
 from gisp.lightning.sharding import (
@@ -38,6 +39,7 @@ from gisp.models.families import family_spec
 from gisp.models.structure import LayerModules, ModelStructure
 from gisp.prune.activations import BlockRecorder, InputMoments, InputRecorder
 from gisp.prune.importance import get_score, scored_weights, structure_scores
+from gisp.prune.masks import Masks
 from gisp.prune.objectives import batch_losses
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class GradientPass(L.LightningModule):
         grad_offload: str | None = None,
         checkpointing: bool = False,
         shardable: bool = True,
+        compact: bool = False,
     ):
         super().__init__()
         if grad_offload not in GRAD_OFFLOAD:
@@ -92,6 +95,11 @@ class GradientPass(L.LightningModule):
         self.grad_offload = grad_offload
         self.checkpointing = checkpointing
         self._layers_path = family_spec(model.config.model_type).layers
+        # prune.compact: passes after the first pruning step run on the level's compact model (`score_on`); the
+        # dense model, its layers and its score function stay here for the dense passes, read-out and evaluation
+        self.compact = compact
+        self._dense = (model, self._layers_path, self.score_fn)
+        self.level: Masks | None = None  # the masks of the model the next pass runs on (None: the dense model)
         self._sharded = False
         self._full_state: dict[str, torch.Tensor] | None = None  # rank 0's weights until broadcast (trainer=fsdp)
         self._handles: list = []
@@ -113,11 +121,42 @@ class GradientPass(L.LightningModule):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._scored = [p for i in self.structure.unprotected for p in scored_weights(self.layers[i], self.structure)]
+        if self.level is None:
+            self._scored = [p for i in self.structure.unprotected for p in scored_weights(self.layers[i],
+                                                                                           self.structure)]
+        else:
+            self._scored = compact_scored_weights(self.model, self.structure)
         for p in self._scored:
             p.requires_grad_(True)
             if self.grad_offload or (self.grad_dtype is not None and p.dtype != self.grad_dtype):
                 self._handles.append(p.register_post_accumulate_grad_hook(self._accumulate))
+
+    def score_on(self, masks: Masks) -> bool:
+        """With `compact`: the next pass runs on the compact model of `masks` (built from the dense weights, the
+        export's slicing), its scores mapped back to the dense indexing (gisp.compact.scores); dense masks: on the
+        dense model. Returns whether the pass is compact. Under FSDP (sharded layers) the pass stays on the masked
+        dense model. On a GPU the dense weights wait in host memory while compact passes run (`gisp.pipeline` moves
+        them back for evaluation), so the first, dense pass stays the peak the memory plan counts."""
+        if not self.compact or self._sharded:
+            return False
+        dense, layers_path, dense_score = self._dense
+        structure, normalization = self.structure, self.normalization
+        if bool(masks.heads.all()) and bool(masks.channels.all()):
+            self.level = None
+            self.model, self._layers_path, self.score_fn = dense, layers_path, dense_score
+        else:
+            if next(dense.parameters()).device.type != "cpu":
+                dense.to("cpu")  # sliced on the host; Lightning moves the compact model to the device
+            self.level = masks.clone()
+            level = self.level
+            self.model = compact = scoring_model(dense, level, structure)
+            self._layers_path = "model.layers"
+            self.score_fn = lambda grad_of: compact_structure_scores(compact, level, structure, normalization,
+                                                                     grad_of)
+        self._accumulated.clear()  # buffers are keyed by the weights of the model they were made for
+        self._written.clear()
+        self._collect_scored()
+        return self.level is not None
 
     @property
     def accumulator_dtype(self) -> torch.dtype | None:
@@ -370,16 +409,23 @@ class ActivationPass(L.LightningModule):
 
 
 def gradient_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
-                  pruner, grad_offload: str | None = None, checkpointing: bool = False) -> GradientPass:
+                  pruner, grad_offload: str | None = None, checkpointing: bool = False,
+                  compact: bool = False) -> GradientPass:
+    """`compact` (prune.compact): the passes after the first pruning step run on the level's compact model (GISP's
+    taylor score, the only gradient score, maps back to the dense indexing)."""
     score = get_score(pruner.score)
+    taylor = pruner.score == "taylor"
     return GradientPass(model, layers, structure, n_samples, pruner.normalization, pruner.grad_torch_dtype,
                       score_fn=lambda grad_of: score.scores(layers, structure, grad_of, pruner),
-                      grad_offload=grad_offload, checkpointing=checkpointing, shardable=pruner.score == "taylor")
+                      grad_offload=grad_offload, checkpointing=checkpointing, shardable=taylor,
+                      compact=compact and taylor)
 
 
 def activation_pass(model: nn.Module, layers: list[LayerModules], structure: ModelStructure, n_samples: int,
-                    pruner, grad_offload: str | None = None, checkpointing: bool = False) -> ActivationPass:
-    """A forward-only pass: `grad_offload` and `checkpointing` (gradient-pass options) have nothing to act on."""
+                    pruner, grad_offload: str | None = None, checkpointing: bool = False,
+                    compact: bool = False) -> ActivationPass:
+    """A forward-only pass, run once on the dense model: `grad_offload`, `checkpointing` and `compact`
+    (gradient-pass options) have nothing to act on."""
     score = get_score(pruner.score)
     if score.recorder == "blocks":
         recorder = BlockRecorder(decoder_layers(model, family_spec(model.config.model_type).layers), structure)
@@ -396,4 +442,4 @@ PASSES: dict[str, Callable[..., L.LightningModule] | None] = {
     "weights": None,  # scores from the weights alone: no calibration pass
 }
 """signal -> the scoring pass that feeds scores of that signal (model, layers, structure, n_samples, pruner,
-grad_offload=prune.grad_offload, checkpointing=prune.checkpointing)."""
+grad_offload=prune.grad_offload, checkpointing=prune.checkpointing, compact=prune.compact)."""

@@ -41,7 +41,8 @@ def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 def throughput(tokens: int, seconds: float, structure: ModelStructure, model: nn.Module, world_size: int,
                device: torch.device, seq_len: int) -> dict[str, float | None]:
     """tokens/s of the whole pass (all processes) and, on a GPU of known peak, the model FLOPs utilization
-    (`seq_len`: the mean sequence length, for the attention FLOPs)."""
+    (`seq_len`: the mean sequence length, for the attention FLOPs). The FLOPs are the dense model's (`structure`),
+    so a pass on a compact model (prune.compact) reports its dense-equivalent utilization: the speed-up shows in it."""
     per_s = tokens / max(seconds, 1e-9)
     mfu = None
     if device.type == "cuda":

@@ -21,6 +21,8 @@ as the pass will see them. Per device (batch B per process, sequence T, weight d
                                              and down input. Measured with saved-tensor hooks on masked tiny
                                              models: 95% of this (tests/test_plan.py)
                  checkpointing: B T (w d L_bp + a_layer) (layer inputs + one layer recomputed)
+    compact      0 on the device: prune.compact's later passes run on smaller models while the dense weights
+                 wait in host memory (P w per process, a host row), so the first, dense pass is the peak
     logits       B T V (w + 12)              logits, their float32 copy and log-softmax, its gradient
     reserve      1 GiB                       CUDA context and allocator slack
 
@@ -63,6 +65,7 @@ class PlanInputs:
     seq_len: int
     seq_len_source: str = "data.seq_len"
     attn_implementation: str | None = None
+    compact: bool = False  # prune.compact: the passes after the first run on compact models
 
 
 @dataclass
@@ -138,6 +141,12 @@ def build_plan(name: str, structure: ModelStructure, counts: dict[str, int], inp
     if i.grad_offload:
         host["gradient buffers"] = i.devices_per_node * scored * acc
     notes = []
+    if i.compact:
+        # each process's dense weights wait in host memory while its compact passes run on the device
+        host["dense weights during compact passes"] = i.devices_per_node * counts["params"] * w
+        notes.append("prune.compact: the passes after the first run on the level's compact model (at most the "
+                     "dense model's size) while the dense weights wait in host memory, so the first, dense pass is "
+                     "the device's peak")
     if loaders > 1:
         notes.append(f"each of the {loaders} processes of a node loads the whole model into host memory before it "
                      "moves it to its device (trainer=fsdp loads it once, on rank 0)")
@@ -186,7 +195,8 @@ def inputs_from_settings(s) -> PlanInputs:
     return PlanInputs(strategy=strategy, devices=devices, devices_per_node=per_node, dtype=s.model.dtype,
                       grad_dtype=s.pruner.grad_dtype, grad_offload=s.prune.grad_offload == "cpu",
                       checkpointing=bool(s.prune.checkpointing), batch_size=s.calibration.batch_size, seq_len=seq_len,
-                      seq_len_source=source, attn_implementation=s.model.attn_implementation)
+                      seq_len_source=source, attn_implementation=s.model.attn_implementation,
+                      compact=bool(s.prune.compact and s.pruner.iterative and strategy != "fsdp"))
 
 
 def plan_for_run(s, quiet: bool = False) -> ScoringPlan | None:
