@@ -100,6 +100,7 @@ class GradientPass(L.LightningModule):
         self.compact = compact
         self._dense = (model, self._layers_path, self.score_fn)
         self.level: Masks | None = None  # the masks of the model the next pass runs on (None: the dense model)
+        self.dense_on_host = False  # the dense weights wait in host memory during compact passes (memory plan)
         self._sharded = False
         self._full_state: dict[str, torch.Tensor] | None = None  # rank 0's weights until broadcast (trainer=fsdp)
         self._handles: list = []
@@ -135,8 +136,10 @@ class GradientPass(L.LightningModule):
         """With `compact`: the next pass runs on the compact model of `masks` (built from the dense weights, the
         export's slicing), its scores mapped back to the dense indexing (gisp.compact.scores); dense masks: on the
         dense model. Returns whether the pass is compact. Under FSDP (sharded layers) the pass stays on the masked
-        dense model. On a GPU the dense weights wait in host memory while compact passes run (`gisp.pipeline` moves
-        them back for evaluation), so the first, dense pass stays the peak the memory plan counts."""
+        dense model. The compact model is sliced where the dense weights are (on the device: no copy through host
+        memory); with `dense_on_host` (the memory plan's placement where both do not fit, and with grad_offload) the
+        dense weights wait in host memory while compact passes run (`gisp.pipeline` moves them back for
+        evaluation), so the device holds one model at a time."""
         if not self.compact or self._sharded:
             return False
         dense, layers_path, dense_score = self._dense
@@ -145,7 +148,9 @@ class GradientPass(L.LightningModule):
             self.level = None
             self.model, self._layers_path, self.score_fn = dense, layers_path, dense_score
         else:
-            if next(dense.parameters()).device.type != "cpu":
+            # the previous step's compact model is released before the next one is sliced (one at a time)
+            self.model, self.score_fn, self._scored = dense, dense_score, []
+            if self.dense_on_host and next(dense.parameters()).device.type != "cpu":
                 dense.to("cpu")  # sliced on the host; Lightning moves the compact model to the device
             self.level = masks.clone()
             level = self.level
