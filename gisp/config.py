@@ -62,6 +62,8 @@ class PruneSettings:
     compact: bool = True  # score each step after the first on the level's compact model (the same masks)
 
 
+HALF_DTYPES = ("bfloat16", "float16")  # model.dtype values where prune.compact is part of a trajectory's definition
+
 # Pruning settings that change where and how a pass runs, never its result: not part of a trajectory's definition.
 EXECUTION_ONLY = ("max_steps_per_run", "grad_offload", "checkpointing", "compact")
 
@@ -101,6 +103,10 @@ class RunSettings:
         settings do not (gisp.models.identity: a folder's content, a hub commit). How far one invocation goes is not
         part of it."""
         prune = {k: v for k, v in asdict(self.prune).items() if k not in EXECUTION_ONLY}
+        if self.prune.compact and self.pruner.iterative and self.model.dtype in HALF_DTYPES:
+            # in half precision a compact pass rounds its sums otherwise than the masked model's and the masks can
+            # part at a near-tie: the two are different trajectories (in float32 they are one: equal masks)
+            prune["compact"] = True
         pruner = {k: v for k, v in asdict(self.pruner).items() if k != "options" or v}  # no options: ids unchanged
         sections = {k: self.resolved.get(k) for k in DEFINITION_KEYS}
         sections["model"] = {k: v for k, v in (sections["model"] or {}).items() if k not in NOT_IN_DEFINITION}

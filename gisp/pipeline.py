@@ -28,7 +28,7 @@ from gisp.level_loop import LevelJob, evaluate_levels, pruned_level, reconstruct
 from gisp.lightning.callbacks import IterativePruning, OneShotPruning
 from gisp.lightning.datamodule import CalibrationData
 from gisp.lightning.progress import ScoringProgressBar
-from gisp.lightning.scoring import PASSES, ActivationPass, GradientPass
+from gisp.lightning.scoring import PASSES, ActivationPass
 from gisp.lightning.sharding import STRATEGY_NAME
 from gisp.loggers import Loggers
 from gisp.memory.scoring import check_fits, plan_for_run, visible_device_memory
@@ -111,8 +111,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
         torch.set_num_threads(s.threads)
     L.seed_everything(s.seed, verbose=False)
 
-    # from the config alone: refuse what cannot fit before loading anything
-    plan = plan_for_run(s, device_memory=visible_device_memory(s.trainer))
+    plan = plan_for_run(s)  # from the config alone: refuse what cannot fit before loading anything
     if plan is not None:
         if rank_zero_only.rank == 0:
             log.info("%s", plan.table())
@@ -171,8 +170,7 @@ def _run(s: RunSettings, run_dir: Path, started: float, on_start: Callable[[Path
                 write_text_atomic(run_dir / "config.yaml", s.config_yaml())  # for export / evaluation
                 write_json_atomic(pointer, {"id": traj.id, "path": str(traj.directory)})
             reused = traj.last_step
-            computed = extend(traj, s, model, applier, trainer, calib, stop_at=s.targets[-1],
-                              dense_on_host=plan is not None and plan.inputs.compact == "host")
+            computed = extend(traj, s, model, applier, trainer, calib, stop_at=s.targets[-1])
         for logger in trainer.loggers:  # reusing jobs link to the trajectory (its per-step curves are logged once)
             logger.log_hyperparams({"trajectory": {"id": traj.id, "path": str(traj.directory),
                                                    "computed_steps": computed or [], "reused_steps": reused}})
@@ -234,10 +232,9 @@ def _plugins(s: RunSettings) -> list:
 
 
 def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: MaskApplier, trainer: L.Trainer,
-           calib, stop_at: float, dense_on_host: bool = False) -> list[int] | None:
+           calib, stop_at: float) -> list[int] | None:
     """Run scoring passes until the trajectory reaches `stop_at`; returns the steps computed here (None when
-    prune.max_steps_per_run stopped it first). `dense_on_host`: the dense weights wait in host memory while compact
-    passes run (the memory plan's placement, gisp.memory.scoring.place_dense)."""
+    prune.max_steps_per_run stopped it first)."""
     pruner, structure, layers = s.pruner, applier.structure, applier.layers
     if pruner.ranking == "levelwise":
         return extend_levelwise(traj, s, model, layers, structure, calib)
@@ -262,8 +259,6 @@ def extend(traj: Trajectory, s: RunSettings, model: torch.nn.Module, applier: Ma
         compact = False
     module = make_pass(model, layers, structure, len(calib), pruner, grad_offload=s.prune.grad_offload,
                        checkpointing=s.prune.checkpointing, compact=compact) if make_pass else None
-    if compact and isinstance(module, GradientPass):
-        module.dense_on_host = dense_on_host
     trainer.callbacks.append(callback)
     calibration = CalibrationData(calib, s.calibration.batch_size)
     passes = 0
@@ -407,7 +402,6 @@ def run_record(traj: Trajectory, s: RunSettings, calibration: dict, reused: list
                        "reaches": traj.reached, "reused_steps": reused, "computed_steps": computed},
         "overrides": list(s.overrides) if s.overrides is not None else None,
         "seed": s.seed,  # the calibration sampling seed: runs that differ only by it are averaged in summaries
-        "memory_plan": plan.as_dict() if (plan := plan_for_run(s, quiet=True, device_memory=visible_device_memory(
-            s.trainer))) is not None else None,
+        "memory_plan": plan.as_dict() if (plan := plan_for_run(s, quiet=True)) is not None else None,
         "complete": False,
     }

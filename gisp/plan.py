@@ -32,12 +32,12 @@ def plan(args: list[str]) -> None:
     overrides, gb = split_memory_arg(args)
     # gisp.run's config; evaluation plays no part in the plan (and trainer=fsdp refuses some of it in gisp.run)
     settings = load_settings(compose_config("config", [*overrides, "eval=none"]), here=False)
-    memory = int(gb * 1e9) if gb is not None else visible_device_memory(settings.trainer)
-    memory_plan = plan_for_run(settings, device_memory=memory)
+    memory_plan = plan_for_run(settings)
     if memory_plan is None:
         raise GispError(f"no memory plan for model {settings.model.name} with pruner {settings.pruner.name} "
                         "(only gradient passes are planned; see the warning above)")
     print(memory_plan.table())
+    memory = int(gb * 1e9) if gb is not None else visible_device_memory(settings.trainer)
     check_fits(memory_plan, memory)
     if memory is not None:
         print(f"fits: {memory_plan.total / GiB:.1f} GiB of {memory / GiB:.1f} GiB per device")

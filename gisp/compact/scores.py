@@ -54,6 +54,23 @@ def compact_scored_weights(compact: GispDecoderForCausalLM, structure: ModelStru
     return weights
 
 
+ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # LayerModules field -> compact path
+
+
+def weight_roles(compact: GispDecoderForCausalLM, structure: ModelStructure) -> dict[int, tuple[int, str]]:
+    """id(weight) -> (layer, role) of the compact model's projections, roles named as gisp.models.structure's
+    LayerModules fields: the same key as the dense weight it was sliced from."""
+    out = {}
+    for i, block in enumerate(_blocks(compact)):
+        for role, path in ROLES.items():
+            owner, name = path.split(".")
+            module = getattr(getattr(block, owner, None), name, None)
+            if module is not None:
+                out[id(module.weight)] = (i, role)
+    return out
+
+
 def _per_head(weight: torch.Tensor, grad_of: GradOf, dim: int, head_dim: int) -> torch.Tensor:
     """Sums of |W * g| per head of a q / k / v (rows, dim=1) or o (columns, dim=0) weight: (heads,)."""
     return taylor_sums(weight, grad_of(weight), dim).view(-1, head_dim).sum(dim=1)

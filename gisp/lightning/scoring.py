@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from gisp.compact.scores import compact_scored_weights, compact_structure_scores, scoring_model
+from gisp.compact.scores import ROLES, compact_scored_weights, compact_structure_scores, scoring_model, weight_roles
 from gisp.errors import GispError
 from gisp.lightning.checkpointing import checkpoint_layers, training_layers
 from gisp.lightning.sharding import (
@@ -100,11 +100,12 @@ class GradientPass(L.LightningModule):
         self.compact = compact
         self._dense = (model, self._layers_path, self.score_fn)
         self.level: Masks | None = None  # the masks of the model the next pass runs on (None: the dense model)
-        self.dense_on_host = False  # the dense weights wait in host memory during compact passes (memory plan)
         self._sharded = False
         self._full_state: dict[str, torch.Tensor] | None = None  # rank 0's weights until broadcast (trainer=fsdp)
         self._handles: list = []
         self._accumulated: dict[int, torch.Tensor] = {}  # id(weight) -> accumulation buffer
+        self._host_pool: dict[tuple[int, str], torch.Tensor] = {}  # (layer, role) -> flat host buffer (offload)
+        self._roles: dict[int, tuple[int, str]] = {}  # id(weight) -> (layer, role), keys of the host pool
         self._written: set[int] = set()  # buffers written in this pass (host buffers are reused from pass to pass)
         self._stage: torch.Tensor | None = None  # pinned staging memory for device -> host copies (CUDA)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
@@ -125,8 +126,11 @@ class GradientPass(L.LightningModule):
         if self.level is None:
             self._scored = [p for i in self.structure.unprotected for p in scored_weights(self.layers[i],
                                                                                            self.structure)]
+            self._roles = {id(getattr(m, role).weight): (i, role) for i, m in enumerate(self.layers)
+                           for role in ROLES if getattr(m, role) is not None}
         else:
             self._scored = compact_scored_weights(self.model, self.structure)
+            self._roles = weight_roles(self.model, self.structure)
         for p in self._scored:
             p.requires_grad_(True)
             if self.grad_offload or (self.grad_dtype is not None and p.dtype != self.grad_dtype):
@@ -136,10 +140,9 @@ class GradientPass(L.LightningModule):
         """With `compact`: the next pass runs on the compact model of `masks` (built from the dense weights, the
         export's slicing), its scores mapped back to the dense indexing (gisp.compact.scores); dense masks: on the
         dense model. Returns whether the pass is compact. Under FSDP (sharded layers) the pass stays on the masked
-        dense model. The compact model is sliced where the dense weights are (on the device: no copy through host
-        memory); with `dense_on_host` (the memory plan's placement where both do not fit, and with grad_offload) the
-        dense weights wait in host memory while compact passes run (`gisp.pipeline` moves them back for
-        evaluation), so the device holds one model at a time."""
+        dense model. The compact model is sliced where the dense weights are: in host memory between passes
+        (Lightning's teardown moves the module back to the CPU after each validation), and Lightning moves it to the
+        device for its pass, so the device holds one model at a time."""
         if not self.compact or self._sharded:
             return False
         dense, layers_path, dense_score = self._dense
@@ -150,8 +153,6 @@ class GradientPass(L.LightningModule):
         else:
             # the previous step's compact model is released before the next one is sliced (one at a time)
             self.model, self.score_fn, self._scored = dense, dense_score, []
-            if self.dense_on_host and next(dense.parameters()).device.type != "cpu":
-                dense.to("cpu")  # sliced on the host; Lightning moves the compact model to the device
             self.level = masks.clone()
             level = self.level
             self.model = compact = scoring_model(dense, level, structure)
@@ -175,10 +176,17 @@ class GradientPass(L.LightningModule):
         g = local(p.grad)
         self._largest_grad = max(self._largest_grad, g.numel() * g.element_size())
         buf = self._accumulated.get(id(p))
-        if buf is None:
-            pin = bool(self.grad_offload) and g.device.type == "cuda"
-            device = "cpu" if self.grad_offload else g.device
-            buf = torch.empty(g.shape, dtype=self.accumulator_dtype, device=device, pin_memory=pin)
+        if buf is None and self.grad_offload:
+            # host buffers live from pass to pass (pinning is slow), one per (layer, role): a compact weight's
+            # buffer is the front of its dense weight's, so compact steps allocate nothing new
+            key = self._roles[id(p)]
+            pooled = self._host_pool.get(key)
+            if pooled is None or pooled.numel() < g.numel():
+                pooled = self._host_pool[key] = torch.empty(g.numel(), dtype=self.accumulator_dtype, device="cpu",
+                                                            pin_memory=g.device.type == "cuda")
+            buf = self._accumulated[id(p)] = pooled[: g.numel()].view(g.shape)
+        elif buf is None:
+            buf = torch.empty(g.shape, dtype=self.accumulator_dtype, device=g.device)
             self._accumulated[id(p)] = buf
         if buf.device != g.device:
             g = self._to_host(g)

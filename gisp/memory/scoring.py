@@ -21,11 +21,9 @@ as the pass will see them. Per device (batch B per process, sequence T, weight d
                                              and down input. Measured with saved-tensor hooks on masked tiny
                                              models: 95% of this (tests/test_plan.py)
                  checkpointing: B T (w d L_bp + a_layer) (layer inputs + one layer recomputed)
-    compact      prune.compact: the passes after the first run on the last step's compact model, sliced from the
-                 dense weights. Beside them on the device: + D w (D = the decoder layers' parameters, the sliced
-                 copy of the first compact step at most); where that does not fit, and always with
-                 grad_offload=cpu, the dense weights wait in host memory (P w per process, a host row) and the
-                 device holds one model at a time (the first, dense pass is the peak)
+    compact      prune.compact: 0 on the device. Lightning leaves the model in host memory between passes, so
+                 each compact model is sliced there (+ D w on the host per process, D = the decoder layers'
+                 parameters: the first compact step's copy at most) and moved to the device for its pass alone
     logits       B T V (w + 12)              logits, their float32 copy and log-softmax, its gradient
     reserve      1 GiB                       CUDA context and allocator slack
 
@@ -53,7 +51,6 @@ GiB = 2**30
 RESERVE = 1 * GiB  # CUDA context + allocator slack per device
 HEADROOM = 0.95  # a plan fits when its total is at most this fraction of the device memory
 STRATEGIES = ("single", "ddp", "fsdp")
-COMPACT = (None, "device", "host")  # no compact passes; the dense weights stay on the device / wait in host memory
 SHARDED_STRATEGY = "gisp_fsdp"  # gisp.lightning.sharding.STRATEGY_NAME (not imported: Lightning is heavy)
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class PlanInputs:
     seq_len: int
     seq_len_source: str = "data.seq_len"
     attn_implementation: str | None = None
-    compact: str | None = None  # prune.compact: where the dense weights wait during compact passes (COMPACT)
+    compact: bool = False  # prune.compact: the passes after the first run on compact models
 
 
 @dataclass
@@ -145,19 +142,11 @@ def build_plan(name: str, structure: ModelStructure, counts: dict[str, int], inp
     if i.grad_offload:
         host["gradient buffers"] = i.devices_per_node * scored * acc
     notes = []
-    if i.compact == "device":
-        device["compact model (prune.compact)"] = (counts["params"] - counts["root"]) * w
-        notes.append("prune.compact: the passes after the first run on the last step's compact model, sliced on the "
-                     "device beside the dense weights (counted at its largest, the decoder layers)")
-    elif i.compact == "host":
-        host["dense weights during compact passes"] = i.devices_per_node * counts["params"] * w
-        notes.append("prune.compact: the passes after the first run on the last step's compact model while the dense "
-                     "weights wait in host memory, so the first, dense pass is the device's peak")
-    if loaders > 1:
-        notes.append(f"each of the {loaders} processes of a node loads the whole model into host memory before it "
-                     "moves it to its device (trainer=fsdp loads it once, on rank 0)")
-    if i.seq_len_source != "data.seq_len":
-        notes.append(f"sequence length {i.seq_len}: {i.seq_len_source}")
+    if i.compact:
+        host["compact model (sliced on the host)"] = i.devices_per_node * (counts["params"] - counts["root"]) * w
+        notes.append("prune.compact: the passes after the first run on the last step's compact model, sliced from the "
+                     "dense weights in host memory and moved to the device for its pass: the device holds one model "
+                     "at a time, so the first, dense pass is its peak")
     counts = {**counts, "backprop_layers": backprop_layers, "activation_bytes_per_token_layer": per_layer}
     return ScoringPlan(name, inputs, structure, counts, device, host, notes)
 
@@ -202,28 +191,18 @@ def inputs_from_settings(s) -> PlanInputs:
                       grad_dtype=s.pruner.grad_dtype, grad_offload=s.prune.grad_offload == "cpu",
                       checkpointing=bool(s.prune.checkpointing), batch_size=s.calibration.batch_size, seq_len=seq_len,
                       seq_len_source=source, attn_implementation=s.model.attn_implementation,
-                      compact=(("host" if s.prune.grad_offload == "cpu" else "device")
-                               if s.prune.compact and s.pruner.iterative and strategy != "fsdp" else None))
+                      compact=bool(s.prune.compact and s.pruner.iterative and strategy != "fsdp"))
 
 
-def place_dense(plan: ScoringPlan, device_memory: int | None) -> ScoringPlan:
-    """prune.compact keeps the dense weights on the device beside the compact model where memory allows (slicing
-    there costs no copy through host memory); where the plan does not fit `device_memory`, they wait in host memory
-    during the compact passes instead (the plan of that placement is returned; check_fits still decides)."""
-    if plan.inputs.compact != "device" or device_memory is None or plan.total <= HEADROOM * device_memory:
-        return plan
-    return build_plan(plan.model, plan.structure, plan.counts, replace(plan.inputs, compact="host"))
-
-
-def plan_for_run(s, quiet: bool = False, device_memory: int | None = None) -> ScoringPlan | None:
+def plan_for_run(s, quiet: bool = False) -> ScoringPlan | None:
     """The plan of a run, or None (logged unless `quiet`) when the pass needs no gradients or the model's shape is
-    unknown; with prune.compact, the dense weights placed for `device_memory` bytes per device (`place_dense`)."""
+    unknown."""
     if s.pruner.signal != "gradients":
         return None
     protect = {"explicit": list(s.prune.protect_layers) if s.prune.protect_layers is not None else None,
                "first_fraction": s.prune.protect_first_fraction, "last": s.prune.protect_last}
     try:
-        return place_dense(plan_model(s.model, inputs_from_settings(s), protect, s.prune.gqa_mode), device_memory)
+        return plan_model(s.model, inputs_from_settings(s), protect, s.prune.gqa_mode)
     except Exception as e:  # noqa: BLE001 (advisory: a model the plan cannot build on the meta device still runs)
         if not quiet:
             log.warning("no memory plan: %s", e if isinstance(e, GispError) else f"{type(e).__name__}: {e}")
@@ -241,14 +220,13 @@ def _alternatives(plan: ScoringPlan, budget: float) -> list[tuple[str, ScoringPl
     """Single changes of the settings (and the cheapest FSDP layout) with their plans."""
     structure, counts, i = plan.structure, plan.counts, plan.inputs
     options: list[tuple[str, PlanInputs]] = []
-    host = "host" if i.compact else None  # with grad_offload=cpu the dense weights wait in host memory
     if not i.grad_offload:
-        options.append(("prune.grad_offload=cpu", replace(i, grad_offload=True, compact=host)))
+        options.append(("prune.grad_offload=cpu", replace(i, grad_offload=True)))
     if not i.checkpointing:
         options.append(("prune.checkpointing=true", replace(i, checkpointing=True)))
     if not i.grad_offload and not i.checkpointing:
         options.append(("prune.grad_offload=cpu prune.checkpointing=true",
-                        replace(i, grad_offload=True, checkpointing=True, compact=host)))
+                        replace(i, grad_offload=True, checkpointing=True)))
     for b in range(i.batch_size - 1, 0, -1):
         candidate = replace(i, batch_size=b)
         if build_plan(plan.model, structure, counts, candidate).total <= budget:
@@ -259,7 +237,7 @@ def _alternatives(plan: ScoringPlan, budget: float) -> list[tuple[str, ScoringPl
             continue
         nodes = max(n // 8, 1)
         per_node = n // nodes
-        candidate = replace(i, strategy="fsdp", devices=n, devices_per_node=per_node, compact=None)  # masked
+        candidate = replace(i, strategy="fsdp", devices=n, devices_per_node=per_node, compact=False)  # masked
         if build_plan(plan.model, structure, counts, candidate).total <= budget:
             where = f"trainer.devices={per_node}" + (f" trainer.num_nodes={nodes}" if nodes > 1 else "")
             options.append((f"trainer=fsdp {where} ({n} GPUs)", candidate))

@@ -128,3 +128,53 @@ def test_a_compact_model_checkpoints_its_layers_exactly():
     (plain, grads), (checkpointed, same) = run(False), run(True)
     assert checkpointed < plain / 2
     assert all(torch.equal(a, b) for a, b in zip(grads, same))
+
+
+def test_half_precision_compact_and_masked_are_two_trajectories(compose_cfg):
+    """In bfloat16 / float16 the compact pass rounds its sums otherwise and the masks can part at a near-tie, so
+    prune.compact is part of the trajectory's definition there; in float32 it is not (the masks are equal)."""
+    def definition(*overrides):
+        return load_settings(compose_cfg(*SMOKE, "model=tiny_mistral", *overrides)).definition("calibration")
+
+    assert definition() == definition("prune.compact=false")
+    for dtype in ("bfloat16", "float16"):
+        compact, masked = definition(f"model.dtype={dtype}"), definition(f"model.dtype={dtype}", "prune.compact=false")
+        assert compact != masked and compact["prune"]["compact"] is True and "compact" not in masked["prune"]
+    # a method without a trajectory of gradient steps has nothing to score compact: one trajectory
+    assert definition("model.dtype=bfloat16", "pruner=wanda_sp") == \
+        definition("model.dtype=bfloat16", "pruner=wanda_sp", "prune.compact=false")
+
+
+def test_offloaded_host_buffers_are_reused_by_compact_passes():
+    """prune.grad_offload=cpu: a compact pass accumulates into the front of its dense weight's host buffer (one per
+    layer and role), so the compact steps allocate no new (pinned, on a GPU) host memory, and its scores equal the
+    compact pass's without offload."""
+    import lightning as L
+
+    from gisp.data.calibration import from_windows
+    from gisp.lightning.datamodule import CalibrationData
+    from gisp.lightning.scoring import GradientPass
+    from gisp.prune.objectives import OBJECTIVES
+
+    x = ids(4, 20)
+    masks = None
+    scores = {}
+    for offload in (None, "cpu"):
+        model = tiny_model("mistral")
+        structure = describe(model)
+        masks = masks or level_masks(structure)
+        module = GradientPass(model, layer_modules(model, family_spec("mistral")), structure, n_samples=4,
+                              grad_offload=offload, compact=True)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, inference_mode=False, use_distributed_sampler=False)
+        data = CalibrationData(from_windows(x, OBJECTIVES["ppl"]), 2)
+        trainer.validate(module, datamodule=data, verbose=False)  # the dense pass
+        pool = {k: v.data_ptr() for k, v in module._host_pool.items()}
+        assert module.score_on(masks)
+        trainer.validate(module, datamodule=data, verbose=False)  # the compact pass
+        scores[offload] = module.scores
+        if offload:
+            assert pool and {k: v.data_ptr() for k, v in module._host_pool.items()} == pool
+            assert all(buf._base is not None for buf in module._accumulated.values())  # views of the pool
+    for got, want in zip(scores["cpu"], scores[None]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
