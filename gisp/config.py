@@ -269,8 +269,7 @@ def load_settings(cfg: dict[str, Any], overrides: list[str] | None = None, sweep
     if prune.gqa_mode not in GQA_MODES:
         raise GispError(f"prune.gqa_mode={prune.gqa_mode!r} is not one of {GQA_MODES}: query prunes query heads (the "
                         "reference), group prunes whole KV groups")
-    if not isinstance(prune.checkpointing, bool):
-        raise GispError(f"prune.checkpointing must be true or false, got {prune.checkpointing!r}")
+    check_bool(prune.checkpointing, "prune.checkpointing")
     check_bool(prune.compact, "prune.compact")
     trainer = dict(cfg.get("trainer") or {})
     if here:

@@ -104,6 +104,7 @@ def test_compact_scoring_adds_host_memory_not_device_memory(compose_cfg):
     decoder = (compact.counts["params"] - compact.counts["root"]) * 4
     assert compact.host["compact model (sliced on the host)"] == 2 * decoder
     assert "compact model (sliced on the host)" not in masked.host and any("compact" in n for n in compact.notes)
+    assert any("processes of a node" in n for n in compact.notes)  # the plan's other notes stay beside it
     fsdp = plan_for_run(load_settings(compose_cfg("model=llama2_70b", "data=c4", "eval=none", "trainer=fsdp",
                                                   "trainer.devices=8"), here=False))
     assert not fsdp.inputs.compact

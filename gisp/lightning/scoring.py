@@ -146,15 +146,11 @@ class GradientPass(L.LightningModule):
         if not self.compact or self._sharded:
             return False
         dense, layers_path, dense_score = self._dense
-        structure, normalization = self.structure, self.normalization
-        if bool(masks.heads.all()) and bool(masks.channels.all()):
-            self.level = None
-            self.model, self._layers_path, self.score_fn = dense, layers_path, dense_score
-        else:
-            # the previous step's compact model is released before the next one is sliced (one at a time)
-            self.model, self.score_fn, self._scored = dense, dense_score, []
-            self.level = masks.clone()
-            level = self.level
+        # back to the dense model first: the previous step's compact model is released before the next is sliced
+        self.model, self._layers_path, self.score_fn, self.level = dense, layers_path, dense_score, None
+        if not (bool(masks.heads.all()) and bool(masks.channels.all())):
+            structure, normalization = self.structure, self.normalization
+            self.level = level = masks.clone()
             self.model = compact = scoring_model(dense, level, structure)
             self._layers_path = "model.layers"
             self.score_fn = lambda grad_of: compact_structure_scores(compact, level, structure, normalization,

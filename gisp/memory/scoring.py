@@ -142,6 +142,11 @@ def build_plan(name: str, structure: ModelStructure, counts: dict[str, int], inp
     if i.grad_offload:
         host["gradient buffers"] = i.devices_per_node * scored * acc
     notes = []
+    if loaders > 1:
+        notes.append(f"each of the {loaders} processes of a node loads the whole model into host memory before it "
+                     "moves it to its device (trainer=fsdp loads it once, on rank 0)")
+    if i.seq_len_source != "data.seq_len":
+        notes.append(f"sequence length {i.seq_len}: {i.seq_len_source}")
     if i.compact:
         host["compact model (sliced on the host)"] = i.devices_per_node * (counts["params"] - counts["root"]) * w
         notes.append("prune.compact: the passes after the first run on the last step's compact model, sliced from the "
